@@ -1,0 +1,393 @@
+"""GaussianDiffusion: the forward process, the reverse-process Gaussians, losses and bits/dim.
+
+Plain PyTorch. The model is any ``denoise_fn(x_t, t) -> output`` whose output the chosen
+parameterization interprets (2x channels on dim 1 for ``learned_range``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .likelihood import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .parameterizations import StepCoefficients, available_parameterizations, get_parameterization
+from .schedules import NoiseSchedule
+
+__all__ = ["GaussianDiffusion", "ReverseStep", "BitsPerDim", "VARIANCES", "LOSSES", "LOSS_WEIGHTINGS"]
+
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+LOSSES = ("simple", "vlb", "hybrid")
+LOSS_WEIGHTINGS = ("none", "elbo", "min_snr")
+
+
+class ReverseStep(NamedTuple):
+    """p(x_{t-1} | x_t) = N(mean, variance) and the predictions it was built from."""
+
+    mean: Tensor
+    variance: Tensor
+    log_variance: Tensor
+    pred_x0: Tensor
+    pred_eps: Tensor
+
+
+class BitsPerDim(NamedTuple):
+    """NLL upper bound split into its terms, all in bits/dim: total = prior + terms.sum(1)."""
+
+    total: Tensor  # (B,)
+    prior: Tensor  # (B,) KL(q(x_T | x0) || N(0, I))
+    terms: Tensor  # (B, T): decoder NLL at t = 0, KL terms at t > 0
+
+
+def _check_choice(field: str, value: str, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {field} {value!r}; choose one of: {', '.join(choices)}")
+
+
+class GaussianDiffusion(nn.Module):
+    """DDPM forward/reverse process over a :class:`NoiseSchedule`.
+
+    Args:
+        schedule: the noise schedule (T steps).
+        parameterization: ``eps``, ``x0``, ``mu`` or ``v``.
+        variance: ``fixed_small`` (beta_tilde), ``fixed_large`` (beta) or ``learned_range``
+            (Nichol & Dhariwal 2021, eq. 15; the model outputs 2x channels).
+        loss: ``simple`` (MSE on the target), ``vlb`` (the true bound's term at t, bits/dim)
+            or ``hybrid`` (simple + hybrid_lambda * T * vlb with the mean detached).
+        loss_weighting: ``none``, ``elbo`` (Ho et al.'s lambda_t, so the MSE equals the KL
+            term) or ``min_snr`` (Hang et al. 2023). Applies to the MSE term.
+        min_snr_gamma: gamma of Min-SNR-gamma.
+        hybrid_lambda: lambda of L_hybrid (0.001 in Nichol & Dhariwal).
+        clip_denoised: default for clipping pred_x0 to [-1, 1] when sampling and in bits/dim.
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        parameterization: str = "eps",
+        variance: str = "fixed_small",
+        loss: str = "simple",
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
+        hybrid_lambda: float = 1e-3,
+        clip_denoised: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_choice("parameterization", parameterization, available_parameterizations())
+        _check_choice("variance", variance, VARIANCES)
+        _check_choice("loss", loss, LOSSES)
+        _check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        if loss == "hybrid" and variance != "learned_range":
+            raise ValueError(
+                "loss='hybrid' trains the variance through the VLB term and needs variance='learned_range'; "
+                f"got variance={variance!r} (use loss='simple' or 'vlb' with a fixed variance)"
+            )
+        if schedule.has_zero_terminal_snr and parameterization in ("eps", "mu"):
+            raise ValueError(
+                f"a zero-terminal-SNR schedule cannot recover x0 from parameterization={parameterization!r} "
+                "at the last step; use parameterization='v' or 'x0' (Lin et al. 2024)"
+            )
+        if min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        self.schedule = schedule
+        self.parameterization = parameterization
+        self.param = get_parameterization(parameterization)
+        self.variance = variance
+        self.loss_type = loss
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
+        self.hybrid_lambda = float(hybrid_lambda)
+        self.clip_denoised = clip_denoised
+        for name, value in self._constants().items():
+            self.register_buffer(name, value, persistent=False)
+
+    # -- constants -------------------------------------------------------------------------
+
+    def _constants(self) -> dict[str, Tensor]:
+        s = self.schedule
+        ab = s.alphas_cumprod
+        # fixed_large uses beta_t, but beta_tilde_2 at t = 0 for a better decoder (Ho et al.'s code).
+        large = torch.cat([s.posterior_variance[1:2], s.betas[1:]]) if s.num_timesteps > 1 else s.betas
+        return {
+            "betas": s.betas,
+            "log_betas": s.betas.log(),
+            "alphas_cumprod": ab,
+            "sqrt_alphas_cumprod": ab.sqrt(),
+            "sqrt_one_minus_alphas_cumprod": (1.0 - ab).sqrt(),
+            "posterior_variance": s.posterior_variance,
+            "posterior_log_variance_clipped": s.posterior_log_variance_clipped,
+            "posterior_mean_coef1": s.posterior_mean_coef1,
+            "posterior_mean_coef2": s.posterior_mean_coef2,
+            "large_variance": large,
+            "large_log_variance": large.log(),
+            "snr": s.snr,
+        }
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GaussianDiffusion:
+        # Moving is fine, casting is not: re-derive the constants in float64 on the new device
+        # so ``.half()`` or bf16-true precision never rounds the schedule.
+        super()._apply(fn, recurse)
+        device = self.betas.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        for name, value in self._constants().items():
+            self._buffers[name] = value.to(device=device, dtype=dtype)
+        return self
+
+    def _gather(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """buffer[t] reshaped to (B, 1, ..., 1) in x's dtype."""
+        values = self._buffers[name][t.to(self.betas.device)]
+        return values.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    @property
+    def output_channels_factor(self) -> int:
+        """How many times the data's channels the model must output (2 for learned_range)."""
+        return 2 if self.variance == "learned_range" else 1
+
+    def coefficients(self, t: Tensor, x: Tensor) -> StepCoefficients:
+        return StepCoefficients(
+            self._gather("sqrt_alphas_cumprod", t, x),
+            self._gather("sqrt_one_minus_alphas_cumprod", t, x),
+            self._gather("posterior_mean_coef1", t, x),
+            self._gather("posterior_mean_coef2", t, x),
+        )
+
+    # -- forward process -------------------------------------------------------------------
+
+    def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q(x_t | x0) = N(sqrt(alpha_bar) x0, (1 - alpha_bar) I): (mean, variance, log_variance)."""
+        mean = self._gather("sqrt_alphas_cumprod", t, x0) * x0
+        variance = (1.0 - self._gather("alphas_cumprod", t, x0)).expand_as(x0)
+        return mean, variance, variance.log()
+
+    def q_sample(
+        self, x0: Tensor, t: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4)."""
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self._gather("sqrt_alphas_cumprod", t, x0) * x0 + self._gather(
+            "sqrt_one_minus_alphas_cumprod", t, x0
+        ) * noise
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q(x_{t-1} | x_t, x0): (mean, variance, clipped log-variance); Ho et al. 2020, eq. 6-7."""
+        mean = self._gather("posterior_mean_coef1", t, x_t) * x0 + self._gather("posterior_mean_coef2", t, x_t) * x_t
+        variance = self._gather("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self._gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        return mean, variance, log_variance
+
+    # -- reverse process -------------------------------------------------------------------
+
+    def split_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Split the model output into (mean part, variance part or None), checking its shape."""
+        channels = x_t.shape[1] if x_t.ndim > 1 else 1
+        expected = (x_t.shape[0], channels * self.output_channels_factor, *x_t.shape[2:])
+        if tuple(model_output.shape) != expected:
+            raise ValueError(
+                f"model output has shape {tuple(model_output.shape)}, expected {expected} for "
+                f"variance={self.variance!r} ({self.output_channels_factor}x the {channels} data channels on dim 1)"
+            )
+        model_output = model_output.to(x_t.dtype)
+        if self.variance == "learned_range":
+            mean_out, var_out = model_output.chunk(2, dim=1)
+            return mean_out, var_out
+        return model_output, None
+
+    def predict_x0_eps(
+        self, mean_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The parameterization's (pred_x0, pred_eps); with clipping, eps is re-derived from the clipped x0."""
+        c = self.coefficients(t, x_t)
+        pred_x0, pred_eps = self.param.to_x0_eps(mean_output, x_t, c)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            pred_eps = (x_t - c.sqrt_alpha_bar * pred_x0) / c.sqrt_one_minus_alpha_bar
+        return pred_x0, pred_eps
+
+    def reverse_variance(self, var_output: Tensor | None, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        """sigma_t^2 of p(x_{t-1} | x_t) and its log: fixed, or learned (Nichol & Dhariwal 2021, eq. 15)."""
+        if self.variance == "fixed_small":
+            return (
+                self._gather("posterior_variance", t, x_t).expand_as(x_t),
+                self._gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t),
+            )
+        if self.variance == "fixed_large":
+            return (
+                self._gather("large_variance", t, x_t).expand_as(x_t),
+                self._gather("large_log_variance", t, x_t).expand_as(x_t),
+            )
+        assert var_output is not None
+        frac = (var_output + 1.0) / 2.0  # model output in [-1, 1] -> interpolation weight
+        log_variance = frac * self._gather("log_betas", t, x_t) + (1.0 - frac) * self._gather(
+            "posterior_log_variance_clipped", t, x_t
+        )
+        return log_variance.exp(), log_variance
+
+    def p_mean_variance(
+        self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool | None = None
+    ) -> ReverseStep:
+        """p(x_{t-1} | x_t) from a model output: mean = mu_tilde(pred_x0, x_t), variance per ``variance``."""
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised
+        mean_out, var_out = self.split_output(model_output, x_t)
+        pred_x0, pred_eps = self.predict_x0_eps(mean_out, x_t, t, clip)
+        mean, _, _ = self.q_posterior(pred_x0, x_t, t)
+        variance, log_variance = self.reverse_variance(var_out, t, x_t)
+        return ReverseStep(mean, variance, log_variance, pred_x0, pred_eps)
+
+    def respace(self, timesteps: Iterable[int] | Tensor) -> GaussianDiffusion:
+        """The same diffusion over the sub-process that visits only ``timesteps``."""
+        diffusion = GaussianDiffusion(
+            self.schedule.respace(torch.as_tensor(list(timesteps) if not isinstance(timesteps, Tensor) else timesteps)),
+            parameterization=self.parameterization,
+            variance=self.variance,
+            loss=self.loss_type,
+            loss_weighting=self.loss_weighting,
+            min_snr_gamma=self.min_snr_gamma,
+            hybrid_lambda=self.hybrid_lambda,
+            clip_denoised=self.clip_denoised,
+        )
+        return diffusion.to(self.betas.device)
+
+    # -- losses ----------------------------------------------------------------------------
+
+    def vlb_terms(
+        self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False
+    ) -> Tensor:
+        """The bound's term at t in bits/dim, shape (B,): KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0,
+        the discretized Gaussian decoder NLL -log p(x0 | x_1) for t = 0 (Ho et al. 2020, eq. 5 and 13)."""
+        true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
+        p = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
+        kl = mean_flat(normal_kl(true_mean, true_log_variance, p.mean, p.log_variance)) / LN2
+        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)) / LN2
+        return torch.where(t == 0, decoder_nll, kl)
+
+    def prior_bpd(self, x0: Tensor) -> Tensor:
+        """KL(q(x_T | x0) || N(0, I)) in bits/dim, shape (B,). No parameters; small for a good schedule."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean, _, log_variance = self.q_mean_variance(x0, t)
+        return mean_flat(normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean))) / LN2
+
+    def mse_weight(self, t: Tensor, x: Tensor) -> Tensor:
+        """Per-example weight of the MSE term, shape (B,)."""
+        if self.loss_weighting == "none":
+            return torch.ones(t.shape[0], device=x.device, dtype=x.dtype)
+        c = self.coefficients(t, x)
+        x0_scale_sq = self.param.x0_scale(c).reshape(-1) ** 2
+        if self.loss_weighting == "min_snr":
+            # Hang et al. 2023: weight the x0-space error by min(snr, gamma).
+            snr = self._gather("snr", t, x).reshape(-1)
+            return snr.clamp(max=self.min_snr_gamma) * x0_scale_sq
+        # Ho et al. 2020, eq. 12 generalised: ||mu_tilde - mu_theta||^2 / (2 sigma^2) with
+        # d mu / d x0 = coef1; for eps this is beta^2 / (2 sigma^2 alpha (1 - alpha_bar)).
+        name = "large_variance" if self.variance == "fixed_large" else "posterior_log_variance_clipped"
+        sigma_sq = self._gather(name, t, x).reshape(-1)
+        if name == "posterior_log_variance_clipped":
+            sigma_sq = sigma_sq.exp()
+        coef1 = self._gather("posterior_mean_coef1", t, x).reshape(-1)
+        return coef1**2 * x0_scale_sq / (2.0 * sigma_sq)
+
+    def training_losses(
+        self,
+        denoise_fn: DenoiseFn,
+        x0: Tensor,
+        t: Tensor,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Per-example losses at timesteps ``t``; ``loss`` is what to minimise, shape (B,).
+
+        Keys: ``loss``; ``mse`` (unweighted, on the target); ``vlb`` (bits/dim) for vlb/hybrid.
+        """
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.q_sample(x0, t, noise)
+        model_output = denoise_fn(x_t, t)
+        mean_out, var_out = self.split_output(model_output, x_t)
+        terms: dict[str, Tensor] = {}
+        if self.loss_type in ("simple", "hybrid"):
+            target = self.param.from_x0_eps(x0, noise, x_t, self.coefficients(t, x_t))
+            terms["mse"] = mean_flat((target - mean_out) ** 2)
+            terms["loss"] = self.mse_weight(t, x_t) * terms["mse"]
+        if self.loss_type == "vlb":
+            terms["vlb"] = self.vlb_terms(model_output, x0, x_t, t)
+            terms["loss"] = terms["vlb"]
+        elif self.loss_type == "hybrid":
+            # Nichol & Dhariwal 2021, sec. 3.1: the VLB term only trains the variance.
+            assert var_out is not None
+            frozen = torch.cat([mean_out.detach(), var_out], dim=1)
+            terms["vlb"] = self.vlb_terms(frozen, x0, x_t, t)
+            # L_vlb = T * E_t[L_t], so lambda * L_vlb per example is lambda * T * L_t.
+            terms["loss"] = terms["loss"] + self.hybrid_lambda * self.num_timesteps * terms["vlb"]
+        return terms
+
+    # -- likelihood ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def bits_per_dim_terms(
+        self,
+        denoise_fn: DenoiseFn,
+        x0: Tensor,
+        clip_denoised: bool | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> BitsPerDim:
+        """The full bound L = L_T + sum_t L_{t-1} + L_0 in bits/dim, one model call per t.
+
+        Each term uses its own noise draw (unbiased, as in improved-diffusion). ``callback(i, T)``
+        is called after each of the T terms, e.g. to drive a progress bar.
+        """
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised
+        batch, T = x0.shape[0], self.num_timesteps
+        terms = torch.zeros(batch, T, device=x0.device, dtype=torch.float64)
+        for i, step in enumerate(reversed(range(T))):
+            t = torch.full((batch,), step, device=x0.device, dtype=torch.long)
+            x_t = self.q_sample(x0, t, generator=generator)
+            terms[:, step] = self.vlb_terms(denoise_fn(x_t, t), x0, x_t, t, clip_denoised=clip).double()
+            if callback is not None:
+                callback(i + 1, T)
+        prior = self.prior_bpd(x0).double()
+        return BitsPerDim(prior + terms.sum(dim=1), prior, terms)
+
+    def bits_per_dim(
+        self,
+        denoise_fn: DenoiseFn,
+        x0: Tensor,
+        clip_denoised: bool | None = None,
+        generator: torch.Generator | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
+        """NLL upper bound in bits/dim per example, shape (B,); data in [-1, 1]."""
+        return self.bits_per_dim_terms(denoise_fn, x0, clip_denoised, generator, callback).total
+
+    def mean_bits_per_dim(
+        self,
+        denoise_fn: DenoiseFn,
+        batches: Iterable[Tensor],
+        clip_denoised: bool | None = None,
+        generator: torch.Generator | None = None,
+        max_batches: int | None = None,
+    ) -> float:
+        """Average :meth:`bits_per_dim` over an iterable of data batches (e.g. a dataloader's images)."""
+        total, count = 0.0, 0
+        for i, x0 in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            total += float(self.bits_per_dim(denoise_fn, x0, clip_denoised, generator).sum())
+            count += x0.shape[0]
+        if count == 0:
+            raise ValueError("mean_bits_per_dim got no data")
+        return total / count
+
+    def extra_repr(self) -> str:
+        return (
+            f"T={self.num_timesteps}, parameterization={self.parameterization!r}, variance={self.variance!r}, "
+            f"loss={self.loss_type!r}, loss_weighting={self.loss_weighting!r}"
+        )

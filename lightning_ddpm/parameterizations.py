@@ -1,0 +1,133 @@
+"""What the network predicts: eps, x0, mu (the posterior mean) or v.
+
+Every parameterization is a pair of exact inverses between a model output and (x0, eps)
+given x_t. Its training target is the output that the true (x0, eps) map to, so the
+target and the round trip share one formula.
+
+Notation: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (Ho et al. 2020, eq. 4);
+mu = coef1 x0 + coef2 x_t (eq. 7); v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0
+(Salimans & Ho 2022).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+__all__ = ["StepCoefficients", "Parameterization", "get_parameterization", "available_parameterizations"]
+
+
+class StepCoefficients(NamedTuple):
+    """Schedule constants gathered at t, each broadcastable against x_t."""
+
+    sqrt_alpha_bar: Tensor
+    sqrt_one_minus_alpha_bar: Tensor
+    posterior_mean_coef1: Tensor
+    posterior_mean_coef2: Tensor
+
+
+class Parameterization:
+    """Base class; subclasses define the output <-> (x0, eps) maps."""
+
+    name: str = ""
+
+    def to_x0_eps(self, output: Tensor, x_t: Tensor, c: StepCoefficients) -> tuple[Tensor, Tensor]:
+        """Model output -> (pred_x0, pred_eps)."""
+        raise NotImplementedError
+
+    def from_x0_eps(self, x0: Tensor, eps: Tensor, x_t: Tensor, c: StepCoefficients) -> Tensor:
+        """(x0, eps) -> the output this parameterization would give; with the true pair it is the target."""
+        raise NotImplementedError
+
+    def x0_scale(self, c: StepCoefficients) -> Tensor:
+        """|d x0 / d output| at fixed x_t: turns an output error into an x0 error (used by loss weights)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _eps_from_x0(x0: Tensor, x_t: Tensor, c: StepCoefficients) -> Tensor:
+    return (x_t - c.sqrt_alpha_bar * x0) / c.sqrt_one_minus_alpha_bar
+
+
+class EpsParameterization(Parameterization):
+    """Predict the noise (Ho et al. 2020)."""
+
+    name = "eps"
+
+    def to_x0_eps(self, output: Tensor, x_t: Tensor, c: StepCoefficients) -> tuple[Tensor, Tensor]:
+        return (x_t - c.sqrt_one_minus_alpha_bar * output) / c.sqrt_alpha_bar, output
+
+    def from_x0_eps(self, x0: Tensor, eps: Tensor, x_t: Tensor, c: StepCoefficients) -> Tensor:
+        return eps
+
+    def x0_scale(self, c: StepCoefficients) -> Tensor:
+        return c.sqrt_one_minus_alpha_bar / c.sqrt_alpha_bar
+
+
+class X0Parameterization(Parameterization):
+    """Predict the clean sample."""
+
+    name = "x0"
+
+    def to_x0_eps(self, output: Tensor, x_t: Tensor, c: StepCoefficients) -> tuple[Tensor, Tensor]:
+        return output, _eps_from_x0(output, x_t, c)
+
+    def from_x0_eps(self, x0: Tensor, eps: Tensor, x_t: Tensor, c: StepCoefficients) -> Tensor:
+        return x0
+
+    def x0_scale(self, c: StepCoefficients) -> Tensor:
+        return c.sqrt_alpha_bar.new_ones(()).expand_as(c.sqrt_alpha_bar)
+
+
+class MuParameterization(Parameterization):
+    """Predict the posterior mean mu_tilde(x_t, x0) directly (Ho et al. 2020, sec. 3.2)."""
+
+    name = "mu"
+
+    def to_x0_eps(self, output: Tensor, x_t: Tensor, c: StepCoefficients) -> tuple[Tensor, Tensor]:
+        x0 = (output - c.posterior_mean_coef2 * x_t) / c.posterior_mean_coef1
+        return x0, _eps_from_x0(x0, x_t, c)
+
+    def from_x0_eps(self, x0: Tensor, eps: Tensor, x_t: Tensor, c: StepCoefficients) -> Tensor:
+        return c.posterior_mean_coef1 * x0 + c.posterior_mean_coef2 * x_t
+
+    def x0_scale(self, c: StepCoefficients) -> Tensor:
+        return 1.0 / c.posterior_mean_coef1
+
+
+class VParameterization(Parameterization):
+    """Predict v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)."""
+
+    name = "v"
+
+    def to_x0_eps(self, output: Tensor, x_t: Tensor, c: StepCoefficients) -> tuple[Tensor, Tensor]:
+        x0 = c.sqrt_alpha_bar * x_t - c.sqrt_one_minus_alpha_bar * output
+        eps = c.sqrt_one_minus_alpha_bar * x_t + c.sqrt_alpha_bar * output
+        return x0, eps
+
+    def from_x0_eps(self, x0: Tensor, eps: Tensor, x_t: Tensor, c: StepCoefficients) -> Tensor:
+        return c.sqrt_alpha_bar * eps - c.sqrt_one_minus_alpha_bar * x0
+
+    def x0_scale(self, c: StepCoefficients) -> Tensor:
+        return c.sqrt_one_minus_alpha_bar
+
+
+_PARAMETERIZATIONS: dict[str, Parameterization] = {
+    p.name: p for p in (EpsParameterization(), X0Parameterization(), MuParameterization(), VParameterization())
+}
+
+
+def available_parameterizations() -> list[str]:
+    return list(_PARAMETERIZATIONS)
+
+
+def get_parameterization(name: str) -> Parameterization:
+    """Look up a parameterization by name (``eps``, ``x0``, ``mu``, ``v``)."""
+    if name not in _PARAMETERIZATIONS:
+        raise ValueError(
+            f"unknown parameterization {name!r}; choose one of: {', '.join(available_parameterizations())}"
+        )
+    return _PARAMETERIZATIONS[name]
