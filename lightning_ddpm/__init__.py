@@ -1,5 +1,6 @@
 """lightning-ddpm: denoising diffusion models on PyTorch Lightning."""
 
+from .backbones import available_backbones, build_backbone, register_backbone
 from .diffusion import GaussianDiffusion
 from .samplers import DDIMSampler, DDPMSampler
 from .schedules import NoiseSchedule, available_schedules, make_schedule, register_schedule
@@ -12,5 +13,8 @@ __all__ = [
     "GaussianDiffusion",
     "DDPMSampler",
     "DDIMSampler",
+    "register_backbone",
+    "build_backbone",
+    "available_backbones",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,23 @@
+"""Backbones: the registry and the built-in networks (importing registers ``unet`` and ``mlp``)."""
+
+from .mlp import MLP
+from .registry import (
+    ENTRY_POINT_GROUP,
+    BackboneSpec,
+    available_backbones,
+    build_backbone,
+    register_backbone,
+    resolve_backbone,
+)
+from .unet import UNet
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "BackboneSpec",
+    "MLP",
+    "UNet",
+    "available_backbones",
+    "build_backbone",
+    "register_backbone",
+    "resolve_backbone",
+]

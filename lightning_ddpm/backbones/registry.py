@@ -1,0 +1,134 @@
+"""Backbone registry: built-in short names, installed plugins (entry points) and class paths.
+
+Three ways to name a backbone (DESIGN.md, "Backbones"):
+- a registered short name (``unet``, ``mlp``, or ``@register_backbone("name")`` on a class);
+- a short name registered by an installed package under the entry-point group
+  ``lightning_ddpm.backbones`` (loaded lazily, once);
+- a ``class_path`` to any importable ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+from torch import nn
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "BackboneSpec",
+    "register_backbone",
+    "build_backbone",
+    "available_backbones",
+    "resolve_backbone",
+]
+
+ENTRY_POINT_GROUP = "lightning_ddpm.backbones"
+# A short name or dotted path, or {"class_path": ..., "init_args": {...}} as in a YAML config.
+BackboneSpec = Union[str, dict[str, Any]]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_PLUGINS: dict[str, importlib.metadata.EntryPoint] = {}
+_plugins_scanned = False
+
+
+def register_backbone(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make ``name`` usable wherever a backbone is named."""
+
+    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"backbone name {name!r} is already registered (to {_REGISTRY[name]!r}); "
+                f"registered: {', '.join(sorted(_REGISTRY))}"
+            )
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _scan_plugins() -> None:
+    global _plugins_scanned
+    if _plugins_scanned:
+        return
+    _plugins_scanned = True
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        _PLUGINS.setdefault(entry_point.name, entry_point)
+
+
+def available_backbones() -> list[str]:
+    """Every short name: built-in, registered in Python, and installed plugins."""
+    _scan_plugins()
+    return sorted(set(_REGISTRY) | set(_PLUGINS))
+
+
+def _import_class_path(path: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"backbone class_path {path!r} cannot be imported: {err}") from err
+
+
+def resolve_backbone(name: str) -> Callable[..., nn.Module]:
+    """The class (or factory) behind a short name or a dotted class path."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    _scan_plugins()
+    if name in _PLUGINS:
+        target = _PLUGINS[name].load()
+        _REGISTRY.setdefault(name, target)  # cache: load each plugin once
+        return target
+    if "." in name:
+        return _import_class_path(name)
+    raise ValueError(
+        f"unknown backbone {name!r}; registered: {', '.join(available_backbones())} "
+        "(or give an importable class_path such as 'my_package.nets.MyNet')"
+    )
+
+
+def build_backbone(spec: BackboneSpec | nn.Module, /, defaults: Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    """Instantiate a backbone.
+
+    Args:
+        spec: a short name, a dotted class path, a ``{"class_path", "init_args"}`` mapping, or a
+            ready ``nn.Module`` (returned as is).
+        defaults: values shared with the data (``in_channels``, ``image_size``, ``num_classes``,
+            ``out_channels``); each is passed only if the constructor takes it and it was not given.
+        **kwargs: constructor arguments; they override ``init_args``.
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, Mapping):
+        unknown = set(spec) - {"class_path", "init_args"}
+        if "class_path" not in spec or unknown:
+            raise ValueError(f"a backbone mapping needs 'class_path' and optional 'init_args'; got keys {sorted(spec)}")
+        name, init_args = spec["class_path"], {**(spec.get("init_args") or {}), **kwargs}
+    elif isinstance(spec, str):
+        name, init_args = spec, dict(kwargs)
+    else:
+        raise ValueError(f"backbone must be a name, a class_path mapping or an nn.Module, got {type(spec).__name__}")
+    target = resolve_backbone(name)
+    accepted = _accepted_kwargs(target)
+    for key, value in (defaults or {}).items():
+        if key not in init_args and value is not None and (accepted is None or key in accepted):
+            init_args[key] = value
+    if accepted is not None:
+        unexpected = sorted(set(init_args) - accepted)
+        if unexpected:
+            raise ValueError(f"backbone {name!r} got unexpected arguments {unexpected}; it accepts: {sorted(accepted)}")
+    model = target(**init_args)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"backbone {name!r} built a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _accepted_kwargs(target: Callable[..., Any]) -> set[str] | None:
+    """Keyword names the constructor takes, or None if it takes **kwargs."""
+    params = inspect.signature(target).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}

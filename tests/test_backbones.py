@@ -1,0 +1,187 @@
+import importlib.metadata
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lightning_ddpm import available_backbones, build_backbone, register_backbone
+from lightning_ddpm.backbones import MLP, UNet, registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small settings per built-in backbone; a newly registered one is checked with its defaults.
+TINY = {
+    "unet": {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,), "image_size": 8},
+    "mlp": {"hidden_dim": 32, "num_blocks": 2},
+}
+SHAPES = {"unet": (3, 8, 8), "mlp": (2,)}
+
+
+def _build_tiny(name: str, **kw) -> nn.Module:
+    shape = SHAPES.get(name, (3, 8, 8))
+    return build_backbone(name, defaults={"in_channels": shape[0]}, **{**TINY.get(name, {}), **kw})
+
+
+@pytest.mark.parametrize("name", available_backbones())
+@pytest.mark.parametrize("learned", [False, True])
+def test_backbone_contract(name, learned):
+    shape = SHAPES.get(name, (3, 8, 8))
+    net = _build_tiny(name, out_channels=shape[0] * (2 if learned else 1))
+    x = torch.randn(4, *shape)
+    t = torch.tensor([0, 1, 500, 999])
+    out = net(x, t)
+    assert out.shape == (4, shape[0] * (2 if learned else 1), *shape[1:]) and out.dtype == x.dtype
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["unet", "mlp"])
+def test_class_conditioning_and_null_label(name):
+    net = _build_tiny(name, num_classes=3).eval()
+    x, t = torch.randn(3, *SHAPES[name]), torch.tensor([5, 5, 5])
+    a, b = net(x, t, torch.tensor([0, 1, 2])), net(x, t)
+    null = net(x, t, torch.full((3,), 3))  # cond=None is the extra "null" label
+    torch.testing.assert_close(b, null)
+    # the class embedding is live: a label changes the output once the zero-init layers are perturbed
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert not torch.allclose(net(x, t, torch.tensor([0, 1, 2])), net(x, t))
+    with pytest.raises(ValueError, match="one class label per example"):
+        net(x, t, torch.tensor([[0], [1], [2]]))
+    with pytest.raises(ValueError, match="without num_classes"):
+        _build_tiny(name)(x, t, torch.tensor([0, 1, 2]))
+    assert a.shape == x.shape
+
+
+def test_unet_cifar10_has_the_papers_size():
+    # Ho et al. 2020 report 35.7M parameters; the reference TF code's model has exactly this many.
+    assert sum(p.numel() for p in UNet().parameters()) == 35_746_307
+
+
+@pytest.mark.parametrize(
+    "channels, size, kwargs",
+    [(1, (28, 28), {"ch_mult": (1, 2, 2), "attn_resolutions": (14,)}),
+     (3, (16, 24), {"ch_mult": (1, 2), "attn_resolutions": (8,)}),
+     (1, (8, 32), {"ch_mult": (1, 2, 2, 2), "attn_resolutions": ()})],
+)
+def test_unet_shapes(channels, size, kwargs):
+    net = UNet(in_channels=channels, image_size=size, ch=32, num_res_blocks=1, **kwargs)
+    x = torch.randn(2, channels, *size)
+    assert net(x, torch.tensor([3, 7])).shape == x.shape
+    learned = UNet(in_channels=channels, out_channels=2 * channels, image_size=size, ch=32, num_res_blocks=1,
+                   num_classes=10, **kwargs)
+    assert learned(x, torch.tensor([3, 7]), torch.tensor([1, 9])).shape == (2, 2 * channels, *size)
+
+
+def test_unet_options_and_errors():
+    with pytest.raises(ValueError, match=r"image_size 30x30 is not divisible by 2\^\(len\(ch_mult\)-1\) = 8"):
+        UNet(image_size=30)
+    with pytest.raises(ValueError, match=r"attn_resolutions \[64\] are not feature-map heights"):
+        UNet(image_size=32, attn_resolutions=(64,))
+    with pytest.raises(ValueError, match="not divisible by norm_groups=32"):
+        UNet(ch=48)
+    net = UNet(ch=32, ch_mult=(1, 2), image_size=8, attn_resolutions=(8,), num_head_channels=8, scale_shift_norm=True)
+    assert net.down[0][1].num_heads == 4
+    with pytest.raises(ValueError, match="not divisible by 2"):
+        net(torch.randn(1, 3, 9, 8), torch.tensor([0]))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    a = UNet(ch=32, ch_mult=(1, 2), image_size=8, attn_resolutions=(4,), dropout=0.0)
+    b = UNet(ch=32, ch_mult=(1, 2), image_size=8, attn_resolutions=(4,), dropout=0.0, gradient_checkpointing=True)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.01)
+        b.load_state_dict(a.state_dict())
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    a(x, t).square().mean().backward()
+    b(x, t).square().mean().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
+
+
+def test_unet_channels_last_and_bf16_autocast():
+    net = _build_tiny("unet").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    ref = net(x, torch.tensor([10, 20]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, torch.tensor([10, 20]))
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.05)
+
+
+@pytest.mark.slow
+def test_unet_compiles_without_graph_breaks():
+    net = _build_tiny("unet")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    explanation = torch._dynamo.explain(net)(x, t)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(net)
+    torch.testing.assert_close(compiled(x, t), net(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet'; registered: .*mlp.*unet"):
+        build_backbone("resnet")
+    with pytest.raises(ValueError, match=r"already registered .*registered: .*mlp"):
+        register_backbone("mlp")(MLP)
+    with pytest.raises(ValueError, match=r"unexpected arguments \['widht'\]"):
+        build_backbone("mlp", widht=3)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        build_backbone({"class_path": "no_such_pkg.Net"})
+    with pytest.raises(ValueError, match="needs 'class_path'"):
+        build_backbone({"name": "mlp"})
+
+
+def test_yaml_short_name_and_class_path():
+    by_name = yaml.safe_load("backbone:\n  class_path: mlp\n  init_args: {hidden_dim: 16, num_blocks: 1}\n")
+    net = build_backbone(by_name["backbone"], defaults={"in_channels": 3})
+    assert isinstance(net, MLP) and net.in_channels == 3 and net.inp.out_features == 16
+    by_path = yaml.safe_load("backbone:\n  class_path: torch.nn.Linear\n  init_args: {in_features: 2, out_features: 2}\n")
+    assert isinstance(build_backbone(by_path["backbone"], defaults={"in_channels": 2}), nn.Linear)
+    assert isinstance(build_backbone(yaml.safe_load("backbone: mlp")["backbone"]), MLP)
+
+
+def test_entry_point_plugin_is_loaded_lazily_once(monkeypatch):
+    loads = []
+
+    class PluginNet(MLP):
+        pass
+
+    class FakeEntryPoint:
+        name = "plugin_net"
+
+        def load(self):
+            loads.append(1)
+            return PluginNet
+
+    def fake_entry_points(group=None):
+        assert group == registry.ENTRY_POINT_GROUP
+        return [FakeEntryPoint()]
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
+    monkeypatch.setattr(registry, "_plugins_scanned", False)
+    monkeypatch.setattr(registry, "_PLUGINS", {})
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    assert "plugin_net" in available_backbones() and loads == []  # listed without importing
+    spec = yaml.safe_load("backbone:\n  class_path: plugin_net\n  init_args: {hidden_dim: 8}\n")["backbone"]
+    assert isinstance(build_backbone(spec), PluginNet)
+    build_backbone("plugin_net")
+    assert loads == [1]
+
+
+def test_readme_custom_backbone_example_runs(monkeypatch):
+    source = (ROOT / "examples" / "custom_backbone.py").read_text()
+    readme = (ROOT / "README.md").read_text()
+    body = source.split('"""', 2)[2].strip()
+    assert body in readme, "README must show examples/custom_backbone.py verbatim"
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.syspath_prepend(str(ROOT))
+    runpy.run_path(str(ROOT / "examples" / "custom_backbone.py"), run_name="examples.custom_backbone")
