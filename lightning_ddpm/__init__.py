@@ -2,6 +2,7 @@
 
 from .backbones import available_backbones, build_backbone, register_backbone
 from .diffusion import GaussianDiffusion
+from .module import DiffusionModule
 from .samplers import DDIMSampler, DDPMSampler
 from .schedules import NoiseSchedule, available_schedules, make_schedule, register_schedule
 
@@ -13,6 +14,7 @@ __all__ = [
     "GaussianDiffusion",
     "DDPMSampler",
     "DDIMSampler",
+    "DiffusionModule",
     "register_backbone",
     "build_backbone",
     "available_backbones",

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .diffusion import DenoiseFn, GaussianDiffusion
 
-__all__ = ["timestep_schedule", "Sampler", "DDPMSampler", "DDIMSampler", "SPACINGS"]
+__all__ = ["timestep_schedule", "Sampler", "DDPMSampler", "DDIMSampler", "SPACINGS", "make_sampler"]
 
 SPACINGS = ("leading", "trailing", "linspace")
 # callback(step, num_steps, x_prev, pred_x0) after each step; step counts from 1.
@@ -176,3 +176,22 @@ class DDIMSampler(Sampler):
 
     def __repr__(self) -> str:
         return f"DDIMSampler(num_steps={self.num_steps}, eta={self.eta}, spacing={self.spacing!r})"
+
+
+_SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+
+
+def make_sampler(spec: str | dict | Sampler, **kwargs) -> Sampler:
+    """``"ddpm"``, ``"ddim"``, a class path, or ``{"name": ..., "init_args": {...}}`` -> a Sampler."""
+    from .imports import import_object, split_spec
+
+    if isinstance(spec, Sampler):
+        return spec
+    name, init_args = split_spec(spec, "sampler")
+    cls = _SAMPLERS.get(name) or (import_object(name, "sampler") if "." in name else None)
+    if cls is None:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(_SAMPLERS)} (or a class_path)")
+    try:
+        return cls(**{**init_args, **kwargs})
+    except TypeError as err:
+        raise ValueError(f"bad options for sampler {name!r}: {err}") from err

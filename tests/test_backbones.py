@@ -136,17 +136,19 @@ def test_registry_errors():
         build_backbone("mlp", widht=3)
     with pytest.raises(ValueError, match="cannot be imported"):
         build_backbone({"class_path": "no_such_pkg.Net"})
-    with pytest.raises(ValueError, match="needs 'class_path'"):
-        build_backbone({"name": "mlp"})
+    with pytest.raises(ValueError, match="needs 'name'"):
+        build_backbone({"model": "mlp"})
 
 
 def test_yaml_short_name_and_class_path():
-    by_name = yaml.safe_load("backbone:\n  class_path: mlp\n  init_args: {hidden_dim: 16, num_blocks: 1}\n")
+    by_name = yaml.safe_load("backbone:\n  name: mlp\n  init_args: {hidden_dim: 16, num_blocks: 1}\n")
     net = build_backbone(by_name["backbone"], defaults={"in_channels": 3})
     assert isinstance(net, MLP) and net.in_channels == 3 and net.inp.out_features == 16
-    by_path = yaml.safe_load("backbone:\n  class_path: torch.nn.Linear\n  init_args: {in_features: 2, out_features: 2}\n")
+    by_path = yaml.safe_load("backbone:\n  name: torch.nn.Linear\n  init_args: {in_features: 2, out_features: 2}\n")
     assert isinstance(build_backbone(by_path["backbone"], defaults={"in_channels": 2}), nn.Linear)
     assert isinstance(build_backbone(yaml.safe_load("backbone: mlp")["backbone"]), MLP)
+    # class_path is a synonym of name for Python callers
+    assert isinstance(build_backbone({"class_path": "mlp", "init_args": {"hidden_dim": 4}}), MLP)
 
 
 def test_entry_point_plugin_is_loaded_lazily_once(monkeypatch):
@@ -171,7 +173,7 @@ def test_entry_point_plugin_is_loaded_lazily_once(monkeypatch):
     monkeypatch.setattr(registry, "_PLUGINS", {})
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     assert "plugin_net" in available_backbones() and loads == []  # listed without importing
-    spec = yaml.safe_load("backbone:\n  class_path: plugin_net\n  init_args: {hidden_dim: 8}\n")["backbone"]
+    spec = yaml.safe_load("backbone:\n  name: plugin_net\n  init_args: {hidden_dim: 8}\n")["backbone"]
     assert isinstance(build_backbone(spec), PluginNet)
     build_backbone("plugin_net")
     assert loads == [1]

@@ -4,18 +4,21 @@ Three ways to name a backbone (DESIGN.md, "Backbones"):
 - a registered short name (``unet``, ``mlp``, or ``@register_backbone("name")`` on a class);
 - a short name registered by an installed package under the entry-point group
   ``lightning_ddpm.backbones`` (loaded lazily, once);
-- a ``class_path`` to any importable ``nn.Module``.
+- the dotted class path of any importable ``nn.Module``.
+
+In a config: ``backbone: unet`` or ``backbone: {name: unet, init_args: {ch: 64}}``.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 from torch import nn
+
+from ..imports import import_object, split_spec
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -27,7 +30,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "lightning_ddpm.backbones"
-# A short name or dotted path, or {"class_path": ..., "init_args": {...}} as in a YAML config.
+# A short name or dotted class path, or {"name": ..., "init_args": {...}} as in a YAML config.
 BackboneSpec = Union[str, dict[str, Any]]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -65,14 +68,6 @@ def available_backbones() -> list[str]:
     return sorted(set(_REGISTRY) | set(_PLUGINS))
 
 
-def _import_class_path(path: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"backbone class_path {path!r} cannot be imported: {err}") from err
-
-
 def resolve_backbone(name: str) -> Callable[..., nn.Module]:
     """The class (or factory) behind a short name or a dotted class path."""
     if name in _REGISTRY:
@@ -83,10 +78,10 @@ def resolve_backbone(name: str) -> Callable[..., nn.Module]:
         _REGISTRY.setdefault(name, target)  # cache: load each plugin once
         return target
     if "." in name:
-        return _import_class_path(name)
+        return import_object(name, "backbone")
     raise ValueError(
         f"unknown backbone {name!r}; registered: {', '.join(available_backbones())} "
-        "(or give an importable class_path such as 'my_package.nets.MyNet')"
+        "(or the dotted class path of an importable nn.Module, such as 'my_package.nets.MyNet')"
     )
 
 
@@ -94,7 +89,7 @@ def build_backbone(spec: BackboneSpec | nn.Module, /, defaults: Mapping[str, Any
     """Instantiate a backbone.
 
     Args:
-        spec: a short name, a dotted class path, a ``{"class_path", "init_args"}`` mapping, or a
+        spec: a short name, a dotted class path, a ``{"name", "init_args"}`` mapping, or a
             ready ``nn.Module`` (returned as is).
         defaults: values shared with the data (``in_channels``, ``image_size``, ``num_classes``,
             ``out_channels``); each is passed only if the constructor takes it and it was not given.
@@ -102,15 +97,8 @@ def build_backbone(spec: BackboneSpec | nn.Module, /, defaults: Mapping[str, Any
     """
     if isinstance(spec, nn.Module):
         return spec
-    if isinstance(spec, Mapping):
-        unknown = set(spec) - {"class_path", "init_args"}
-        if "class_path" not in spec or unknown:
-            raise ValueError(f"a backbone mapping needs 'class_path' and optional 'init_args'; got keys {sorted(spec)}")
-        name, init_args = spec["class_path"], {**(spec.get("init_args") or {}), **kwargs}
-    elif isinstance(spec, str):
-        name, init_args = spec, dict(kwargs)
-    else:
-        raise ValueError(f"backbone must be a name, a class_path mapping or an nn.Module, got {type(spec).__name__}")
+    name, init_args = split_spec(spec, "backbone")
+    init_args.update(kwargs)
     target = resolve_backbone(name)
     accepted = _accepted_kwargs(target)
     for key, value in (defaults or {}).items():

@@ -1,0 +1,104 @@
+"""Draw a fixed-seed batch of samples during training, save a picture and log it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..plotting import load_png, save_samples_picture
+from ..samplers import DDIMSampler, Sampler
+
+
+class SampleLogger(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps and/or ``every_n_epochs`` epochs, and at the end of fit.
+
+    The same seed every time, so consecutive pictures show the model's progress on the same
+    noise. A class-conditional model gets one row (images) or one colour (2-D) per class.
+    Images go to a PNG grid, 2-D samples to a scatter plot over the data; TensorBoard gets the
+    picture as an image, other loggers get its path in the console.
+
+    Args:
+        every_n_steps: sample every this many optimizer steps (``None``: off).
+        every_n_epochs: sample at the end of every this many epochs (``None``: off).
+        num_samples: samples per picture (images: use a square number; 2-D: a few thousand).
+        sampler: defaults to ``DDIMSampler(num_steps=50)``.
+        seed: seed of the sampling noise.
+        output_dir: defaults to ``<log_dir>/samples``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        num_samples: int = 64,
+        sampler: Sampler | None = None,
+        seed: int = 0,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {value}")
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.num_samples, self.seed, self.output_dir = num_samples, seed, output_dir
+        self.sampler = sampler or DDIMSampler(num_steps=50)
+        self.last_path: Path | None = None
+        self._last_step = -1
+
+    def _dir(self, trainer: pl.Trainer) -> Path:
+        if self.output_dir:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.log_samples(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.log_samples(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.log_samples(trainer, pl_module)
+
+    @torch.no_grad()
+    def log_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        """Sample on rank 0 (the backbone is called directly, so no collective op waits on the others)."""
+        step = trainer.global_step
+        if step == self._last_step:
+            return None
+        self._last_step = step
+        out_dir = self._dir(trainer)  # trainer.log_dir broadcasts: every rank must ask
+        if not trainer.is_global_zero:
+            return None
+        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
+        labels = None
+        num_classes = getattr(pl_module, "num_classes", None)
+        if num_classes:
+            per_class = max(1, self.num_samples // num_classes)
+            labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(per_class)
+        num = len(labels) if labels is not None else self.num_samples
+        samples = pl_module.sample(num, sampler=self.sampler, generator=generator, labels=labels)
+        reference = None
+        if samples.ndim == 2 and hasattr(trainer.datamodule, "reference_points"):
+            reference = trainer.datamodule.reference_points()
+        path = out_dir / f"step_{step:07d}.png"
+        if samples.ndim == 4 and labels is not None:
+            from ..plotting import save_image_grid
+
+            save_image_grid(samples, path, nrow=per_class)  # one row per class
+        else:
+            save_samples_picture(samples, path, reference, labels.cpu() if labels is not None else None,
+                                 title=f"step {step}")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", load_png(path), step)
+        rank_zero_info(f"[lightning-ddpm] samples at step {step}: {path}")
+        self.last_path = path
+        return path

@@ -1,0 +1,45 @@
+"""The ``lightning-ddpm`` command: LightningCLI over DiffusionModule and any LightningDataModule.
+
+    lightning-ddpm fit --config configs/toy2d.yaml
+    lightning-ddpm predict --config configs/toy2d.yaml --ckpt_path <run>/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks import SampleWriter
+from .module import DiffusionModule
+
+
+class DiffusionCLI(LightningCLI):
+    """Links the values data and model share, so a config writes them once."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_lightning_class_args(SampleWriter, "predict_writer")
+        parser.link_arguments("data.data_shape", "model.data_shape", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+
+def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
+    """Build and run the CLI (``args`` as on the command line); returns it for inspection."""
+    return DiffusionCLI(
+        DiffusionModule,
+        pl.LightningDataModule,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        **kwargs,
+    )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the console script ``lightning-ddpm`` and of ``python -m lightning_ddpm``."""
+    run_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""DiffusionModule: Lightning glue around a backbone and a GaussianDiffusion.
+
+Every constructor argument is plain data (names, numbers, ``{name, init_args}``
+mappings), so ``DiffusionModule.load_from_checkpoint(path)`` rebuilds the model alone and
+the checkpoint holds no pickled objects.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from .backbones import BackboneSpec, build_backbone
+from .diffusion import GaussianDiffusion
+from .imports import import_object, split_spec
+from .samplers import Sampler, make_sampler
+from .schedules import make_schedule
+from .timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
+
+__all__ = ["DiffusionModule"]
+
+STAGES = ("train", "val", "test")
+
+
+class DiffusionModule(pl.LightningModule):
+    """A denoising diffusion model ready for ``Trainer.fit``.
+
+    Args:
+        backbone: a registered name (``unet``, ``mlp``), a dotted class path, or a
+            ``{"name", "init_args"}`` mapping. An ``nn.Module`` instance is accepted too
+            (then ``load_from_checkpoint`` needs ``backbone=`` again); the annotation leaves it
+            out so that the CLI keeps mappings as plain data for the checkpoint.
+        data_shape: shape of one example, e.g. ``[3, 32, 32]`` or ``[2]`` (linked from the data in the CLI).
+        num_classes: number of classes for a class-conditional model, else ``None`` (linked from the data).
+        schedule: a schedule name (see ``available_schedules()``).
+        num_timesteps: T.
+        schedule_kwargs: the schedule's options, e.g. ``{"beta_start": 1e-4, "beta_end": 0.02}``.
+        rescale_to_zero_terminal_snr: Lin et al. 2024.
+        parameterization: ``eps``, ``x0``, ``mu`` or ``v``.
+        variance: ``fixed_small``, ``fixed_large`` or ``learned_range``.
+        loss: ``simple``, ``vlb`` or ``hybrid``.
+        loss_weighting: ``none``, ``elbo`` or ``min_snr``.
+        min_snr_gamma: gamma of Min-SNR weighting.
+        hybrid_lambda: lambda of L_hybrid.
+        timestep_sampler: ``uniform`` or ``loss_second_moment``.
+        clip_denoised: clip pred_x0 to [-1, 1] when sampling (on for images, off for 2-D data).
+        cond_drop_prob: probability of replacing a label with the null label in training
+            (classifier-free guidance, Ho & Salimans 2022); used only when ``num_classes`` is set.
+        optimizer: ``{"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}`` by default (Ho et al.).
+        lr_warmup_steps: linear warm-up of the learning rate over this many optimizer steps (5000 in Ho et al.).
+        sampler: the default sampler for ``sample`` and ``predict``: ``"ddpm"``, ``"ddim"`` or a mapping
+            such as ``{"name": "ddim", "init_args": {"num_steps": 50}}``.
+        channels_last: keep image batches and the backbone in channels-last memory format (faster convolutions).
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneSpec = "mlp",
+        data_shape: Sequence[int] = (2,),
+        num_classes: int | None = None,
+        schedule: str = "linear",
+        num_timesteps: int = 1000,
+        schedule_kwargs: dict[str, Any] | None = None,
+        rescale_to_zero_terminal_snr: bool = False,
+        parameterization: str = "eps",
+        variance: str = "fixed_small",
+        loss: str = "simple",
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
+        hybrid_lambda: float = 1e-3,
+        timestep_sampler: str = "uniform",
+        clip_denoised: bool = False,
+        cond_drop_prob: float = 0.1,
+        optimizer: dict[str, Any] | None = None,
+        lr_warmup_steps: int = 5000,
+        sampler: str | dict[str, Any] = "ddim",
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        if isinstance(backbone, nn.Module):
+            warnings.warn(
+                "backbone given as an nn.Module instance: pass backbone=... again to load_from_checkpoint "
+                "(give a name or {name, init_args} mapping to make checkpoints self-contained)",
+                stacklevel=2,
+            )
+        self.data_shape = tuple(int(s) for s in data_shape)
+        if not self.data_shape or any(s < 1 for s in self.data_shape):
+            raise ValueError(f"data_shape must be a non-empty list of positive sizes, got {list(data_shape)}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be None or >= 1, got {num_classes}")
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}")
+        if lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
+        self.num_classes = num_classes
+        self.cond_drop_prob = cond_drop_prob
+        self.lr_warmup_steps = lr_warmup_steps
+        self.use_channels_last = channels_last and len(self.data_shape) == 3
+
+        self.diffusion = GaussianDiffusion(
+            make_schedule(
+                schedule, num_timesteps, rescale_to_zero_terminal_snr=rescale_to_zero_terminal_snr,
+                **(schedule_kwargs or {}),
+            ),
+            parameterization=parameterization,
+            variance=variance,
+            loss=loss,
+            loss_weighting=loss_weighting,
+            min_snr_gamma=min_snr_gamma,
+            hybrid_lambda=hybrid_lambda,
+            clip_denoised=clip_denoised,
+        )
+        shared = {
+            "in_channels": self.data_shape[0],
+            "out_channels": self.data_shape[0] * self.diffusion.output_channels_factor,
+            "image_size": list(self.data_shape[1:]) if len(self.data_shape) == 3 else None,
+            "num_classes": num_classes,
+        }
+        self.backbone = build_backbone(backbone, defaults=shared)
+        self._check_backbone()
+        if self.use_channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.timestep_sampler = make_timestep_sampler(timestep_sampler, num_timesteps)
+        self.default_sampler: Sampler = make_sampler(sampler)
+        self.optimizer_spec = optimizer or {"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}
+        split_spec(self.optimizer_spec, "optimizer")  # fail now, not at fit time
+        # Loss by timestep quartile, as improved-diffusion logs it (synced across ranks at epoch end).
+        self.quartile_metrics = nn.ModuleDict(
+            {f"{stage}_q{q}": MeanMetric() for stage in STAGES for q in range(4)}
+        )
+
+    # -- construction checks -------------------------------------------------------------------
+
+    def _check_backbone(self) -> None:
+        """Catch a backbone that cannot serve this diffusion before any training step."""
+        expected = self.data_shape[0] * self.diffusion.output_channels_factor
+        out_channels = getattr(self.backbone, "out_channels", None)
+        if isinstance(out_channels, int) and out_channels != expected:
+            raise ValueError(
+                f"backbone outputs {out_channels} channels but variance={self.diffusion.variance!r} with "
+                f"{self.data_shape[0]} data channels needs {expected}"
+            )
+        in_channels = getattr(self.backbone, "in_channels", None)
+        if isinstance(in_channels, int) and in_channels != self.data_shape[0]:
+            raise ValueError(f"backbone takes {in_channels} input channels but the data has {self.data_shape[0]}")
+        image_size = getattr(self.backbone, "image_size", None)
+        if image_size is not None and len(self.data_shape) == 3 and tuple(image_size) != self.data_shape[1:]:
+            raise ValueError(f"backbone image_size {tuple(image_size)} does not match the data's {self.data_shape[1:]}")
+        backbone_classes = getattr(self.backbone, "num_classes", None)
+        if backbone_classes != self.num_classes and hasattr(self.backbone, "num_classes"):
+            raise ValueError(f"backbone num_classes={backbone_classes} but the model has num_classes={self.num_classes}")
+
+    # -- batches and the denoiser --------------------------------------------------------------
+
+    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """A tensor, an (x, y) pair or a dict with 'x'/'image'/'images' and optional 'y'/'label'/'labels'."""
+        if isinstance(batch, Tensor):
+            x, y = batch, None
+        elif isinstance(batch, (list, tuple)) and batch:
+            x, y = batch[0], batch[1] if len(batch) > 1 else None
+        elif isinstance(batch, dict):
+            x = next((batch[k] for k in ("x", "image", "images") if k in batch), None)
+            y = next((batch[k] for k in ("y", "label", "labels") if k in batch), None)
+            if x is None:
+                raise ValueError(f"dict batch needs one of the keys 'x', 'image', 'images'; got {sorted(batch)}")
+        else:
+            raise ValueError(f"batch must be a tensor, an (x, y) pair or a dict, got {type(batch).__name__}")
+        if tuple(x.shape[1:]) != self.data_shape:
+            raise ValueError(f"batch examples have shape {tuple(x.shape[1:])}, the model expects {self.data_shape}")
+        if self.num_classes is None:
+            return x, None  # an unconditional model ignores dataset labels
+        if y is None:
+            raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) but the batch has no labels")
+        return x, self._check_labels(y, x.shape[0])
+
+    def _check_labels(self, labels: Tensor, batch_size: int) -> Tensor:
+        if labels.shape != (batch_size,) or labels.is_floating_point():
+            raise ValueError(f"labels must be integers of shape ({batch_size},), got {labels.dtype} {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got range "
+                             f"[{labels.min().item()}, {labels.max().item()}]")
+        return labels.long()
+
+    def denoiser(self, cond: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """``denoise_fn(x_t, t)`` for the math layer, with class labels bound."""
+
+        def denoise_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            if self.use_channels_last:
+                x_t = x_t.contiguous(memory_format=torch.channels_last)
+            return self.backbone(x_t, t, cond) if cond is not None else self.backbone(x_t, t)
+
+        return denoise_fn
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _shared_step(self, batch: Any, stage: str, batch_idx: int) -> Tensor:
+        x0, labels = self._unpack(batch)
+        # Validation and test draw t and noise from a generator seeded by the batch index, so
+        # their losses are comparable between epochs; training uses the global (seeded) RNG.
+        generator = None if stage == "train" else torch.Generator(self.device).manual_seed(batch_idx)
+        if stage == "train":
+            t, weights = self.timestep_sampler.sample(x0.shape[0], self.device)
+            if labels is not None and self.cond_drop_prob > 0:
+                drop = torch.rand(labels.shape, device=labels.device) < self.cond_drop_prob
+                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        else:
+            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device, generator=generator)
+            weights = torch.ones(x0.shape[0], device=self.device)
+        terms = self.diffusion.training_losses(self.denoiser(labels), x0, t, generator=generator)
+        loss = (terms["loss"] * weights).mean()
+        if stage == "train" and isinstance(self.timestep_sampler, LossSecondMomentSampler):
+            # Every rank must see the same losses so their timestep distributions agree.
+            all_t, all_losses = self.all_gather(t), self.all_gather(terms["loss"].detach())
+            self.timestep_sampler.update(all_t.reshape(-1), all_losses.reshape(-1))
+        batch_size = x0.shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train",
+                 on_step=stage == "train", on_epoch=True)
+        if "vlb" in terms:
+            self.log(f"{stage}/vlb", terms["vlb"].mean(), batch_size=batch_size, sync_dist=stage != "train",
+                     on_step=False, on_epoch=True)
+        quartile = (t * 4) // self.diffusion.num_timesteps
+        for q in range(4):
+            mask = quartile == q
+            count = mask.sum()
+            # An empty quartile updates with weight 0, so every rank's metric syncs at epoch end (DDP).
+            metric = self.quartile_metrics[f"{stage}_q{q}"]
+            mean = terms["loss"].detach()[mask].sum() / count.clamp(min=1)
+            metric.update(mean.reshape(1), weight=count.reshape(1).to(mean.dtype))
+            self.log(f"{stage}/loss_q{q}", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train", batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val", batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test", batch_idx)
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num_samples: int,
+        sampler: Sampler | str | dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+        labels: Tensor | Sequence[int] | None = None,
+        x_T: Tensor | None = None,
+        callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
+    ) -> Tensor:
+        """Draw ``num_samples`` samples, shape ``(num_samples, *data_shape)``.
+
+        Args:
+            sampler: defaults to the module's ``sampler`` setting.
+            generator: a generator on the module's device, for reproducible samples.
+            labels: class labels for a class-conditional model (``None``: unconditional / null label).
+            x_T: starting noise; drawn from ``generator`` when not given.
+            callback: ``callback(step, num_steps, x, pred_x0)`` after every step (progress bars).
+        """
+        sampler = self.default_sampler if sampler is None else make_sampler(sampler)
+        cond = None
+        if labels is not None:
+            if self.num_classes is None:
+                raise ValueError("labels given to an unconditional model (num_classes is None)")
+            cond = self._check_labels(torch.as_tensor(labels, device=self.device), num_samples)
+        if x_T is None:
+            x_T = torch.randn((num_samples, *self.data_shape), generator=generator, device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            return sampler.sample(self.denoiser(cond), self.diffusion, x_T, generator=generator, callback=callback)
+        finally:
+            self.train(was_training)
+
+    def predict_step(self, batch: Any, batch_idx: int = 0) -> Tensor:
+        """Generate one sample per request; a request batch is a dict with ``seed`` and optional ``labels``."""
+        if not isinstance(batch, dict) or "seed" not in batch:
+            raise ValueError("predict batches are sample requests: a dict with 'seed' (and optional 'labels')")
+        seeds = batch["seed"]
+        generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
+        labels = batch.get("labels")
+        return self.sample(len(seeds), generator=generator, labels=labels).cpu()
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        name, init_args = split_spec(self.optimizer_spec, "optimizer")
+        optimizer_cls = import_object(name, "optimizer")
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        try:
+            optimizer = optimizer_cls(params, **init_args)
+        except TypeError as err:
+            raise ValueError(f"bad optimizer init_args for {name!r}: {err}") from err
+        if self.lr_warmup_steps == 0:
+            return optimizer
+        warmup = self.lr_warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("timestep_sampler"):
+            self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from PIL import Image
+
+from lightning_ddpm.data import TOY_DISTRIBUTIONS, ImageDataModule, ImageFolderDataset, Toy2DDataModule, sample_toy2d
+
+
+@pytest.mark.parametrize("name", list(TOY_DISTRIBUTIONS))
+def test_toy_distributions(name):
+    a, la = sample_toy2d(name, 4000, torch.Generator().manual_seed(0))
+    b, _ = sample_toy2d(name, 4000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)  # generated from the seed alone
+    assert a.shape == (4000, 2) and a.abs().max() < 2.0 and a.std(0).min() > 0.2
+    num_classes = TOY_DISTRIBUTIONS[name][1]
+    assert set(la.tolist()) == set(range(num_classes))
+    # the label is informative: class means of (x, y, radius) are distinct (radius tells rings apart)
+    features = torch.cat([a, a.norm(dim=1, keepdim=True)], dim=1)
+    means = torch.stack([features[la == k].mean(0) for k in range(num_classes)])
+    assert torch.cdist(means, means).add(torch.eye(num_classes) * 10).min() > 0.1
+
+
+def test_toy_datamodule():
+    dm = Toy2DDataModule("eight_gaussians", num_train=1024, num_val=256, batch_size=128, labels=True)
+    assert dm.data_shape == [2] and dm.num_classes == 8
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (128, 2) and y.shape == (128,)
+    assert Toy2DDataModule("rings").num_classes is None
+    with pytest.raises(ValueError, match="unknown distribution 'spiral'; choose one of: two_moons"):
+        Toy2DDataModule("spiral")
+    requests = next(iter(dm.predict_dataloader()))
+    assert requests["seed"][:3].tolist() == [0, 1, 2] and requests["labels"][:9].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0]
+
+
+def test_digits_are_real_images_in_unit_range():
+    dm = ImageDataModule("digits", batch_size=64, labels=True, random_flip=True)
+    assert dm.data_shape == [1, 8, 8] and dm.num_classes == 10
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and x.min() == -1 and x.max() == 1
+    assert len(dm._train) + len(dm._val) == 1797 and len(dm._val) == 180
+    resized = ImageDataModule("digits", image_size=16)
+    resized.setup()
+    assert resized._val[0][0].shape == (1, 16, 16) and resized.data_shape == [1, 16, 16]
+
+
+def _png(path, size=(12, 12), color=(255, 0, 0)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    _png(tmp_path / "cats" / "a.png")
+    _png(tmp_path / "cats" / "b.png")
+    _png(tmp_path / "dogs" / "c.png", color=(0, 0, 255))
+    dm = ImageDataModule("imagefolder", root=str(tmp_path), labels=True, val_fraction=0.34, batch_size=2)
+    assert dm.num_classes == 2 and dm.data_shape == [3, 12, 12]
+    dm.setup()
+    images = torch.stack([dm._train[i][0] for i in range(len(dm._train))] + [dm._val[0][0]])
+    assert images.shape == (3, 3, 12, 12) and images.max() == 1 and images.min() == -1
+    assert sorted(ImageFolderDataset(tmp_path).labels) == [0, 0, 1]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder root .*missing.* does not exist"):
+        ImageDataModule("imagefolder", root=str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no images \(.png, .jpg"):
+        ImageFolderDataset(tmp_path / "empty")
+    _png(tmp_path / "mixed" / "a.png", size=(12, 12))
+    _png(tmp_path / "mixed" / "b.png", size=(16, 12))
+    dataset = ImageFolderDataset(tmp_path / "mixed")
+    with pytest.raises(ValueError, match=r"b.png' is 16x12 but the first image is 12x12; set image_size"):
+        dataset[1]
+    _png(tmp_path / "corrupt" / "a.png")
+    (tmp_path / "corrupt" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    dataset = ImageFolderDataset(tmp_path / "corrupt")
+    with pytest.raises(ValueError, match=r"cannot read image .*b.png"):
+        dataset[1]
+    flat = ImageDataModule("imagefolder", root=str(tmp_path / "mixed"), labels=True)
+    with pytest.raises(ValueError, match="labels: true needs class subfolders"):
+        flat.num_classes
+
+
+def test_torchvision_dataset_missing_offline(tmp_path):
+    dm = ImageDataModule("cifar10", root=str(tmp_path), download=False)
+    assert dm.data_shape == [3, 32, 32]
+    with pytest.raises(FileNotFoundError, match="cifar10 not found under root .*download: true"):
+        dm.setup()
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'; choose one of: cifar10, mnist"):
+        ImageDataModule("svhn")

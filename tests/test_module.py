@@ -1,0 +1,102 @@
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from lightning_ddpm import DDIMSampler, DiffusionModule
+from lightning_ddpm.backbones import MLP
+
+TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 1}}
+TINY_UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+                                                  "attn_resolutions": [4], "dropout": 0.0}}
+
+
+def test_builds_backbone_with_shared_values():
+    m = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_classes=10, variance="learned_range",
+                        num_timesteps=20)
+    assert m.backbone.in_channels == 1 and m.backbone.out_channels == 2 and m.backbone.num_classes == 10
+    assert m.backbone.image_size == (8, 8)
+    with pytest.raises(ValueError, match=r"backbone outputs 1 channels but variance='learned_range'"):
+        DiffusionModule(backbone={"name": "mlp", "init_args": {"out_channels": 1}}, data_shape=[1],
+                        variance="learned_range")
+    with pytest.raises(ValueError, match=r"backbone image_size \(16, 16\) does not match the data's \(8, 8\)"):
+        DiffusionModule(backbone={"name": "unet", "init_args": {"image_size": 16, "ch": 32, "ch_mult": [1, 2],
+                                                                        "attn_resolutions": []}}, data_shape=[3, 8, 8])
+    with pytest.raises(ValueError, match=r"unknown schedule 'cosin'"):
+        DiffusionModule(schedule="cosin")
+    with pytest.raises(ValueError, match=r"optimizer mapping needs 'name'"):
+        DiffusionModule(optimizer={"lr": 1e-3})
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "dict"])
+def test_batch_forms_and_quartile_logging(form):
+    m = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20)
+    x = torch.randn(64, 2)
+    y = torch.zeros(64, dtype=torch.long)
+    batch = {"tensor": x, "tuple": (x, y), "dict": {"x": x, "y": y}}[form]
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    loader = torch.utils.data.DataLoader([batch], batch_size=None)
+    trainer.fit(m, loader, loader)
+    logged = trainer.logged_metrics
+    assert {"train/loss_step", "val/loss", "val/loss_q0", "val/loss_q3"} <= set(logged)
+    assert all(torch.isfinite(logged[k]) for k in ("val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3"))
+
+
+def test_label_checks():
+    m = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_classes=3, num_timesteps=20)
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match=r"class-conditional \(num_classes=3\) but the batch has no labels"):
+        m._unpack(x)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got range \[0, 3\]"):
+        m._unpack((x, torch.tensor([0, 1, 2, 3])))
+    with pytest.raises(ValueError, match=r"labels must be integers of shape \(4,\)"):
+        m._unpack((x, torch.zeros(4, 1, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"batch examples have shape \(3,\), the model expects \(2,\)"):
+        m._unpack(torch.randn(4, 3))
+    unconditional = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20)
+    with pytest.raises(ValueError, match="labels given to an unconditional model"):
+        unconditional.sample(2, labels=[0, 1])
+    assert unconditional._unpack((x, torch.zeros(4)))[1] is None  # dataset labels are ignored
+
+
+def test_sample_is_reproducible_and_shaped():
+    m = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
+    a = m.sample(3, sampler=DDIMSampler(num_steps=5), generator=torch.Generator().manual_seed(0))
+    b = m.sample(3, sampler={"name": "ddim", "init_args": {"num_steps": 5}},
+                 generator=torch.Generator().manual_seed(0))
+    assert a.shape == (3, 1, 8, 8) and a.abs().max() <= 1
+    torch.testing.assert_close(a, b)
+    assert m.training  # sample() restores the mode
+
+
+def test_warmup_schedule():
+    m = DiffusionModule(backbone=TINY_MLP, lr_warmup_steps=4,
+                        optimizer={"name": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.0}})
+    cfg = m.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_nn_module_backbone_needs_passing_again(tmp_path):
+    with pytest.warns(UserWarning, match="pass backbone=... again"):
+        m = DiffusionModule(backbone=MLP(hidden_dim=16, num_blocks=1), data_shape=[2])
+    assert "backbone" not in m.hparams
+    assert isinstance(m.backbone, nn.Module)
+
+
+def test_readme_own_lightning_project_example_runs():
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    source = (root / "examples" / "own_lightning_project.py").read_text()
+    assert source.split('"""', 2)[2].strip() in (root / "README.md").read_text()
+    result = runpy.run_path(str(root / "examples" / "own_lightning_project.py"))
+    assert result["near"].float().mean() > 0.85  # most samples land on the unit circle
