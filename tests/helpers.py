@@ -27,3 +27,59 @@ class RecordStartStep(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start_step = trainer.global_step
+
+
+class TinyFeatures(torch.nn.Module):
+    """A fixed random conv feature extractor for FID tests: float images in [0, 1] -> (B, 4 * dim)."""
+
+    def __init__(self, channels: int = 1, dim: int = 8) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, dim, 3, padding=1)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.5)
+            self.conv.bias.zero_()
+        self.num_features = 4 * dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(torch.tanh(self.conv(x.float())), 2).flatten(1)
+
+
+class DumpFID(pl.Callback):
+    """Saves the FID callback's sample count and value from every rank, at the end of fit."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        from lightning_ddpm.callbacks import FIDCallback
+
+        fid = next(c for c in trainer.callbacks if isinstance(c, FIDCallback))
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        record = {"counted": fid.counted_fake, "fid": fid.last.get("val/fid")}
+        (Path(self.dirpath) / f"fid_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class RecordWeights(pl.Callback):
+    """Raw weights after every optimizer step, and the weights seen by validation."""
+
+    def __init__(self) -> None:
+        self.after_step: list[list[torch.Tensor]] = []
+        self.at_validation: list[list[torch.Tensor]] = []
+        self.at_train_batch_start: list[list[torch.Tensor]] = []
+
+    @staticmethod
+    def _params(pl_module: pl.LightningModule) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in pl_module.backbone.parameters()]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.at_train_batch_start.append(self._params(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after_step.append(self._params(pl_module))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and batch_idx == 0:
+            self.at_validation.append(self._params(pl_module))

@@ -12,10 +12,12 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..plotting import load_png, save_samples_picture
 from ..samplers import DDIMSampler, Sampler
+from .ema import ema_weights
 
 
 class SampleLogger(pl.Callback):
-    """Every ``every_n_steps`` optimizer steps and/or ``every_n_epochs`` epochs, and at the end of fit.
+    """Every ``every_n_steps`` optimizer steps and/or ``every_n_epochs`` epochs, and at the end of fit,
+    with the EMA weights when an :class:`~lightning_ddpm.callbacks.EMA` callback is active.
 
     The same seed every time, so consecutive pictures show the model's progress on the same
     noise. A class-conditional model gets one row (images) or one colour (2-D) per class.
@@ -84,7 +86,8 @@ class SampleLogger(pl.Callback):
             per_class = max(1, self.num_samples // num_classes)
             labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(per_class)
         num = len(labels) if labels is not None else self.num_samples
-        samples = pl_module.sample(num, sampler=self.sampler, generator=generator, labels=labels)
+        with ema_weights(trainer, pl_module):
+            samples = pl_module.sample(num, sampler=self.sampler, generator=generator, labels=labels)
         reference = None
         if samples.ndim == 2 and hasattr(trainer.datamodule, "reference_points"):
             reference = trainer.datamodule.reference_points()

@@ -1,0 +1,106 @@
+"""EMA of the model parameters, built on Lightning's WeightAveraging callback.
+
+Lightning does the bookkeeping: the averaged copy, swapping it in for validation, saving it
+as the checkpoint's ``state_dict`` (the raw weights go to ``current_model_state``) and
+restoring both on resume. This file adds the DDPM decay schedule, averages parameters only
+(never the schedule buffers), and lets other callbacks borrow the EMA weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average with warm-up: decay_n = min(decay, (1 + n) / (10 + n)) at the n-th update.
+
+    Args:
+        decay: the final decay (0.9999 in Ho et al.).
+        warmup: use the warm-up formula above (otherwise a constant ``decay``).
+        update_every_n_steps: update after every this many optimizer steps.
+        start_step: first optimizer step (0-based) that updates the average.
+        device: keep the average on this device (e.g. ``"cpu"`` to save GPU memory).
+
+    Under DDP every rank holds identical parameters after each optimizer step, so every rank's
+    average is identical too without any communication.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        warmup: bool = True,
+        update_every_n_steps: int = 1,
+        start_step: int = 0,
+        device: str | None = None,
+    ) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must lie in [0, 1], got {decay}")
+        if update_every_n_steps < 1:
+            raise ValueError(f"update_every_n_steps must be >= 1, got {update_every_n_steps}")
+        super().__init__(device=device, use_buffers=False, multi_avg_fn=self._lerp)
+        self.decay, self.warmup = decay, warmup
+        self.update_every_n_steps, self.start_step = update_every_n_steps, start_step
+        self.num_updates = 0  # updates done so far, n in the warm-up formula
+        self._current_decay = decay
+        self.swapped = False
+
+    def current_decay(self, n: int) -> float:
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        if step_idx is None or step_idx < self.start_step or (step_idx - self.start_step) % self.update_every_n_steps:
+            return False
+        # AveragedModel copies on the first update; later ones call _lerp with this decay.
+        self._current_decay = self.current_decay(self.num_updates)
+        self.num_updates += 1
+        return True
+
+    def _lerp(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: Any) -> None:
+        # ema = decay * ema + (1 - decay) * w, as one fused foreach op over all parameters.
+        torch._foreach_lerp_(averaged, current, 1.0 - self._current_decay)
+
+    def _pairs(self, pl_module: pl.LightningModule) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        assert self._average_model is not None
+        # Parameters only: buffers (the float64 schedule constants) are never averaged or swapped.
+        return zip(self._average_model.module.parameters(), pl_module.parameters())
+
+    def _swap_models(self, pl_module: pl.LightningModule) -> None:
+        for average, current in self._pairs(pl_module):
+            tmp = average.data.clone()
+            average.data.copy_(current.data)
+            current.data.copy_(tmp)
+        self.swapped = not self.swapped
+
+    def _copy_average_to_current(self, pl_module: pl.LightningModule) -> None:
+        for average, current in self._pairs(pl_module):
+            current.data.copy_(average.data)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.num_updates = state_dict.get("num_updates", 0)
+
+
+@contextmanager
+def ema_weights(trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> Iterator[None]:
+    """Run the block with the EMA weights in ``pl_module`` (a no-op without an active :class:`EMA`)."""
+    callbacks = trainer.callbacks if trainer is not None else []
+    ema = next((c for c in callbacks if isinstance(c, EMA)), None)
+    if ema is None or ema._average_model is None or ema.swapped:
+        yield
+        return
+    ema._swap_models(pl_module)
+    try:
+        yield
+    finally:
+        ema._swap_models(pl_module)
+
+

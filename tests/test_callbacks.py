@@ -1,0 +1,203 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_ddpm import DDIMSampler, DiffusionModule
+from lightning_ddpm.backbones import MLP
+from lightning_ddpm.callbacks import EMA, BitsPerDimCallback, FIDCallback, SampleLogger
+from lightning_ddpm.data import ImageDataModule, Toy2DDataModule
+from tests.helpers import RecordWeights, TinyFeatures
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
+TINY_UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                                            "dropout": 0.0}}
+
+
+def _trainer(tmp_path, callbacks, max_steps, **kw):
+    kw.setdefault("logger", False)
+    return Trainer(max_steps=max_steps, callbacks=callbacks, default_root_dir=tmp_path, accelerator="cpu",
+                   enable_progress_bar=False, enable_model_summary=False, **{"enable_checkpointing": False, **kw})
+
+
+def _toy(**kw):
+    return Toy2DDataModule("two_moons", num_train=512, num_val=128, batch_size=64, **kw)
+
+
+def _toy_module():
+    return DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20, lr_warmup_steps=0,
+                           optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.5}})
+
+
+def _expected_ema(history, decay, warmup=True):
+    ema = [p.clone() for p in history[0]]
+    for n, weights in enumerate(history[1:], start=1):
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        ema = [d * e + (1 - d) * w for e, w in zip(ema, weights)]
+    return ema
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_matches_a_hand_computed_average(tmp_path, warmup):
+    torch.manual_seed(0)
+    record, ema = RecordWeights(), EMA(decay=0.9, warmup=warmup)
+    module = _toy_module()
+    _trainer(tmp_path, [record, ema], max_steps=6, limit_val_batches=0).fit(module, datamodule=_toy())
+    expected = _expected_ema(record.after_step, 0.9, warmup)
+    for got, want in zip(ema._average_model.module.backbone.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # fit ends with the EMA weights in the module (ready for sampling)
+    for got, want in zip(module.backbone.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert ema.num_updates == 6
+
+
+def test_ema_weights_in_validation_then_restored(tmp_path):
+    torch.manual_seed(0)
+    record, ema = RecordWeights(), EMA(decay=0.9)
+    _trainer(tmp_path, [record, ema], max_steps=4, val_check_interval=3, limit_val_batches=1,
+             num_sanity_val_steps=0).fit(_toy_module(), datamodule=_toy())
+    expected = _expected_ema(record.after_step[:3], 0.9)
+    for got, want in zip(record.at_validation[0], expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the 4th training step starts from the raw weights of step 3, not the EMA
+    for got, want in zip(record.at_train_batch_start[3], record.after_step[2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not all(torch.equal(a, b) for a, b in zip(record.after_step[2], expected))
+
+
+class CountingMLP(MLP):
+    """An MLP with a buffer that training changes: EMA must neither average nor swap it."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float32))
+
+    def forward(self, x, t, cond=None):
+        if self.training:
+            self.calls += 1
+        return super().forward(x, t, cond)
+
+
+def test_ema_excludes_buffers(tmp_path):
+    module = DiffusionModule(backbone={"name": "tests.test_callbacks.CountingMLP", "init_args": {"hidden_dim": 8}},
+                             data_shape=[2], num_timesteps=20)
+    ema = EMA(decay=0.9)
+    _trainer(tmp_path, [ema], max_steps=5, val_check_interval=2, limit_val_batches=1,
+             num_sanity_val_steps=0).fit(module, datamodule=_toy())
+    assert float(module.backbone.calls) == 5.0  # not reset by the validation swaps or the final copy
+    # the average's copy is kept in sync, never averaged (an EMA of 1, 2, ..., 5 would not be 5)
+    assert float(ema._average_model.module.backbone.calls) == 5.0
+    assert module.diffusion.betas.dtype == torch.float64
+
+
+def test_checkpoint_keeps_ema_and_resume_continues_it(tmp_path):
+    torch.manual_seed(0)
+    ema = EMA(decay=0.9)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_last=True, save_top_k=-1)
+    record = RecordWeights()
+    _trainer(tmp_path, [record, ema, ckpt], max_steps=3, limit_val_batches=0, enable_checkpointing=True).fit(
+        _toy_module(), datamodule=_toy())
+    path = tmp_path / "ckpt" / "last.ckpt"
+    raw = torch.load(path, weights_only=False)
+    expected = _expected_ema(record.after_step, 0.9)
+    state_ema = [raw["state_dict"][f"backbone.{n}"] for n, _ in _toy_module().backbone.named_parameters()]
+    for got, want in zip(state_ema, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # one call gives a sampling-ready model with the EMA weights
+    loaded = DiffusionModule.load_from_checkpoint(path)
+    for got, want in zip(loaded.backbone.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # resuming restores the average and its update count, and keeps averaging the same way
+    ema2, record2 = EMA(decay=0.9), RecordWeights()
+    _trainer(tmp_path, [record2, ema2], max_steps=5, limit_val_batches=0).fit(
+        _toy_module(), datamodule=_toy(), ckpt_path=path)
+    assert ema2.num_updates == 5
+    continued = _expected_ema(record.after_step + record2.after_step, 0.9)
+    for got, want in zip(ema2._average_model.module.backbone.parameters(), continued):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _digits_batch(n=180):
+    dm = ImageDataModule("digits", batch_size=n)
+    dm.setup()
+    return next(iter(dm.val_dataloader()))[0]
+
+
+def test_fid_is_low_for_data_and_high_for_noise():
+    real = _digits_batch()
+    fid = FIDCallback(num_samples=180, feature_extractor=TinyFeatures(), kid=True, kid_subset_size=50)
+    fid.build_metrics()
+    results = {}
+    for name, fake in {"data": real, "noise": torch.rand_like(real) * 2 - 1}.items():
+        fid.fid.reset()
+        fid.kid.reset()
+        fid._update(real, real=True)
+        fid._update(fake, real=False)
+        results[name] = float(fid.fid.compute())
+    assert results["data"] < 1e-3 < results["noise"]
+    with pytest.raises(ValueError, match="inception_score needs Inception logits"):
+        FIDCallback(feature_extractor=TinyFeatures(), inception_score=True)
+
+
+def test_fid_callback_logs_during_training(tmp_path):
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
+    fid = FIDCallback(num_samples=30, batch_size=16, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=4))
+    bpd = BitsPerDimCallback(num_examples=8, batch_size=8)
+    trainer = _trainer(tmp_path, [EMA(decay=0.9), fid, bpd], max_steps=2, val_check_interval=2, limit_val_batches=2,
+                       num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=32))
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["val/fid"]) and metrics["val/fid"] > 0 and fid.counted_fake == 30
+    assert "val/fid_time_s" in metrics
+    assert torch.isfinite(metrics["val/bpd"]) and metrics["val/bpd"] > 0
+    assert fid.fid.real_features_num_samples == 64  # cached from the 2 validation batches
+
+
+def test_sample_logger_writes_and_logs_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    samples = SampleLogger(every_n_steps=2, every_n_epochs=None, num_samples=64, sampler=DDIMSampler(num_steps=3))
+    module = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20, num_classes=2)
+    _trainer(tmp_path, [samples], max_steps=4, logger=logger, limit_val_batches=0).fit(module, datamodule=_toy(labels=True))
+    pictures = sorted(p.name for p in Path(logger.log_dir, "samples").glob("*.png"))
+    assert pictures == ["step_0000002.png", "step_0000004.png"]
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples")] == [2, 4]
+
+
+def test_ddp_ema_identical_and_fid_counts_exactly(tmp_path):
+    dump = tmp_path / "dump"
+    callbacks = json.dumps([
+        {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {"class_path": "lightning_ddpm.callbacks.FIDCallback",
+         "init_args": {"num_samples": 7, "batch_size": 4, "feature_extractor": {"class_path": "tests.helpers.TinyFeatures"},
+                       "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 3}}}},
+        {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(dump)}},
+        {"class_path": "tests.helpers.DumpFID", "init_args": {"dirpath": str(dump)}},
+    ])
+    cmd = [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/digits.yaml"),
+           f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+           "--model.backbone", json.dumps(TINY_UNET), "--model.num_timesteps=20", "--trainer.accelerator=cpu",
+           "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+           "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.callbacks", callbacks]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
+    fids = [json.loads((dump / f"fid_rank{r}.json").read_text()) for r in (0, 1)]
+    assert fids[0]["counted"] == fids[1]["counted"] == 7  # 4 + 3 over two ranks, exactly N
+    assert fids[0]["fid"] == pytest.approx(fids[1]["fid"]) and fids[0]["fid"] > 0
