@@ -6,17 +6,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import SampleWriter
+from .checkpoints import SafeCheckpointIO, check_checkpoint_file
 from .module import DiffusionModule
 
 
 class DiffusionCLI(LightningCLI):
     """Links the values data and model share, so a config writes them once."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI opens --ckpt_path first to read its hyperparameters: check the file before it does.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_file(ckpt_path)
+        super()._parse_ckpt_path()
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(SampleWriter, "predict_writer")
@@ -31,6 +41,7 @@ def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
         pl.LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"plugins": [SafeCheckpointIO()], **kwargs.pop("trainer_defaults", {})},
         args=args,
         **kwargs,
     )

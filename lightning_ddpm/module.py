@@ -8,7 +8,8 @@ the checkpoint holds no pickled objects.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +19,8 @@ from torchmetrics import MeanMetric
 
 from .backbones import BackboneSpec, build_backbone
 from .diffusion import GaussianDiffusion
+from .checkpoints import check_checkpoint_file
+from .guidance import guided_denoiser
 from .imports import import_object, split_spec
 from .samplers import Sampler, make_sampler
 from .schedules import make_schedule
@@ -56,6 +59,10 @@ class DiffusionModule(pl.LightningModule):
         lr_warmup_steps: linear warm-up of the learning rate over this many optimizer steps (5000 in Ho et al.).
         sampler: the default sampler for ``sample`` and ``predict``: ``"ddpm"``, ``"ddim"`` or a mapping
             such as ``{"name": "ddim", "init_args": {"num_steps": 50}}``.
+        guidance_scale: default classifier-free guidance scale w of ``sample`` and ``predict`` for a
+            class-conditional model (0: unconditional, 1: conditional, > 1: guided).
+        max_nonfinite_steps: a training step whose loss is NaN or inf is skipped with a warning;
+            this many in a row stop training with an error (the last good checkpoint stays as it was).
         channels_last: keep image batches and the backbone in channels-last memory format (faster convolutions).
     """
 
@@ -80,6 +87,8 @@ class DiffusionModule(pl.LightningModule):
         optimizer: dict[str, Any] | None = None,
         lr_warmup_steps: int = 5000,
         sampler: str | dict[str, Any] = "ddim",
+        guidance_scale: float = 1.0,
+        max_nonfinite_steps: int = 10,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
@@ -97,11 +106,18 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(f"num_classes must be None or >= 1, got {num_classes}")
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         if lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
         self.num_classes = num_classes
+        self.guidance_scale = guidance_scale
         self.cond_drop_prob = cond_drop_prob
         self.lr_warmup_steps = lr_warmup_steps
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_in_a_row = 0
         self.use_channels_last = channels_last and len(self.data_shape) == 3
 
         self.diffusion = GaussianDiffusion(
@@ -128,7 +144,9 @@ class DiffusionModule(pl.LightningModule):
         if self.use_channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, num_timesteps)
-        self.default_sampler: Sampler = make_sampler(sampler)
+        # A bare "ddim" means 50 steps, or all T when T is smaller; an explicit num_steps > T is an error.
+        self.default_sampler: Sampler = make_sampler(sampler, **({"num_steps": min(50, num_timesteps)} if sampler == "ddim" else {}))
+        self.default_sampler.timesteps(num_timesteps)  # num_steps > T fails here, not after training
         self.optimizer_spec = optimizer or {"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}
         split_spec(self.optimizer_spec, "optimizer")  # fail now, not at fit time
         # Loss by timestep quartile, as improved-diffusion logs it (synced across ranks at epoch end).
@@ -198,9 +216,12 @@ class DiffusionModule(pl.LightningModule):
 
         return denoise_fn
 
+    def _conditional_backbone(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        return self.denoiser(cond)(x_t, t)
+
     # -- steps ---------------------------------------------------------------------------------
 
-    def _shared_step(self, batch: Any, stage: str, batch_idx: int) -> Tensor:
+    def _shared_step(self, batch: Any, stage: str, batch_idx: int) -> Tensor | None:
         x0, labels = self._unpack(batch)
         # Validation and test draw t and noise from a generator seeded by the batch index, so
         # their losses are comparable between epochs; training uses the global (seeded) RNG.
@@ -215,6 +236,8 @@ class DiffusionModule(pl.LightningModule):
             weights = torch.ones(x0.shape[0], device=self.device)
         terms = self.diffusion.training_losses(self.denoiser(labels), x0, t, generator=generator)
         loss = (terms["loss"] * weights).mean()
+        if stage == "train" and not self._loss_is_finite(loss, t):
+            return None
         if stage == "train" and isinstance(self.timestep_sampler, LossSecondMomentSampler):
             # Every rank must see the same losses so their timestep distributions agree.
             all_t, all_losses = self.all_gather(t), self.all_gather(terms["loss"].detach())
@@ -236,7 +259,27 @@ class DiffusionModule(pl.LightningModule):
             self.log(f"{stage}/loss_q{q}", metric, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def _loss_is_finite(self, loss: Tensor, t: Tensor) -> bool:
+        """Skip a non-finite training loss (all ranks decide together), stop after too many in a row."""
+        finite = bool(torch.isfinite(loss.detach()))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        where = f"at step {self.global_step} (timesteps {int(t.min())}..{int(t.max())})"
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"training stopped: {self.nonfinite_in_a_row} non-finite losses in a row, the last {where}; "
+                "the last checkpoint was written before them. Lower the learning rate, check the data for NaN/inf, "
+                "or use bf16-mixed instead of 16-mixed"
+            )
+        warnings.warn(f"non-finite loss {loss.item()} {where}: step skipped "
+                      f"({self.nonfinite_in_a_row}/{self.max_nonfinite_steps} in a row)", stacklevel=2)
+        return False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         return self._shared_step(batch, "train", batch_idx)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -254,6 +297,7 @@ class DiffusionModule(pl.LightningModule):
         sampler: Sampler | str | dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
         labels: Tensor | Sequence[int] | None = None,
+        guidance_scale: float | None = None,
         x_T: Tensor | None = None,
         callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
     ) -> Tensor:
@@ -263,21 +307,26 @@ class DiffusionModule(pl.LightningModule):
             sampler: defaults to the module's ``sampler`` setting.
             generator: a generator on the module's device, for reproducible samples.
             labels: class labels for a class-conditional model (``None``: unconditional / null label).
+            guidance_scale: classifier-free guidance w (default: the module's ``guidance_scale``).
             x_T: starting noise; drawn from ``generator`` when not given.
             callback: ``callback(step, num_steps, x, pred_x0)`` after every step (progress bars).
         """
         sampler = self.default_sampler if sampler is None else make_sampler(sampler)
-        cond = None
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        if scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {scale}")
+        denoise_fn = self.denoiser()
         if labels is not None:
             if self.num_classes is None:
                 raise ValueError("labels given to an unconditional model (num_classes is None)")
             cond = self._check_labels(torch.as_tensor(labels, device=self.device), num_samples)
+            denoise_fn = guided_denoiser(self._conditional_backbone, cond, self.num_classes, scale)
         if x_T is None:
             x_T = torch.randn((num_samples, *self.data_shape), generator=generator, device=self.device)
         was_training = self.training
         self.eval()
         try:
-            return sampler.sample(self.denoiser(cond), self.diffusion, x_T, generator=generator, callback=callback)
+            return sampler.sample(denoise_fn, self.diffusion, x_T, generator=generator, callback=callback)
         finally:
             self.train(was_training)
 
@@ -308,9 +357,36 @@ class DiffusionModule(pl.LightningModule):
 
     # -- checkpoints ---------------------------------------------------------------------------
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DiffusionModule:  # type: ignore[override]
+        """Lightning's ``load_from_checkpoint`` after checking the file (clear error if truncated)."""
+        if isinstance(checkpoint_path, (str, Path)) and "://" not in str(checkpoint_path):
+            check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    # Settings that change the meaning or the shape of the weights: a checkpoint must agree on them.
+    _COMPATIBLE = ("backbone", "data_shape", "num_classes", "num_timesteps", "parameterization", "variance")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters") or {}
+        different = [
+            f"{key}: checkpoint {saved[key]!r} vs this model {self.hparams[key]!r}"
+            for key in self._COMPATIBLE
+            if key in saved and key in self.hparams and _plain(saved[key]) != _plain(self.hparams[key])
+        ]
+        if different:
+            raise ValueError("checkpoint is from an incompatible config: " + "; ".join(different))
         if checkpoint.get("timestep_sampler"):
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+
+
+def _plain(value: Any) -> Any:
+    """Compare config values across YAML/Python spellings: tuples as lists, mappings recursively."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -100,3 +100,21 @@ def test_readme_own_lightning_project_example_runs():
     assert source.split('"""', 2)[2].strip() in (root / "README.md").read_text()
     result = runpy.run_path(str(root / "examples" / "own_lightning_project.py"))
     assert result["near"].float().mean() > 0.85  # most samples land on the unit circle
+
+
+def test_loss_aware_timestep_sampler_learns_from_training_losses(tmp_path):
+    m = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=4, timestep_sampler="loss_second_moment",
+                        loss="vlb")
+    batch = torch.randn(64, 2)
+    loader = torch.utils.data.DataLoader([batch] * 8, batch_size=None)
+    trainer = Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(m, loader)
+    sampler = m.timestep_sampler
+    assert sampler.warmed_up() and int(sampler.loss_counts.sum()) == 4 * sampler.history
+    assert not torch.allclose(sampler.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
+    state = {}
+    m.on_save_checkpoint(state)
+    fresh = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=4, timestep_sampler="loss_second_moment")
+    fresh.on_load_checkpoint(state)
+    torch.testing.assert_close(fresh.timestep_sampler.probabilities(), sampler.probabilities())

@@ -74,8 +74,9 @@ class FIDCallback(pl.Callback):
             raise ValueError("inception_score needs Inception logits; it cannot be used with a custom feature_extractor")
         self.num_samples, self.final_num_samples = num_samples, final_num_samples or num_samples
         self.every_n_validations, self.at_train_end = every_n_validations, at_train_end
+        self._default_sampler = sampler is None
         self.sampler = sampler or DDIMSampler(num_steps=100)
-        self.final_sampler = final_sampler or self.sampler
+        self.final_sampler = final_sampler  # None: the same as sampler
         self.batch_size, self.seed = batch_size, seed
         self.custom = feature_extractor is not None
         self.feature_extractor, self.inception_weights_path = feature_extractor, inception_weights_path
@@ -113,6 +114,13 @@ class FIDCallback(pl.Callback):
         return [m for m in (self.fid, self.kid, self.inception) if m is not None]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if hasattr(pl_module, "diffusion") and self._default_sampler:
+            # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
+            self.sampler = DDIMSampler(num_steps=min(100, pl_module.diffusion.num_timesteps))
+        if hasattr(pl_module, "diffusion"):
+            for sampler in (self.sampler, self.final_sampler):
+                if sampler is not None:
+                    sampler.timesteps(pl_module.diffusion.num_timesteps)  # fail before training
         self.build_metrics()
         for metric in self._metrics():
             metric.to(pl_module.device)

@@ -48,6 +48,7 @@ class SampleLogger(pl.Callback):
                 raise ValueError(f"{name} must be None or >= 1, got {value}")
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.num_samples, self.seed, self.output_dir = num_samples, seed, output_dir
+        self._default_sampler = sampler is None
         self.sampler = sampler or DDIMSampler(num_steps=50)
         self.last_path: Path | None = None
         self._last_step = -1
@@ -56,6 +57,13 @@ class SampleLogger(pl.Callback):
         if self.output_dir:
             return Path(self.output_dir)
         return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if hasattr(pl_module, "diffusion") and self._default_sampler:
+            # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
+            self.sampler = DDIMSampler(num_steps=min(50, pl_module.diffusion.num_timesteps))
+        if hasattr(pl_module, "diffusion"):
+            self.sampler.timesteps(pl_module.diffusion.num_timesteps)  # fail before training, not at step N
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step

@@ -1,0 +1,101 @@
+"""Tries every row of docs/errors.md: each bad input must raise an error containing the documented text."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lightning_ddpm import DDIMSampler, DiffusionModule, make_schedule
+from lightning_ddpm.backbones import UNet
+from lightning_ddpm.checkpoints import SafeCheckpointIO
+from lightning_ddpm.data import ImageDataModule, ImageFolderDataset, Toy2DDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {
+    m.group(1): m.group(2)
+    for m in re.finditer(r"^\| ([a-z0-9-]+) \| .* \| `(.*)` \|$", (ROOT / "docs/errors.md").read_text(), re.M)
+}
+MLP = {"name": "mlp", "init_args": {"hidden_dim": 8, "num_blocks": 1}}
+
+
+def _module(**kw):
+    kw.setdefault("backbone", MLP)
+    kw.setdefault("num_timesteps", 20)
+    return DiffusionModule(**kw)
+
+
+def _images(folder: Path, sizes=((8, 8),)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size).save(folder / f"{i}.png")
+    return folder
+
+
+def _fit(tmp_path: Path, module: DiffusionModule, steps: int, ckpt_path: Path | None = None):
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader([torch.randn(4, 2)] * 4, batch_size=None), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _checkpoint(tmp_path: Path, **kw) -> Path:
+    path = tmp_path / "model.ckpt"
+    _fit(tmp_path, _module(**kw), 1).save_checkpoint(path)
+    return path
+
+
+def _truncated(tmp_path: Path):
+    path = _checkpoint(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return SafeCheckpointIO().load_checkpoint(path)
+
+
+CASES = {
+    "unknown-schedule": lambda tmp: _module(schedule="cosin"),
+    "unknown-parameterization": lambda tmp: _module(parameterization="epsilon"),
+    "unknown-variance": lambda tmp: _module(variance="learned"),
+    "unknown-loss": lambda tmp: _module(loss="l1"),
+    "unknown-sampler": lambda tmp: _module(sampler="plms"),
+    "unknown-backbone": lambda tmp: _module(backbone="resnet"),
+    "unknown-dataset": lambda tmp: ImageDataModule("svhn"),
+    "unknown-distribution": lambda tmp: Toy2DDataModule("spiral"),
+    "image-size": lambda tmp: UNet(image_size=30),
+    "channel-mismatch": lambda tmp: _module(
+        backbone={"name": "unet", "init_args": {"in_channels": 3, "ch": 32, "ch_mult": [1, 2], "attn_resolutions": []}},
+        data_shape=[1, 8, 8]),
+    "output-channels": lambda tmp: _module(backbone={"name": "mlp", "init_args": {"out_channels": 1}}, data_shape=[1],
+                                           variance="learned_range"),
+    "hybrid-fixed-variance": lambda tmp: _module(loss="hybrid", variance="fixed_small"),
+    "zero-snr-eps": lambda tmp: _module(rescale_to_zero_terminal_snr=True, parameterization="eps"),
+    "labels-unconditional": lambda tmp: _module(data_shape=[2]).sample(2, labels=[0, 1]),
+    "labels-missing": lambda tmp: _module(data_shape=[2], num_classes=3)._shared_step(torch.randn(4, 2), "train", 0),
+    "labels-range": lambda tmp: _module(data_shape=[2], num_classes=3).sample(2, labels=[0, 5]),
+    "guidance-negative": lambda tmp: _module(data_shape=[2], num_classes=3, guidance_scale=-1),
+    "num-steps": lambda tmp: _module(num_timesteps=1000, sampler={"name": "ddim", "init_args": {"num_steps": 2000}}),
+    "eta-negative": lambda tmp: DDIMSampler(eta=-0.5),
+    "missing-folder": lambda tmp: ImageDataModule("imagefolder", root=str(tmp / "no/such/folder")),
+    "empty-folder": lambda tmp: (tmp / "empty").mkdir() or ImageFolderDataset(tmp / "empty"),
+    "corrupt-image": lambda tmp: (_images(tmp / "c").joinpath("1.png").write_bytes(b"\x89PNG\r\n\x1a\nxx"),
+                                  ImageFolderDataset(tmp / "c")[1]),
+    "mixed-sizes": lambda tmp: ImageFolderDataset(_images(tmp / "m", sizes=((8, 8), (9, 8))))[1],
+    "truncated-checkpoint": _truncated,
+    "incompatible-checkpoint": lambda tmp: _fit(tmp, _module(num_timesteps=50), 2, ckpt_path=_checkpoint(tmp)),
+    "bad-optimizer": lambda tmp: _module(optimizer={"lr": 0.001}),
+}
+
+
+def test_the_table_and_the_cases_agree():
+    assert set(ROWS) == set(CASES)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_documented_error(case, tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError, RuntimeError)) as info:
+        CASES[case](tmp_path)
+    assert ROWS[case] in str(info.value), f"{case}: got {info.value}"
+    assert "\n" not in str(info.value).split(" (")[0]  # one line up to any quoted cause

@@ -1,0 +1,119 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_ddpm import DiffusionModule
+from lightning_ddpm.cli import run_cli
+from tests.helpers import RecordWeights
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP = {"name": "mlp", "init_args": {"hidden_dim": 8, "num_blocks": 1}}
+
+
+def _loader(n=16):
+    return torch.utils.data.DataLoader([torch.randn(32, 2, generator=torch.Generator().manual_seed(i)) for i in range(n)],
+                                       batch_size=None)
+
+
+def _nan_at(module, bad_calls):
+    """Make the backbone return NaN on the given training calls (counted from 0)."""
+    forward, calls = module.backbone.forward, [0]
+
+    def patched(x, t, cond=None):
+        out = forward(x, t, cond)
+        if module.training:
+            calls[0] += 1
+            if calls[0] - 1 in bad_calls:
+                return out * float("nan")
+        return out
+
+    module.backbone.forward = patched
+
+
+def _trainer(tmp_path, callbacks, max_steps):
+    return Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+
+
+def test_nonfinite_steps_are_skipped(tmp_path):
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, lr_warmup_steps=0)
+    _nan_at(module, {2, 3})
+    record = RecordWeights()
+    with pytest.warns(UserWarning, match=r"non-finite loss nan at step 2 \(timesteps \d+\.\.\d+\): step skipped \(1/10"):
+        _trainer(tmp_path, [record], max_steps=5).fit(module, _loader())
+    # batches 2 and 3 changed nothing (Lightning still counts them toward max_steps); batch 4 trained again
+    for a, b in zip(record.after_step[1], record.after_step[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not all(torch.equal(a, b) for a, b in zip(record.after_step[3], record.after_step[4]))
+    assert len(record.after_step) == 5 and module.nonfinite_in_a_row == 0
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_training_stops_after_k_nonfinite_steps_keeping_the_last_checkpoint(tmp_path):
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, max_nonfinite_steps=3)
+    _nan_at(module, set(range(4, 100)))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    record = RecordWeights()
+    # Lightning counts skipped batches as steps: NaN from the 5th batch (step 4), stop at the 3rd, step 6.
+    with pytest.raises(RuntimeError, match=r"training stopped: 3 non-finite losses in a row, the last at step 6"), \
+            pytest.warns(UserWarning, match="non-finite"):
+        _trainer(tmp_path, [record, ckpt], max_steps=20).fit(module, _loader())
+    good = DiffusionModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    for got, want in zip(good.backbone.parameters(), record.after_step[3]):  # the weights of the last good step
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_truncated_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    _trainer(tmp_path, [ckpt], max_steps=2).fit(DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20), _loader())
+    latest, previous = tmp_path / "ckpt" / "epoch=0-step=2.ckpt", tmp_path / "ckpt" / "epoch=0-step=1.ckpt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"epoch=0-step=2.ckpt' is truncated or corrupt"):
+        DiffusionModule.load_from_checkpoint(latest)
+    with pytest.raises(ValueError, match="is truncated or corrupt"):  # the CLI's --ckpt_path says the same
+        run_cli(["fit", "--config", str(ROOT / "configs/toy2d.yaml"), "--model.backbone", json.dumps(MLP),
+                 "--model.num_timesteps=20", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+                 "--trainer.max_steps=3", "--ckpt_path", str(latest)])
+    assert isinstance(DiffusionModule.load_from_checkpoint(previous), DiffusionModule)
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_old_file(tmp_path, monkeypatch):
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20)
+    trainer = _trainer(tmp_path, [], max_steps=1)
+    trainer.fit(module, _loader())
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def crashing_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        raise OSError("disk full (simulated) in the middle of writing")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated"):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert isinstance(DiffusionModule.load_from_checkpoint(path), DiffusionModule)
+
+
+def test_cli_checkpoints_load_with_weights_only(tmp_path):
+    callbacks = json.dumps([
+        {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}},
+    ])
+    run_cli(["fit", "--config", str(ROOT / "configs/digits.yaml"), f"--trainer.default_root_dir={tmp_path}",
+             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.max_steps=2",
+             "--trainer.limit_val_batches=1", "--model.num_timesteps=20", "--trainer.callbacks", callbacks,
+             "--model.backbone", json.dumps({"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2],
+                                                                            "attn_resolutions": []}})])
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)  # no pickled objects: plain data and tensors only
+    assert "current_model_state" in checkpoint and checkpoint["hyper_parameters"]["backbone"]["name"] == "unet"
+    assert isinstance(DiffusionModule.load_from_checkpoint(path, weights_only=True), DiffusionModule)
