@@ -223,16 +223,17 @@ class DiffusionModule(pl.LightningModule):
 
     def _shared_step(self, batch: Any, stage: str, batch_idx: int) -> Tensor | None:
         x0, labels = self._unpack(batch)
-        # Validation and test draw t and noise from a generator seeded by the batch index, so
-        # their losses are comparable between epochs; training uses the global (seeded) RNG.
-        generator = None if stage == "train" else torch.Generator(self.device).manual_seed(batch_idx)
+        # Every draw comes from generators seeded by (stage, step or batch, rank), never from the
+        # global RNG: validation losses are comparable between epochs, and a resumed run draws
+        # exactly what the uninterrupted one would have.
+        generator, cpu_generator = self._generators(stage, batch_idx)
         if stage == "train":
-            t, weights = self.timestep_sampler.sample(x0.shape[0], self.device)
+            t, weights = self.timestep_sampler.sample(x0.shape[0], self.device, generator=cpu_generator)
             if labels is not None and self.cond_drop_prob > 0:
-                drop = torch.rand(labels.shape, device=labels.device) < self.cond_drop_prob
+                drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.cond_drop_prob
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         else:
-            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device, generator=generator)
+            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=cpu_generator).to(self.device)
             weights = torch.ones(x0.shape[0], device=self.device)
         terms = self.diffusion.training_losses(self.denoiser(labels), x0, t, generator=generator)
         loss = (terms["loss"] * weights).mean()
@@ -258,6 +259,15 @@ class DiffusionModule(pl.LightningModule):
             metric.update(mean.reshape(1), weight=count.reshape(1).to(mean.dtype))
             self.log(f"{stage}/loss_q{q}", metric, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
+
+    def _generators(self, stage: str, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
+        """(device generator, CPU generator) for this step; training keys on the global step and rank."""
+        rank = self.global_rank if self._trainer is not None else 0
+        if stage == "train":
+            key = (torch.initial_seed() % 2**31) * 1_000_003 + self.global_step * 997 + rank
+        else:
+            key = 2**40 + batch_idx * 997 + rank
+        return (torch.Generator(self.device).manual_seed(key), torch.Generator().manual_seed(key))
 
     def _loss_is_finite(self, loss: Tensor, t: Tensor) -> bool:
         """Skip a non-finite training loss (all ranks decide together), stop after too many in a row."""
@@ -369,6 +379,10 @@ class DiffusionModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
+        # The global RNG now drives only dropout; keep its state so a resume continues it.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters") or {}
@@ -381,6 +395,11 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError("checkpoint is from an incompatible config: " + "; ".join(different))
         if checkpoint.get("timestep_sampler"):
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+        states = checkpoint.get("rng_states") or {}
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def _plain(value: Any) -> Any:

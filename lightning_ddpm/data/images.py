@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .requests import SampleRequests
+from .resumable import resumable_train_loader
 
 __all__ = ["ImageDataModule", "ImageFolderDataset", "IMAGE_DATASETS", "IMAGE_EXTENSIONS"]
 
@@ -247,7 +248,12 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self._train, shuffle=True)
+        if len(self._train) < self.batch_size:
+            return self._loader(self._train, shuffle=True)
+        return resumable_train_loader(
+            self._train, self.batch_size, self.seed, getattr(self, "trainer", None), num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

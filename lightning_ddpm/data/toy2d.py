@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from .requests import SampleRequests
+from .resumable import resumable_train_loader
 
 __all__ = ["TOY_DISTRIBUTIONS", "sample_toy2d", "Toy2DDataModule"]
 
@@ -142,7 +143,7 @@ class Toy2DDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self._train, batch_size=self.batch_size, shuffle=True, drop_last=True)
+        return resumable_train_loader(self._train, self.batch_size, self.seed, getattr(self, "trainer", None))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -1,0 +1,60 @@
+"""A training process killed with SIGKILL and resumed with --ckpt_path last ends exactly where an
+uninterrupted run of the same length ends (CPU, deterministic)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP = {"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 2, "dropout": 0.1}}  # dropout uses the global RNG
+
+
+def _command(root: Path, max_steps: int, *extra: str) -> list[str]:
+    callbacks = [
+        {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 5, "save_last": True, "save_top_k": -1}},
+    ]
+    return [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/toy2d.yaml"),
+            f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            "--trainer.deterministic=true", "--model.backbone", json.dumps(MLP), "--model.timestep_sampler",
+            "loss_second_moment", "--model.num_timesteps=50", "--data.init_args.num_train=1280",
+            "--data.init_args.batch_size=64", "--trainer.val_check_interval=10", "--trainer.limit_val_batches=2",
+            f"--trainer.max_steps={max_steps}", "--trainer.callbacks", json.dumps(callbacks), *extra]
+
+
+def _final(root: Path) -> dict:
+    return torch.load(root / "ckpt" / "epoch=2-step=45.ckpt", weights_only=True)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    subprocess.run(_command(straight, 45), env=env, check=True, capture_output=True, timeout=300)
+
+    process = subprocess.Popen(_command(crashed, 45), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = crashed / "ckpt" / "epoch=1-step=30.ckpt"  # step 30 is the middle of epoch 1 (20 batches an epoch)
+    deadline = time.time() + 240
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert marker.exists() and not (crashed / "ckpt" / "epoch=2-step=45.ckpt").exists(), "killed before the end"
+    result = subprocess.run(_command(crashed, 45, "--ckpt_path", "last"), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    a, b = _final(straight), _final(crashed)
+    assert a["global_step"] == b["global_step"] == 45
+    for part in ("state_dict", "current_model_state"):  # EMA weights and raw weights
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=0, msg=f"{part}.{key}")
+    for x, y in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for name in x:
+            torch.testing.assert_close(x[name], y[name], rtol=0, atol=0)
