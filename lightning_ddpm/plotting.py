@@ -9,14 +9,19 @@ import torch
 from torch import Tensor
 
 
-def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Save (N, C, H, W) images in [-1, 1] as one PNG grid."""
+def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, min_size: int = 32) -> Path:
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid; images smaller than ``min_size`` pixels are
+    enlarged by an integer factor (nearest neighbour), so 8x8 digits stay visible."""
     from torchvision.utils import save_image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
-    save_image(images.float().clamp(-1, 1).add(1).div(2), path, nrow=nrow, padding=1)
+    images = images.detach().float().cpu().clamp(-1, 1).add(1).div(2)
+    factor = math.ceil(min_size / min(images.shape[-2:]))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    save_image(images, path, nrow=nrow, padding=max(1, factor))
     return path
 
 

@@ -1,0 +1,169 @@
+"""Training throughput of DiffusionModule against diffusers' UNet2DModel (the DDPM CIFAR-10 network).
+
+Ours runs the full Lightning training step (forward, loss, backward, optimizer, logging) through
+``Trainer.fit``; the peer runs the same work in a minimal PyTorch loop. Rounds alternate between
+the two in one process, and the median round is reported, so both see the same machine state.
+
+    python benchmarks/train_throughput.py --precision 32-true bf16-mixed --batch-size 16
+    python benchmarks/train_throughput.py --accelerator cuda --precision bf16-mixed --compile --batch-size 128
+    python benchmarks/train_throughput.py --devices 2 --no-peer        # DDP scaling vs 1 device
+
+Needs the bench extra for the peer: pip install -e ".[bench]".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from benchmarks.common import DTYPES, count_flops, device_name, matmul_peak, print_table, synchronize, write_json
+from lightning_ddpm import DiffusionModule
+
+CIFAR_UNET = {"name": "unet", "init_args": {"ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2,
+                                             "attn_resolutions": [16], "dropout": 0.1}}
+
+
+def make_ours(channels_last: bool) -> DiffusionModule:
+    return DiffusionModule(backbone=CIFAR_UNET, data_shape=[3, 32, 32], schedule="linear", variance="fixed_large",
+                           channels_last=channels_last, lr_warmup_steps=0)
+
+
+def make_peer() -> nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                       block_out_channels=(128, 256, 256, 256),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=32, dropout=0.1, attention_head_dim=None)
+
+
+class StepTimer(pl.Callback):
+    """Seconds per training step after ``warmup`` steps (device-synchronised)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times, self._start = warmup, [], 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        synchronize(pl_module.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize(pl_module.device)
+        if batch_idx >= self.warmup:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def run_ours(args: argparse.Namespace, precision: str, module: DiffusionModule) -> float:
+    data = torch.rand(args.batch_size * (args.warmup + args.steps), 3, 32, 32) * 2 - 1
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, drop_last=True)
+    timer = StepTimer(args.warmup)
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, precision=precision,
+                         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         gradient_clip_val=1.0, strategy="ddp_spawn" if args.devices > 1 else "auto")
+    trainer.fit(module, loader)
+    return statistics.median(timer.times) if timer.times else float("nan")
+
+
+def run_peer(args: argparse.Namespace, precision: str, unet: nn.Module, device: torch.device) -> float:
+    """The same training step in plain PyTorch: q_sample, eps MSE, backward, clip, Adam."""
+    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    alpha_bar = torch.cumprod(1 - betas, 0).float().to(device)
+    dtype = DTYPES[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    memory = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    def step() -> None:
+        x0 = (torch.rand(args.batch_size, 3, 32, 32, device=device) * 2 - 1).to(memory_format=memory)
+        t = torch.randint(0, 1000, (args.batch_size,), device=device)
+        noise = torch.randn_like(x0)
+        ab = alpha_bar[t].view(-1, 1, 1, 1)
+        with autocast:
+            pred = unet(ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t).sample
+            loss = nn.functional.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda", "mps"])
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"], choices=list(DTYPES))
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both backbones")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and the peer")
+    parser.add_argument("--no-peer", dest="peer", action="store_false")
+    parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    args = parser.parse_args()
+
+    device = torch.device(args.accelerator if args.accelerator != "cuda" else "cuda:0")
+    torch.manual_seed(0)
+    ours = make_ours(args.channels_last)
+    peer = make_peer().to(device) if args.peer else None
+    if peer is not None and args.channels_last:
+        peer = peer.to(memory_format=torch.channels_last)
+    if args.compile:
+        ours.backbone = torch.compile(ours.backbone)
+        peer = torch.compile(peer) if peer is not None else None
+
+    # FLOPs of one fp32 training step, per image (forward + backward).
+    probe = make_ours(False)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    flops = count_flops(lambda: probe.diffusion.training_losses(probe.denoiser(), x, torch.tensor([10, 500]))["loss"]
+                        .mean().backward()) / 2
+    peaks = {"32-true": matmul_peak(device, torch.float32), "bf16-mixed": matmul_peak(device, torch.bfloat16),
+             "16-mixed": matmul_peak(device, torch.float16)}
+
+    rows = []
+    for precision in args.precision:
+        ours_times, peer_times = [], []
+        for _ in range(args.rounds):
+            ours_times.append(run_ours(args, precision, ours))
+            if peer is not None:
+                peer_times.append(run_peer(args, precision, peer, device))
+        for name, times in (("lightning-ddpm", ours_times), ("diffusers UNet2DModel", peer_times)):
+            if not times:
+                continue
+            step_s = statistics.median(times)
+            images = args.batch_size * args.devices / step_s
+            achieved = images * flops
+            rows.append({"impl": name, "precision": precision, "batch": args.batch_size, "devices": args.devices,
+                         "channels_last": args.channels_last, "compile": args.compile, "images_per_s": images,
+                         "step_ms": step_s * 1e3, "gflop_per_image": flops / 1e9, "achieved_tflops": achieved / 1e12,
+                         "peak_tflops": peaks[precision] / 1e12, "fraction_of_peak": achieved / peaks[precision]})
+        if peer_times:
+            rows.append({"impl": "ratio ours/peer", "precision": precision,
+                         "images_per_s": statistics.median(peer_times) / statistics.median(ours_times)})
+    print(f"device: {device_name(device)}; training step {flops / 1e9:.1f} GFLOP per image")
+    print_table(rows, ["impl", "precision", "batch", "devices", "images_per_s", "step_ms", "achieved_tflops",
+                       "peak_tflops", "fraction_of_peak"])
+    write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
