@@ -68,7 +68,8 @@ def run_ours(args: argparse.Namespace, precision: str, module: DiffusionModule) 
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, precision=precision,
                          max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         gradient_clip_val=1.0, strategy="ddp_spawn" if args.devices > 1 else "auto")
+                         gradient_clip_val=1.0, strategy="ddp_spawn" if args.devices > 1 else "auto",
+                         callbacks=[timer])
     trainer.fit(module, loader)
     return statistics.median(timer.times) if timer.times else float("nan")
 
@@ -136,8 +137,8 @@ def main() -> None:
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     flops = count_flops(lambda: probe.diffusion.training_losses(probe.denoiser(), x, torch.tensor([10, 500]))["loss"]
                         .mean().backward()) / 2
-    peaks = {"32-true": matmul_peak(device, torch.float32), "bf16-mixed": matmul_peak(device, torch.bfloat16),
-             "16-mixed": matmul_peak(device, torch.float16)}
+    size = 4096 if device.type == "cuda" else 1024
+    peaks = {p: matmul_peak(device, DTYPES[p] or torch.float32, size) for p in args.precision}
 
     rows = []
     for precision in args.precision:

@@ -249,15 +249,14 @@ class DiffusionModule(pl.LightningModule):
         if "vlb" in terms:
             self.log(f"{stage}/vlb", terms["vlb"].mean(), batch_size=batch_size, sync_dist=stage != "train",
                      on_step=False, on_epoch=True)
+        # Loss by timestep quartile: accumulated every step, logged once per epoch (see _log_quartiles).
         quartile = (t * 4) // self.diffusion.num_timesteps
+        losses = terms["loss"].detach().float()
+        counts = torch.bincount(quartile, minlength=4).float()
+        sums = torch.bincount(quartile, weights=losses, minlength=4)
         for q in range(4):
-            mask = quartile == q
-            count = mask.sum()
             # An empty quartile updates with weight 0, so every rank's metric syncs at epoch end (DDP).
-            metric = self.quartile_metrics[f"{stage}_q{q}"]
-            mean = terms["loss"].detach()[mask].sum() / count.clamp(min=1)
-            metric.update(mean.reshape(1), weight=count.reshape(1).to(mean.dtype))
-            self.log(f"{stage}/loss_q{q}", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+            self.quartile_metrics[f"{stage}_q{q}"].update(sums[q] / counts[q].clamp(min=1), weight=counts[q])
         return loss
 
     def _generators(self, stage: str, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
@@ -288,6 +287,22 @@ class DiffusionModule(pl.LightningModule):
         warnings.warn(f"non-finite loss {loss.item()} {where}: step skipped "
                       f"({self.nonfinite_in_a_row}/{self.max_nonfinite_steps} in a row)", stacklevel=2)
         return False
+
+    def _log_quartiles(self, stage: str) -> None:
+        for q in range(4):
+            metric = self.quartile_metrics[f"{stage}_q{q}"]
+            if metric.update_called:
+                self.log(f"{stage}/loss_q{q}", metric.compute())  # compute() syncs over ranks itself
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_quartiles("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_quartiles("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_quartiles("test")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         return self._shared_step(batch, "train", batch_idx)

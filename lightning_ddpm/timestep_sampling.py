@@ -24,6 +24,9 @@ class UniformTimestepSampler:
     def sample(
         self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
+        if type(self) is UniformTimestepSampler:  # the hot path: no float64 multinomial
+            t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator)
+            return t.to(device), torch.ones(batch_size, device=device)
         p = self.probabilities()
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (self.num_timesteps * p[t])
