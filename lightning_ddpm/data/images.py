@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .requests import SampleRequests
+from .requests import predict_loader
 from .resumable import resumable_train_loader
 
 __all__ = ["ImageDataModule", "ImageFolderDataset", "IMAGE_DATASETS", "IMAGE_EXTENSIONS"]
@@ -263,7 +263,5 @@ class ImageDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        labels = self.predict_labels
-        if labels is None and self.num_classes is not None:
-            labels = list(range(self.num_classes))
-        return DataLoader(SampleRequests(self.num_predict_samples, self.predict_seed, labels), batch_size=self.batch_size)
+        return predict_loader(self.num_predict_samples, self.predict_seed, self.predict_labels, self.num_classes,
+                              self.batch_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 
 class SampleRequests(Dataset):
@@ -30,3 +30,12 @@ class SampleRequests(Dataset):
         if self.labels:
             item["labels"] = torch.tensor(self.labels[i % len(self.labels)])
         return item
+
+
+def predict_loader(
+    num_samples: int, seed: int, labels: Sequence[int] | None, num_classes: int | None, batch_size: int
+) -> DataLoader:
+    """The DataModules' ``predict_dataloader``: requested labels, else every class in turn when labelled."""
+    if labels is None and num_classes is not None:
+        labels = list(range(num_classes))
+    return DataLoader(SampleRequests(num_samples, seed, labels), batch_size=batch_size)

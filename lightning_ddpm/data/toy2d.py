@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from .requests import SampleRequests
+from .requests import predict_loader
 from .resumable import resumable_train_loader
 
 __all__ = ["TOY_DISTRIBUTIONS", "sample_toy2d", "Toy2DDataModule"]
@@ -153,7 +153,5 @@ class Toy2DDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        labels = self.predict_labels
-        if labels is None and self.num_classes is not None:
-            labels = list(range(self.num_classes))
-        return DataLoader(SampleRequests(self.num_predict_samples, self.predict_seed, labels), batch_size=self.batch_size)
+        return predict_loader(self.num_predict_samples, self.predict_seed, self.predict_labels, self.num_classes,
+                              self.batch_size)
