@@ -118,3 +118,15 @@ def test_loss_aware_timestep_sampler_learns_from_training_losses(tmp_path):
     fresh = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=4, timestep_sampler="loss_second_moment")
     fresh.on_load_checkpoint(state)
     torch.testing.assert_close(fresh.timestep_sampler.probabilities(), sampler.probabilities())
+
+
+def test_warns_when_eps_and_the_schedule_amplify_errors():
+    with pytest.warns(UserWarning, match=r"multiplies eps errors by 32x.*prefer parameterization='v'"):
+        DiffusionModule(backbone=TINY_MLP, schedule="cosine", parameterization="eps", clip_denoised=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionModule(backbone=TINY_MLP, schedule="cosine", parameterization="v")
+        DiffusionModule(backbone=TINY_MLP, schedule="cosine", parameterization="eps", clip_denoised=True)
+        DiffusionModule(backbone=TINY_MLP, schedule="linear", parameterization="eps")  # beta_T = 0.02
