@@ -6,7 +6,7 @@ parameterization interprets (2x channels on dim 1 for ``learned_range``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -242,10 +242,10 @@ class GaussianDiffusion(nn.Module):
         variance, log_variance = self.reverse_variance(var_out, t, x_t)
         return ReverseStep(mean, variance, log_variance, pred_x0, pred_eps)
 
-    def respace(self, timesteps: Iterable[int] | Tensor) -> GaussianDiffusion:
+    def respace(self, timesteps: Sequence[int] | Tensor) -> GaussianDiffusion:
         """The same diffusion over the sub-process that visits only ``timesteps``."""
         diffusion = GaussianDiffusion(
-            self.schedule.respace(torch.as_tensor(list(timesteps) if not isinstance(timesteps, Tensor) else timesteps)),
+            self.schedule.respace(timesteps),
             parameterization=self.parameterization,
             variance=self.variance,
             loss=self.loss_type,

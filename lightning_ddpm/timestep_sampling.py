@@ -24,13 +24,8 @@ class UniformTimestepSampler:
     def sample(
         self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        if type(self) is UniformTimestepSampler:  # the hot path: no float64 multinomial
-            t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator)
-            return t.to(device), torch.ones(batch_size, device=device)
-        p = self.probabilities()
-        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
-        weights = 1.0 / (self.num_timesteps * p[t])
-        return t.to(device), weights.to(device=device, dtype=torch.float32)
+        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator)
+        return t.to(device), torch.ones(batch_size, device=device)
 
     def update(self, t: Tensor, losses: Tensor) -> None:
         """Uniform sampling ignores the losses."""
@@ -64,6 +59,16 @@ class LossSecondMomentSampler(UniformTimestepSampler):
 
     def warmed_up(self) -> bool:
         return bool((self.loss_counts == self.history).all())
+
+    def sample(
+        self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if not self.warmed_up():
+            return super().sample(batch_size, device, generator)
+        p = self.probabilities()
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        weights = 1.0 / (self.num_timesteps * p[t])  # importance weights keep the mean loss unbiased
+        return t.to(device), weights.to(device=device, dtype=torch.float32)
 
     def probabilities(self) -> Tensor:
         if not self.warmed_up():

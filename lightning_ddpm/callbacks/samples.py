@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..plotting import load_png, save_samples_picture
+from ..plotting import load_png, save_image_grid, save_samples_picture
 from ..samplers import DDIMSampler, Sampler
 from .ema import ema_weights
 
@@ -101,8 +101,6 @@ class SampleLogger(pl.Callback):
             reference = trainer.datamodule.reference_points()
         path = out_dir / f"step_{step:07d}.png"
         if samples.ndim == 4 and labels is not None:
-            from ..plotting import save_image_grid
-
             save_image_grid(samples, path, nrow=per_class)  # one row per class
         else:
             save_samples_picture(samples, path, reference, labels.cpu() if labels is not None else None,
