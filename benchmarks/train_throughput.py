@@ -6,7 +6,7 @@ the two in one process, and the median round is reported, so both see the same m
 
     python benchmarks/train_throughput.py --precision 32-true bf16-mixed --batch-size 16
     python benchmarks/train_throughput.py --accelerator cuda --precision bf16-mixed --compile --batch-size 128
-    python benchmarks/train_throughput.py --devices 2 --no-peer        # DDP scaling vs 1 device
+    python benchmarks/train_throughput.py --devices 2 --no-peer        # DDP, with scaling efficiency vs 1 device
 
 Needs the bench extra for the peer: pip install -e ".[bench]".
 """
@@ -38,15 +38,23 @@ def make_ours(channels_last: bool) -> DiffusionModule:
 def make_peer() -> nn.Module:
     from diffusers import UNet2DModel
 
+    # up_block_types run from the lowest resolution up (4, 8, 16, 32), so attention at 16x16 is the
+    # third entry. ("UpBlock2D", "AttnUpBlock2D", ...) puts it at 8x8: the same parameter count (all
+    # three levels have 256 channels) but 3 of the 6 attention layers on 64 instead of 256 tokens,
+    # which made the peer's step cheaper than ours. main() checks that both count the same FLOPs.
     return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
                        block_out_channels=(128, 256, 256, 256),
                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
                        norm_num_groups=32, dropout=0.1, attention_head_dim=None)
 
 
 class StepTimer(pl.Callback):
-    """Seconds per training step after ``warmup`` steps (device-synchronised)."""
+    """Seconds per training step after ``warmup`` steps (device-synchronised).
+
+    The median also goes into ``trainer.callback_metrics["benchmark/step_s"]``, which Lightning's
+    spawn launcher sends back from rank 0 to the main process (``times`` stays in the worker).
+    """
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.times, self._start = warmup, [], 0.0
@@ -60,18 +68,24 @@ class StepTimer(pl.Callback):
         if batch_idx >= self.warmup:
             self.times.append(time.perf_counter() - self._start)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.times:
+            trainer.callback_metrics["benchmark/step_s"] = torch.tensor(statistics.median(self.times))
 
-def run_ours(args: argparse.Namespace, precision: str, module: DiffusionModule) -> float:
-    data = torch.rand(args.batch_size * (args.warmup + args.steps), 3, 32, 32) * 2 - 1
+
+def run_ours(args: argparse.Namespace, precision: str, module: DiffusionModule, devices: int) -> float:
+    # Each of the `devices` ranks gets its own share (DistributedSampler) of warmup + steps batches.
+    data = torch.rand(args.batch_size * devices * (args.warmup + args.steps), 3, 32, 32) * 2 - 1
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, drop_last=True)
     timer = StepTimer(args.warmup)
-    trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, precision=precision,
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=devices, precision=precision,
                          max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         gradient_clip_val=1.0, strategy="ddp_spawn" if args.devices > 1 else "auto",
+                         gradient_clip_val=1.0, strategy="ddp_spawn" if devices > 1 else "auto",
                          callbacks=[timer])
     trainer.fit(module, loader)
-    return statistics.median(timer.times) if timer.times else float("nan")
+    step_s = trainer.callback_metrics.get("benchmark/step_s")
+    return float(step_s) if step_s is not None else float("nan")
 
 
 def run_peer(args: argparse.Namespace, precision: str, unet: nn.Module, device: torch.device) -> float:
@@ -132,34 +146,48 @@ def main() -> None:
         ours.backbone = torch.compile(ours.backbone)
         peer = torch.compile(peer) if peer is not None else None
 
-    # FLOPs of one fp32 training step, per image (forward + backward).
+    # FLOPs of one fp32 training step, per image (forward + backward), for both networks: a mismatch
+    # means the two are not the same architecture and the comparison is void.
     probe = make_ours(False)
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    flops = count_flops(lambda: probe.diffusion.training_losses(probe.denoiser(), x, torch.tensor([10, 500]))["loss"]
-                        .mean().backward()) / 2
+    x, t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([10, 500])
+    flops = count_flops(lambda: probe.diffusion.training_losses(probe.denoiser(), x, t)["loss"].mean().backward()) / 2
+    if args.peer:
+        peer_probe = make_peer()
+        peer_flops = count_flops(lambda: (peer_probe(x, t).sample - x).pow(2).mean().backward()) / 2
+        if abs(peer_flops / flops - 1) > 0.01:
+            raise RuntimeError(f"peer counts {peer_flops / 1e9:.2f} GFLOP per image, ours {flops / 1e9:.2f}: "
+                               "the two networks differ, fix make_peer() before comparing")
     size = 4096 if device.type == "cuda" else 1024
     peaks = {p: matmul_peak(device, DTYPES[p] or torch.float32, size) for p in args.precision}
 
+    def row(name: str, precision: str, devices: int, times: list[float]) -> dict[str, Any]:
+        step_s = statistics.median(times)
+        images = args.batch_size * devices / step_s
+        achieved = images * flops
+        # The peak is one device's, so the fraction is per device.
+        return {"impl": name, "precision": precision, "batch": args.batch_size, "devices": devices,
+                "channels_last": args.channels_last, "compile": args.compile, "images_per_s": images,
+                "step_ms": step_s * 1e3, "gflop_per_image": flops / 1e9, "achieved_tflops": achieved / 1e12,
+                "peak_tflops": peaks[precision] / 1e12, "fraction_of_peak": achieved / devices / peaks[precision]}
+
     rows = []
     for precision in args.precision:
-        ours_times, peer_times = [], []
+        ours_times, single_times, peer_times = [], [], []
         for _ in range(args.rounds):
-            ours_times.append(run_ours(args, precision, ours))
+            ours_times.append(run_ours(args, precision, ours, args.devices))
+            if args.devices > 1:  # the 1-device reference for the scaling efficiency, in the same rounds
+                single_times.append(run_ours(args, precision, ours, 1))
             if peer is not None:
                 peer_times.append(run_peer(args, precision, peer, device))
-        for name, times in (("lightning-ddpm", ours_times), ("diffusers UNet2DModel", peer_times)):
-            if not times:
-                continue
-            step_s = statistics.median(times)
-            images = args.batch_size * args.devices / step_s
-            achieved = images * flops
-            rows.append({"impl": name, "precision": precision, "batch": args.batch_size, "devices": args.devices,
-                         "channels_last": args.channels_last, "compile": args.compile, "images_per_s": images,
-                         "step_ms": step_s * 1e3, "gflop_per_image": flops / 1e9, "achieved_tflops": achieved / 1e12,
-                         "peak_tflops": peaks[precision] / 1e12, "fraction_of_peak": achieved / peaks[precision]})
+        rows.append(row("lightning-ddpm", precision, args.devices, ours_times))
+        if single_times:
+            rows.append(row("lightning-ddpm", precision, 1, single_times))
+            rows.append({"impl": f"scaling efficiency {args.devices} vs 1 device", "precision": precision,
+                         "images_per_s": rows[-2]["images_per_s"] / (args.devices * rows[-1]["images_per_s"])})
         if peer_times:
-            rows.append({"impl": "ratio ours/peer", "precision": precision,
-                         "images_per_s": statistics.median(peer_times) / statistics.median(ours_times)})
+            rows.append(row("diffusers UNet2DModel", precision, 1, peer_times))
+            rows.append({"impl": "ratio ours/peer (per device)", "precision": precision,
+                         "images_per_s": rows[-1]["step_ms"] / (1e3 * statistics.median(single_times or ours_times))})
     print(f"device: {device_name(device)}; training step {flops / 1e9:.1f} GFLOP per image")
     print_table(rows, ["impl", "precision", "batch", "devices", "images_per_s", "step_ms", "achieved_tflops",
                        "peak_tflops", "fraction_of_peak"])
