@@ -43,6 +43,39 @@ def mmd_rbf(a: torch.Tensor, b: torch.Tensor, bandwidth: float = 0.1, n: int = 4
     return float(off(kaa) + off(kbb) - 2 * k(a, b).mean())
 
 
+def save_overview(panels: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], path: str | Path,
+                  title: str) -> Path:
+    """One figure: a row per distribution, a column per model; each panel scatters samples over data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(dict.fromkeys(d for d, _ in panels))
+    cols = list(dict.fromkeys(m for _, m in panels))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.4 * len(cols), 2.4 * len(rows)), squeeze=False)
+    for (distribution, model), (samples, reference) in panels.items():
+        ax = axes[rows.index(distribution)][cols.index(model)]
+        ax.scatter(reference[:, 0], reference[:, 1], s=0.5, c="lightgray")
+        ax.scatter(samples[:, 0], samples[:, 1], s=0.5, c="tab:blue", alpha=0.5)
+        lim = float(reference.abs().max()) * 1.3
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if distribution == rows[0]:
+            ax.set_title(model, fontsize=9)
+        if model == cols[0]:
+            ax.set_ylabel(distribution, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--distributions", nargs="+", default=["two_moons", "eight_gaussians", "swiss_roll",
@@ -55,7 +88,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/toy_quality.json")
     parser.add_argument("--plots", default="benchmarks/results/toy_quality")
     args = parser.parse_args()
-    rows = []
+    rows, overview = [], {}
     for distribution in args.distributions:
         g = torch.Generator().manual_seed(123)
         reference = sample_toy2d(distribution, args.num_samples, g)[0]
@@ -79,11 +112,16 @@ def main() -> None:
                              "sliced_w2": sliced_w2(samples, reference), "mmd": mmd_rbf(samples, reference)})
                 plot = Path(args.plots) / f"{distribution}_{schedule}_{parameterization}_{name.replace(' ', '')}.png"
                 save_scatter(samples[:3000], plot, reference[:3000], title=f"{distribution} {model} {name}")
+                if isinstance(sampler, DDPMSampler):
+                    overview[distribution, model] = samples[:2000], reference[:2000]
             print_table(rows[-len(samplers):], ["distribution", "model", "sampler", "sliced_w2", "mmd"])
     device = device_name(torch.device("cpu"))
     print(f"\ndevice: {device}; {args.steps} training steps of batch 256 per model")
     print_table(rows, ["distribution", "model", "sampler", "sliced_w2", "mmd"])
     write_json(args.out, {"device": device, "steps": args.steps, "rows": rows})
+    figure = save_overview(overview, Path(args.plots) / "overview.png",
+                           f"DDPM samples (blue) over data (grey), {args.steps} training steps per model")
+    print(f"wrote {figure}")
 
 
 if __name__ == "__main__":

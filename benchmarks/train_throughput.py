@@ -135,6 +135,10 @@ def main() -> None:
     parser.add_argument("--no-peer", dest="peer", action="store_false")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
+    if args.accelerator == "cpu" and "16-mixed" in args.precision:
+        # Lightning would silently train ours in bf16-mixed while the peer ran fp16 autocast.
+        parser.error("--precision 16-mixed needs --accelerator cuda: Lightning has no fp16 AMP on CPU "
+                     "(it falls back to bf16-mixed); use 32-true or bf16-mixed on CPU")
 
     device = torch.device(args.accelerator if args.accelerator != "cuda" else "cuda:0")
     torch.manual_seed(0)
