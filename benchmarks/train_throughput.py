@@ -161,7 +161,7 @@ def main() -> None:
         if abs(peer_flops / flops - 1) > 0.01:
             raise RuntimeError(f"peer counts {peer_flops / 1e9:.2f} GFLOP per image, ours {flops / 1e9:.2f}: "
                                "the two networks differ, fix make_peer() before comparing")
-    size = 4096 if device.type == "cuda" else 1024
+    size = 4096 if device.type == "cuda" else 2048
     peaks = {p: matmul_peak(device, DTYPES[p] or torch.float32, size) for p in args.precision}
 
     def row(name: str, precision: str, devices: int, times: list[float]) -> dict[str, Any]:
