@@ -43,6 +43,26 @@ def test_batch_forms_and_quartile_logging(form):
     assert all(torch.isfinite(logged[k]) for k in ("val/loss_q0", "val/loss_q1", "val/loss_q2", "val/loss_q3"))
 
 
+def test_quartile_losses_are_the_per_quartile_means_over_the_epoch():
+    # Known per-example losses (loss = t) over three batches of different sizes: each logged quartile
+    # value must be the mean of t over that quartile's examples, pooled across batches.
+    m = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20)
+    seen = []
+
+    def fake_losses(denoise_fn, x0, t, generator=None):
+        seen.append(t.clone())
+        return {"loss": t.float() + 0 * denoise_fn(x0, t).sum()}
+
+    m.diffusion.training_losses = fake_losses
+    loader = torch.utils.data.DataLoader([torch.randn(n, 2) for n in (7, 13, 30)], batch_size=None)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(m, loader)
+    t = torch.cat(seen).float()
+    quartile = (t * 4).div(20, rounding_mode="floor")
+    for q in range(4):
+        assert trainer.logged_metrics[f"val/loss_q{q}"].item() == pytest.approx(t[quartile == q].mean().item())
+
+
 def test_label_checks():
     m = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_classes=3, num_timesteps=20)
     x = torch.randn(4, 2)
