@@ -98,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=1500, help="training steps of batch 64 per configuration")
-    parser.add_argument("--num-samples", type=int, default=500, help="samples for the MMD")
+    parser.add_argument("--num-samples", type=int, default=300, help="samples for the MMD")
     parser.add_argument("--ddpm", action=argparse.BooleanOptionalAction, default=True,
                         help="also sample with DDPM over all T steps (slow: T model calls)")
     parser.add_argument("--out", default="benchmarks/results/digits_quality.json")
