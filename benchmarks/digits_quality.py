@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import device_name, print_table, write_json
+from benchmarks.metrics import median_bandwidth, mmd_rbf
 from lightning_ddpm import DDIMSampler, DDPMSampler, DiffusionModule
 from lightning_ddpm.callbacks import EMA, ema_weights
 from lightning_ddpm.data import ImageDataModule
@@ -45,26 +46,6 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "v_cosine": ("v, cosine, fixed_small, L_simple",
                  {"schedule": "cosine", "parameterization": "v", "variance": "fixed_small", "loss": "simple"}),
 }
-
-
-def mmd_rbf(a: Tensor, b: Tensor, bandwidth: float) -> float:
-    """Unbiased squared MMD with the kernel exp(-|x - y|^2 / (2 h^2)) between two sets of flat vectors."""
-    a, b = a.flatten(1).double(), b.flatten(1).double()
-
-    def off_diagonal_mean(k: Tensor) -> Tensor:
-        n = k.shape[0]
-        return (k.sum() - k.diagonal().sum()) / (n * (n - 1))
-
-    def kernel(x: Tensor, y: Tensor) -> Tensor:
-        return torch.exp(-torch.cdist(x, y) ** 2 / (2 * bandwidth**2))
-
-    return float(off_diagonal_mean(kernel(a, a)) + off_diagonal_mean(kernel(b, b)) - 2 * kernel(a, b).mean())
-
-
-def median_bandwidth(x: Tensor) -> float:
-    """The median pairwise distance of ``x``: the usual heuristic bandwidth for an RBF kernel."""
-    d = torch.cdist(x.flatten(1).double(), x.flatten(1).double())
-    return float(d[torch.triu_indices(len(x), len(x), 1).unbind()].median())
 
 
 def images(loader: torch.utils.data.DataLoader) -> Tensor:

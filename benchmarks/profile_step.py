@@ -116,7 +116,8 @@ def main() -> None:
             row[f"{impl} %"] = 100 * ms / sum(totals.values())
         rows.append(row)
     print(f"device: {device_name(device)}; {args.precision}, batch {args.batch_size}, "
-          f"{'channels-last' if args.channels_last else 'contiguous'}; self time per training step, mean of {args.steps}")
+          f"{'channels-last' if args.channels_last else 'contiguous'}; "
+          f"self time per training step, mean of {args.steps}")
     print_table(rows, ["category"] + [f"{impl} {unit}" for impl in results for unit in ("ms", "%")])
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "args": vars(args), "rows": rows})
 

@@ -42,7 +42,8 @@ def main() -> None:
         samplers.append((f"DDPM {module.diffusion.num_timesteps}", DDPMSampler()))
     rows = []
     for precision in args.precision:
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        bf16 = precision == "bf16"
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         for name, sampler in samplers:
             with autocast:
                 module.sample(args.batch_size, sampler=DDIMSampler(num_steps=2))  # warm-up

@@ -17,30 +17,13 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.common import device_name, print_table, write_json
+from benchmarks.metrics import mmd_rbf, sliced_w2
 from lightning_ddpm import DDIMSampler, DDPMSampler, DiffusionModule
 from lightning_ddpm.data import Toy2DDataModule, sample_toy2d
 from lightning_ddpm.plotting import save_scatter
 
-
-def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
-    """Sliced Wasserstein-2: the root mean squared W2 over random 1-D projections (equal sample sizes)."""
-    directions = torch.randn(a.shape[1], projections, generator=torch.Generator().manual_seed(seed))
-    directions = directions / directions.norm(dim=0, keepdim=True)
-    pa, pb = (a @ directions).sort(dim=0).values, (b @ directions).sort(dim=0).values
-    return float(((pa - pb) ** 2).mean().sqrt())
-
-
-def mmd_rbf(a: torch.Tensor, b: torch.Tensor, bandwidth: float = 0.1, n: int = 4000) -> float:
-    """Unbiased squared MMD with an RBF kernel exp(-|x - y|^2 / (2 h^2)) on the first ``n`` points of each."""
-    a, b = a[:n].double(), b[:n].double()
-
-    def k(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-torch.cdist(x, y) ** 2 / (2 * bandwidth**2))
-
-    m = a.shape[0]
-    kaa, kbb = k(a, a), k(b, b)
-    off = lambda mat: (mat.sum() - mat.diagonal().sum()) / (m * (m - 1))  # noqa: E731
-    return float(off(kaa) + off(kbb) - 2 * k(a, b).mean())
+# MMD on the first 4000 points of each set (quadratic cost), kernel bandwidth 0.1 in data units.
+MMD_BANDWIDTH, MMD_POINTS = 0.1, 4000
 
 
 def save_overview(panels: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]], path: str | Path,
@@ -94,7 +77,8 @@ def main() -> None:
         reference = sample_toy2d(distribution, args.num_samples, g)[0]
         floor = sample_toy2d(distribution, args.num_samples, g)[0]
         rows.append({"distribution": distribution, "model": "data vs data (floor)", "sampler": "-",
-                     "sliced_w2": sliced_w2(floor, reference), "mmd": mmd_rbf(floor, reference)})
+                     "sliced_w2": sliced_w2(floor, reference),
+                     "mmd": mmd_rbf(floor, reference, MMD_BANDWIDTH, MMD_POINTS)})
         for schedule, parameterization in itertools.product(args.schedules, args.parameterizations):
             pl.seed_everything(0, verbose=False)
             module = DiffusionModule(backbone={"name": "mlp", "init_args": {"hidden_dim": 256, "num_blocks": 4}},
@@ -104,12 +88,14 @@ def main() -> None:
             pl.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                        gradient_clip_val=1.0).fit(module, datamodule=Toy2DDataModule(distribution, num_train=256 * 400))
-            samplers = [("DDPM 1000", DDPMSampler())] + [(f"DDIM {n}", DDIMSampler(num_steps=n)) for n in args.ddim_steps]
+            samplers = [("DDPM 1000", DDPMSampler())]
+            samplers += [(f"DDIM {n}", DDIMSampler(num_steps=n)) for n in args.ddim_steps]
             for name, sampler in samplers:
                 samples = module.sample(args.num_samples, sampler=sampler, generator=torch.Generator().manual_seed(1))
                 model = f"{schedule}/{parameterization}"
                 rows.append({"distribution": distribution, "model": model, "sampler": name,
-                             "sliced_w2": sliced_w2(samples, reference), "mmd": mmd_rbf(samples, reference)})
+                             "sliced_w2": sliced_w2(samples, reference),
+                             "mmd": mmd_rbf(samples, reference, MMD_BANDWIDTH, MMD_POINTS)})
                 plot = Path(args.plots) / f"{distribution}_{schedule}_{parameterization}_{name.replace(' ', '')}.png"
                 save_scatter(samples[:3000], plot, reference[:3000], title=f"{distribution} {model} {name}")
                 if isinstance(sampler, DDPMSampler):

@@ -1,0 +1,55 @@
+"""The distances and the profile bookkeeping the benchmarks report, against closed forms."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.metrics import median_bandwidth, mmd_rbf, sliced_w2
+from benchmarks.profile_step import category
+
+
+def gaussian(n: int, mean: list[float], std: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor(mean) + std * torch.randn(n, len(mean), generator=g, dtype=torch.float64)
+
+
+def test_sliced_w2_of_a_shift_is_its_length_over_sqrt2_in_2d():
+    # Projecting N(0, I) and N(m, I) on a unit direction u gives 1-D Gaussians m.u apart, whose W2 is
+    # |m.u|; averaged over uniform directions in 2-D, E[(m.u)^2] = |m|^2 / 2.
+    a, b = gaussian(20_000, [0.0, 0.0], 1.0, 0), gaussian(20_000, [3.0, 4.0], 1.0, 1)
+    assert sliced_w2(a, b, projections=2000) == pytest.approx(5 / math.sqrt(2), rel=0.03)
+    assert sliced_w2(a, a) == 0.0
+
+
+def test_mmd_rbf_matches_the_gaussian_closed_form():
+    # For N(mu1, s^2 I) and N(mu2, s^2 I) in d dims with kernel exp(-|x-y|^2 / (2 h^2)):
+    # E k(x, x') = c = (h^2 / (h^2 + 2 s^2))^(d/2) within a set, c * exp(-|mu1-mu2|^2 / (2 (h^2 + 2 s^2)))
+    # across, so MMD^2 = 2 c (1 - exp(-|d_mu|^2 / (2 (h^2 + 2 s^2)))).
+    h, s, shift, d = 1.0, 0.5, 0.8, 3
+    a, b = gaussian(3000, [0.0] * d, s, 2), gaussian(3000, [shift, 0.0, 0.0], s, 3)
+    c = (h**2 / (h**2 + 2 * s**2)) ** (d / 2)
+    expected = 2 * c * (1 - math.exp(-(shift**2) / (2 * (h**2 + 2 * s**2))))
+    assert mmd_rbf(a, b, h) == pytest.approx(expected, rel=0.05)
+    # Unbiased: two draws of the same distribution give ~0, on either side.
+    same = mmd_rbf(a, gaussian(3000, [0.0] * d, s, 4), h)
+    assert abs(same) < 0.05 * expected
+    assert mmd_rbf(a, b, h, n=500) != mmd_rbf(a, b, h)  # n takes a prefix
+
+
+def test_median_bandwidth_is_the_median_pairwise_distance():
+    x = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # distances 3, 4, 5
+    assert median_bandwidth(x) == pytest.approx(4.0)
+    assert median_bandwidth(x.view(3, 1, 2)) == pytest.approx(4.0)  # images are flattened
+
+
+@pytest.mark.parametrize("op, expected", [
+    ("aten::convolution_backward", "convolution"), ("aten::mkldnn_convolution", "convolution"),
+    ("aten::native_group_norm_backward", "group norm"), ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                                          "attention"),
+    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bernoulli_", "dropout RNG"),
+    ("aten::silu_backward", "activation"), ("aten::copy_", "copy / layout"), ("aten::add_", "elementwise"),
+    ("aten::empty_strided", "other"),
+])
+def test_profile_categories(op, expected):
+    assert category(op) == expected
