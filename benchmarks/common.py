@@ -34,8 +34,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls (after the caller's warm-up)."""
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int,
+          reduce: Callable[[list[float]], float] = statistics.median) -> float:
+    """Seconds of ``fn`` over ``repeats`` calls (after the caller's warm-up), the median by default."""
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -43,7 +44,7 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return reduce(times)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -56,14 +57,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repe
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times)
+    return 2 * size**3 / timed(lambda: a @ b, device, repeats, reduce=min)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

@@ -98,8 +98,7 @@ def main() -> None:
         return step
 
     noise = torch.randn_like(x0)
-    alpha_bar = ours.diffusion.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
-    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+    x_t = ours.diffusion.q_sample(x0, t, noise)
     results = {
         "lightning-ddpm": profile(training_step(ours.backbone, lambda: ours.diffusion.training_losses(
             ours.denoiser(), x0, t)["loss"].mean()), device, args.steps),

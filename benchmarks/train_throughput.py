@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from benchmarks.common import DTYPES, count_flops, device_name, matmul_peak, print_table, synchronize, write_json
+from benchmarks.common import DTYPES, count_flops, device_name, matmul_peak, print_table, synchronize, timed, write_json
 from lightning_ddpm import DiffusionModule
 
 CIFAR_UNET = {"name": "unet", "init_args": {"ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2,
@@ -110,15 +110,9 @@ def run_peer(args: argparse.Namespace, precision: str, unet: nn.Module, device: 
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
 
-    times = []
-    for i in range(args.warmup + args.steps):
-        synchronize(device)
-        start = time.perf_counter()
+    for _ in range(args.warmup):
         step()
-        synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(step, device, args.steps)
 
 
 def main() -> None:
