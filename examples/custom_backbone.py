@@ -24,7 +24,8 @@ class TinyConv(nn.Module):
 # 1. by the registered short name (what `backbone: tiny_conv` in a YAML config does)
 net = build_backbone("tiny_conv", width=16)
 # 2. by the dotted class path of any importable nn.Module, registered or not, with init_args
-net = build_backbone({"name": "examples.custom_backbone.TinyConv", "init_args": {"width": 16}})
+#    (a config writes e.g. "my_nets.TinyConv"; this file's own module is __main__ when it runs)
+net = build_backbone({"name": f"{__name__}.TinyConv", "init_args": {"width": 16}})
 # 3. an installed package exposes it in its pyproject.toml, then configs use the short name:
 #    [project.entry-points."lightning_ddpm.backbones"]
 #    tiny_conv = "my_package.nets:TinyConv"

@@ -2,46 +2,284 @@
 
     lightning-ddpm fit --config configs/toy2d.yaml
     lightning-ddpm predict --config configs/toy2d.yaml --ckpt_path <run>/checkpoints/last.ckpt
+
+What it adds to LightningCLI (README, "Command line"):
+- with ``--ckpt_path``, settings the user wrote (config files or command line) win over the
+  checkpoint's hyperparameters, except those that change what the weights mean
+  (``DiffusionModule._COMPATIBLE``), which must agree;
+- no argparse abbreviations (``--model.lr`` is not ``--model.lr_warmup_steps``);
+- ``--imports`` names modules to import before the classes are built (custom backbones);
+- library errors end the command with one line naming the config key they came from
+  (``LIGHTNING_DDPM_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from jsonargparse import ActionYesNo, Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import SampleWriter
-from .checkpoints import SafeCheckpointIO, check_checkpoint_file
+from .checkpoints import SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
+from .imports import split_spec
 from .module import DiffusionModule
+
+PROG = "lightning-ddpm"
+DEBUG_ENV = "LIGHTNING_DDPM_DEBUG"
+# Set by the data: compared by DiffusionModule.on_load_checkpoint once the data has linked them in.
+_LINKED = ("data_shape", "num_classes")
+# What a user can get wrong in a config; other exception types are bugs and keep their traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, RuntimeError)
+
+
+class CLIError(ValueError):
+    """A user error located in the config (``key: message``), raised from the original exception."""
 
 
 class DiffusionCLI(LightningCLI):
-    """Links the values data and model share, so a config writes them once."""
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI opens --ckpt_path first to read its hyperparameters: check the file before it does.
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
-            check_checkpoint_file(ckpt_path)
-        super()._parse_ckpt_path()
+    """LightningCLI with linked data/model values and the rules in the module docstring."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(SampleWriter, "predict_writer")
         parser.link_arguments("data.data_shape", "model.data_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--imports", type=list[str], default=[],
+            help="Python modules to import before the classes are built, e.g. a file in the working directory "
+                 "whose @register_backbone classes the config names (--imports my_nets).",
+        )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--untrained", action=ActionYesNo, default=False,
+                help="Allow predict without --ckpt_path, i.e. sampling the untrained network.",
+            )
+        return parser
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # What the user wrote, without defaults: it wins over a checkpoint's hyperparameters.
+        if isinstance(args, (dict, Namespace)):
+            self._given = parser.parse_object(args, defaults=False)
+        else:
+            self._given = parser.parse_args(args, defaults=False)
+
+    def _given_model(self) -> dict[str, Any]:
+        subcommand = self.config.get("subcommand")
+        given = self._given.get(subcommand, self._given) if subcommand else self._given
+        model = given.get("model") if given is not None else None
+        model = model.as_dict() if isinstance(model, Namespace) else dict(model or {})
+        return {key: value for key, value in model.items() if key not in _LINKED and not key.startswith("__")}
+
+    def _parse_ckpt_path(self) -> None:
+        """Checkpoint hyperparameters under the user's own settings (LightningCLI puts them over everything)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        check_checkpoint_file(ckpt_path)
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        verify_checkpoint(checkpoint, f"checkpoint {ckpt_path!r}")
+        saved = dict(checkpoint.get("hyper_parameters") or {})
+        saved.pop("_instantiator", None)
+        if not saved:
+            return
+        given = self._given_model()
+        different = [
+            f"model.{key}: given {given[key]!r}, checkpoint {saved[key]!r}"
+            for key in DiffusionModule._COMPATIBLE
+            if key in given and key in saved and not _same_setting(key, given[key], saved[key])
+        ]
+        if different:
+            raise CLIError(
+                f"--ckpt_path {ckpt_path!r} was trained with other settings that change what its weights mean: "
+                + "; ".join(different)
+                + ". Use the config it was trained with, or leave these keys out to take the checkpoint's"
+            )
+        self.config = self.parser.parse_object({subcommand: {"model": {**saved, **given}}}, self.config)
+
+    # -- instantiation and running -------------------------------------------------------------
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        for module in config.get("imports") or []:
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise CLIError(f"imports: cannot import {module!r} ({err}); run from the folder that holds it, "
+                               "or install it") from err
+        if self.subcommand == "predict" and not config.get("ckpt_path") and not config.get("untrained"):
+            raise CLIError("predict needs --ckpt_path (a trained checkpoint); add --untrained to sample the "
+                           "untrained network on purpose")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except USER_ERRORS as err:
+            raise self._located(err) from err
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        # The checking CheckpointIO is added here rather than as a trainer default, so the saved
+        # config.yaml stays plain data that --config can read back.
+        plugins = kwargs.get("plugins", self._get(self.config_init, "trainer", default={}).get("plugins"))
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except CLIError:
+            raise
+        except USER_ERRORS as err:
+            raise self._located(err) from err
+
+    # -- error locations -----------------------------------------------------------------------
+
+    def _located(self, err: BaseException) -> BaseException:
+        """``CLIError("<config key>: <message>")`` for the innermost library error, or ``err`` if it is a bug."""
+        root = _unwrap(err)
+        if not isinstance(root, USER_ERRORS):
+            return err
+        message = str(root).strip()
+        if "\n" in message:
+            message = message.splitlines()[0] + f" (set {DEBUG_ENV}=1 for the rest)"
+        key = self._config_key(root.__traceback__)
+        return CLIError(f"{key}: {message}" if key else message)
+
+    def _instances(self) -> Iterator[tuple[str, Any]]:
+        """(config key, object) for the model, the data and the configured callbacks, once built."""
+        config_init = getattr(self, "config_init", None)
+        if config_init is None:
+            return
+        yield "model", self._get(config_init, "model")
+        yield "data.init_args", self._get(config_init, "data")
+        callbacks = self._get(config_init, "trainer", default={}).get("callbacks") or []
+        for i, callback in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
+            yield f"trainer.callbacks[{i}].init_args", callback
+
+    def _config_key(self, traceback: TracebackType | None) -> str | None:
+        """The config key of the object whose method raised (innermost first)."""
+        frames = []
+        while traceback is not None:
+            frames.append(traceback.tb_frame)
+            traceback = traceback.tb_next
+        for frame in reversed(frames):
+            obj = frame.f_locals.get("self")
+            if obj is None:
+                continue
+            for key, instance in self._instances():
+                if instance is obj:
+                    return key.removesuffix(".init_args")
+                for attr, value in vars(instance).items() if hasattr(instance, "__dict__") else ():
+                    if value is obj and not attr.startswith("_"):
+                        return f"{key}.{attr}"
+            if frame.f_code.co_name == "__init__":
+                key = self._key_of_class(type(obj), frame.f_locals)
+                if key:
+                    return key
+        return None
+
+    def _key_of_class(self, cls: type, arguments: Mapping[str, Any]) -> str | None:
+        """The config key of an object of class ``cls`` that failed while being built with ``arguments``."""
+        if issubclass(cls, DiffusionModule):
+            return "model"
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand, self.config) if subcommand else self.config
+        candidates = [
+            (key, init_args)
+            for key, class_path, init_args in _class_paths(config.as_dict() if isinstance(config, Namespace) else config)
+            if class_path == f"{cls.__module__}.{cls.__qualname__}" or _imports_as(class_path, cls)
+        ]
+        for key, init_args in candidates:  # two callbacks of one class: the one built with these arguments
+            if all(_plain(arguments.get(k, v)) == _plain(v) for k, v in init_args.items() if not isinstance(v, Mapping)):
+                return key
+        return candidates[0][0] if candidates else None
+
+
+def _same_setting(key: str, given: Any, saved: Any) -> bool:
+    if key == "backbone":
+        try:
+            return split_spec(given, "backbone") == split_spec(saved, "backbone")
+        except ValueError:
+            return False
+    return _plain(given) == _plain(saved)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _unwrap(err: BaseException) -> BaseException:
+    """jsonargparse wraps errors raised while building a class ("Does not validate against any of the
+    Union subtypes"); the library's own error is the cause."""
+    while err.__cause__ is not None and str(err).startswith(("Does not validate against any of the Union",
+                                                             "Problem with given class_path")):
+        err = err.__cause__
+    return err
+
+
+def _class_paths(value: Any, key: str = "") -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(key, class_path, init_args) of every ``{class_path, init_args}`` in a parsed config, outermost first."""
+    if isinstance(value, Mapping):
+        if isinstance(value.get("class_path"), str):
+            yield key, value["class_path"], dict(value.get("init_args") or {})
+        for k, v in value.items():
+            yield from _class_paths(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _class_paths(v, f"{key}[{i}]")
+
+
+def _imports_as(class_path: str, cls: type) -> bool:
+    module, _, name = class_path.rpartition(".")
+    return getattr(sys.modules.get(module), name, None) is cls
+
+
+class _DropTips(logging.Filter):
+    """Lightning's console advertisements ("💡 Tip: ... try installing ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡")
+
+
+def _quiet() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
+    # Lightning 2.6's own pytree helper under torch >= 2.10; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
     """Build and run the CLI (``args`` as on the command line); returns it for inspection."""
+    parser_kwargs = {"allow_abbrev": False, "prog": PROG, **kwargs.pop("parser_kwargs", {})}
     return DiffusionCLI(
         DiffusionModule,
         pl.LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"plugins": [SafeCheckpointIO()], **kwargs.pop("trainer_defaults", {})},
+        parser_kwargs=parser_kwargs,
         args=args,
         **kwargs,
     )
@@ -49,7 +287,19 @@ def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the console script ``lightning-ddpm`` and of ``python -m lightning_ddpm``."""
-    run_cli(args)
+    # As `python -m` does: modules in the working directory (custom backbones, callbacks) import.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    _quiet()
+    try:
+        run_cli(args)
+    except USER_ERRORS as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        located = err if isinstance(err, CLIError) else _unwrap(err)
+        message = str(located).strip().splitlines()[0] if str(located).strip() else type(located).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

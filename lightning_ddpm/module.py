@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from .backbones import BackboneSpec, build_backbone
 from .diffusion import GaussianDiffusion
-from .checkpoints import check_checkpoint_file
+from .checkpoints import DIGEST_KEY, check_checkpoint_file, checkpoint_digest, verify_checkpoint
 from .guidance import guided_denoiser
 from .imports import import_object, split_spec
 from .samplers import Sampler, make_sampler
@@ -409,7 +409,8 @@ class DiffusionModule(pl.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # Settings that change the meaning or the shape of the weights: a checkpoint must agree on them.
-    _COMPATIBLE = ("backbone", "data_shape", "num_classes", "num_timesteps", "parameterization", "variance")
+    _COMPATIBLE = ("backbone", "data_shape", "num_classes", "schedule", "num_timesteps", "schedule_kwargs",
+                   "rescale_to_zero_terminal_snr", "parameterization", "variance")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
@@ -417,8 +418,12 @@ class DiffusionModule(pl.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        if self._trainer is None or self.trainer.is_global_zero:  # only rank 0 writes the file
+            # Last, over everything above: on load, a flipped byte in any tensor is caught.
+            checkpoint[DIGEST_KEY] = checkpoint_digest(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        verify_checkpoint(checkpoint)
         saved = checkpoint.get("hyper_parameters") or {}
         different = [
             f"{key}: checkpoint {saved[key]!r} vs this model {self.hparams[key]!r}"
@@ -429,7 +434,9 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError("checkpoint is from an incompatible config: " + "; ".join(different))
         if checkpoint.get("timestep_sampler"):
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
-        states = checkpoint.get("rng_states") or {}
+        # The global RNG belongs to the caller: restore it only to continue an interrupted fit.
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        states = (checkpoint.get("rng_states") or {}) if fitting else {}
         if "torch" in states:
             torch.set_rng_state(states["torch"])
         if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():

@@ -42,7 +42,7 @@ class NoiseSchedule:
         if not torch.isfinite(betas).all():
             raise ValueError("betas must be finite")
         if (betas <= 0).any() or (betas > 1).any():
-            raise ValueError("betas must lie in (0, 1]")
+            raise ValueError(f"betas must lie in (0, 1], got values from {betas.min().item():.4g} to {betas.max().item():.4g}")
         if (betas[:-1] >= 1).any():
             raise ValueError("beta = 1 is only allowed at the last timestep (zero terminal SNR)")
         self.betas = betas
@@ -155,6 +155,14 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return NoiseSchedule.from_alphas_cumprod(sqrt_ab**2).betas
 
 
+def _check_linear_range(name: str, beta_start: float, beta_end: float) -> None:
+    """A linear schedule grows: 0 < beta_start <= beta_end < 1 (a decreasing one is almost surely swapped)."""
+    if not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(
+            f"{name} schedule needs 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}"
+        )
+
+
 def _betas_from_alpha_bar(alpha_bar: Callable[[Tensor], Tensor], num_timesteps: int, max_beta: float) -> Tensor:
     """beta_t = 1 - alpha_bar(t / T) / alpha_bar((t - 1) / T), clipped at ``max_beta``."""
     grid = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
@@ -165,12 +173,14 @@ def _betas_from_alpha_bar(alpha_bar: Callable[[Tensor], Tensor], num_timesteps: 
 @register_schedule("linear")
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """Ho et al. 2020: betas linear from 1e-4 to 0.02 (for T = 1000)."""
+    _check_linear_range("linear", beta_start, beta_end)
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
 
 
 @register_schedule("scaled_linear")
 def scaled_linear_betas(num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> Tensor:
     """Linear in sqrt(beta) (the latent-diffusion / Stable Diffusion schedule)."""
+    _check_linear_range("scaled_linear", beta_start, beta_end)
     return torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_timesteps, dtype=torch.float64) ** 2
 
 

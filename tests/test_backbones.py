@@ -131,7 +131,7 @@ def test_registry_errors():
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet'; registered: .*mlp.*unet"):
         build_backbone("resnet")
     with pytest.raises(ValueError, match=r"already registered .*registered: .*mlp"):
-        register_backbone("mlp")(MLP)
+        register_backbone("mlp")(UNet)
     with pytest.raises(ValueError, match=r"unexpected arguments \['widht'\]"):
         build_backbone("mlp", widht=3)
     with pytest.raises(ValueError, match="cannot be imported"):
@@ -187,3 +187,27 @@ def test_readme_custom_backbone_example_runs(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     monkeypatch.syspath_prepend(str(ROOT))
     runpy.run_path(str(ROOT / "examples" / "custom_backbone.py"), run_name="examples.custom_backbone")
+
+
+@pytest.mark.parametrize("how", [["examples/custom_backbone.py"], ["-m", "examples.custom_backbone"]],
+                         ids=["script", "module"])
+def test_custom_backbone_example_runs_as_a_script_and_as_a_module(how):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, *how], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "built TinyConv output (2, 3, 8, 8)" in result.stdout
+
+
+def test_registering_the_same_class_again_replaces_it(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    namespace: dict = {"__name__": "__main__"}
+    source = "from torch import nn\nclass Again(nn.Module):\n    def forward(self, x, t, cond=None):\n        return x\n"
+    exec(compile(source, "<cell>", "exec"), namespace)  # a notebook cell ...
+    register_backbone("again")(namespace["Again"])
+    exec(compile(source, "<cell>", "exec"), namespace)  # ... run twice defines a new class object
+    register_backbone("again")(namespace["Again"])
+    assert build_backbone("again").__class__ is namespace["Again"]
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("again")(MLP)  # another class under a taken name still fails

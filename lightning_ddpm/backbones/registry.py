@@ -42,7 +42,7 @@ def register_backbone(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]
     """Class decorator: make ``name`` usable wherever a backbone is named."""
 
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in _REGISTRY:
+        if name in _REGISTRY and not _same_definition(_REGISTRY[name], cls):
             raise ValueError(
                 f"backbone name {name!r} is already registered (to {_REGISTRY[name]!r}); "
                 f"registered: {', '.join(sorted(_REGISTRY))}"
@@ -51,6 +51,21 @@ def register_backbone(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]
         return cls
 
     return decorator
+
+
+def _same_definition(old: Callable[..., Any], new: Callable[..., Any]) -> bool:
+    """The same class defined again (the new one replaces the old): a notebook cell run twice, or a
+    script that is also imported under its module name (``__main__`` and ``examples.custom_backbone``)."""
+    if old is new:
+        return True
+    if getattr(old, "__qualname__", None) != getattr(new, "__qualname__", None):
+        return False
+    if getattr(old, "__module__", None) == getattr(new, "__module__", None):
+        return True
+    try:
+        return inspect.getsourcefile(old) == inspect.getsourcefile(new) is not None
+    except TypeError:  # built-ins and C extensions have no source file
+        return False
 
 
 def _scan_plugins() -> None:

@@ -81,6 +81,12 @@ class EMA(WeightAveraging):
         for average, current in self._pairs(pl_module):
             current.data.copy_(average.data)
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Outside fit (predict, validate) there is no average to restore: the checkpoint's state_dict already
+        # holds the EMA weights, which is what those stages should use. Lightning would warn every time.
+        if self._average_model is not None:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "num_updates": self.num_updates}
 

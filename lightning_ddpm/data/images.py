@@ -235,12 +235,10 @@ class ImageDataModule(pl.LightningDataModule):
         self._train = _Transformed(train_base, self.image_size, self.random_flip)
         self._val = _Transformed(val_base, self.image_size, False)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -248,8 +246,6 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        if len(self._train) < self.batch_size:
-            return self._loader(self._train, shuffle=True)
         return resumable_train_loader(
             self._train, self.batch_size, self.seed, getattr(self, "trainer", None), num_workers=self.num_workers,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
@@ -257,7 +253,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self._val, shuffle=False)
+        return self._loader(self._val)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

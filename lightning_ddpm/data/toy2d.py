@@ -115,6 +115,10 @@ class Toy2DDataModule(pl.LightningDataModule):
         super().__init__()
         if distribution not in TOY_DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {distribution!r}; choose one of: {', '.join(TOY_DISTRIBUTIONS)}")
+        if not 1 <= batch_size <= num_train:
+            raise ValueError(f"num_train={num_train} must hold at least one batch of batch_size={batch_size} (>= 1)")
+        if num_val < 1:
+            raise ValueError(f"num_val must be >= 1, got {num_val}")
         self.distribution = distribution
         self.num_train, self.num_val, self.batch_size, self.seed = num_train, num_val, batch_size, seed
         self.labels = labels
