@@ -10,10 +10,16 @@ from lightning_ddpm import DDIMSampler, DiffusionModule
 class UnitCircle(pl.LightningDataModule):
     """The user's own data: points on the unit circle, as (x,) batches."""
 
+    @staticmethod
+    def points(n: int, seed: int) -> TensorDataset:
+        angle = torch.rand(n, generator=torch.Generator().manual_seed(seed)) * 2 * torch.pi
+        return TensorDataset(torch.stack([angle.cos(), angle.sin()], dim=1))
+
     def train_dataloader(self):
-        angle = torch.rand(8192, generator=torch.Generator().manual_seed(0)) * 2 * torch.pi
-        points = torch.stack([angle.cos(), angle.sin()], dim=1)
-        return DataLoader(TensorDataset(points), batch_size=256, shuffle=True)
+        return DataLoader(self.points(8192, seed=0), batch_size=256, shuffle=True)
+
+    def val_dataloader(self):  # DiffusionModule logs val/loss (and the timestep-quartile losses)
+        return DataLoader(self.points(1024, seed=1), batch_size=256)
 
 
 model = DiffusionModule(

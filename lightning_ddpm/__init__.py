@@ -1,5 +1,11 @@
 """lightning-ddpm: denoising diffusion models on PyTorch Lightning."""
 
+import warnings
+
+# Lightning 2.6's own pytree helper calls an API that torch >= 2.10 deprecates, on every fit. Nothing a
+# user can act on; hide exactly that message so examples and the CLI run warning-free.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
 from .backbones import available_backbones, build_backbone, register_backbone
 from .diffusion import GaussianDiffusion
 from .module import DiffusionModule

@@ -19,7 +19,6 @@ import importlib
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -264,15 +263,17 @@ class _DropTips(logging.Filter):
         return not str(record.msg).startswith("💡")
 
 
+_DROP_TIPS = _DropTips()
+
+
 def _quiet() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropTips())
-    # Lightning 2.6's own pytree helper under torch >= 2.10; nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+        logging.getLogger(name).addFilter(_DROP_TIPS)  # once: addFilter skips a filter it already has
 
 
 def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
     """Build and run the CLI (``args`` as on the command line); returns it for inspection."""
+    _quiet()
     parser_kwargs = {"allow_abbrev": False, "prog": PROG, **kwargs.pop("parser_kwargs", {})}
     return DiffusionCLI(
         DiffusionModule,
@@ -290,7 +291,6 @@ def main(args: list[str] | None = None) -> None:
     # As `python -m` does: modules in the working directory (custom backbones, callbacks) import.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    _quiet()
     try:
         run_cli(args)
     except USER_ERRORS as err:

@@ -1,5 +1,6 @@
 """Tries every row of docs/errors.md: each bad input must raise an error containing the documented text."""
 
+import json
 import re
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_ddpm import DDIMSampler, DiffusionModule, make_schedule
+from lightning_ddpm import DDIMSampler, DiffusionModule, make_schedule, register_backbone
 from lightning_ddpm.backbones import UNet
 from lightning_ddpm.checkpoints import SafeCheckpointIO
 from lightning_ddpm.data import ImageDataModule, ImageFolderDataset, Toy2DDataModule
@@ -55,6 +56,21 @@ def _truncated(tmp_path: Path):
     return SafeCheckpointIO().load_checkpoint(path)
 
 
+def _cli(tmp: Path, *args: str):
+    from lightning_ddpm.cli import run_cli
+
+    return run_cli(["predict", "--model.backbone", json.dumps(MLP), "--data", "lightning_ddpm.data.Toy2DDataModule",
+                    "--trainer.logger=false", f"--trainer.default_root_dir={tmp}", *args])
+
+
+def _corrupt(tmp_path: Path):
+    from tests.test_cli_user import _flip_tensor_bytes
+
+    path = _checkpoint(tmp_path)
+    _flip_tensor_bytes(path)
+    return DiffusionModule.load_from_checkpoint(path)
+
+
 CASES = {
     "unknown-schedule": lambda tmp: _module(schedule="cosin"),
     "unknown-parameterization": lambda tmp: _module(parameterization="epsilon"),
@@ -86,6 +102,16 @@ CASES = {
     "truncated-checkpoint": _truncated,
     "incompatible-checkpoint": lambda tmp: _fit(tmp, _module(num_timesteps=50), 2, ckpt_path=_checkpoint(tmp)),
     "bad-optimizer": lambda tmp: _module(optimizer={"lr": 0.001}),
+    "linear-range": lambda tmp: make_schedule("linear", beta_start=0.02, beta_end=0.0001),
+    "data-smaller-than-batch": lambda tmp: Toy2DDataModule(num_train=100, batch_size=256),
+    "images-smaller-than-batch": lambda tmp: ImageDataModule(
+        "imagefolder", root=str(_images(tmp / "few", sizes=((8, 8),) * 4))).train_dataloader(),
+    "checkpoint-settings-differ": lambda tmp: _cli(tmp, "--model.num_timesteps=50", "--ckpt_path",
+                                                   str(_checkpoint(tmp))),
+    "predict-untrained": lambda tmp: _cli(tmp),
+    "corrupt-checkpoint": _corrupt,
+    "imports-missing": lambda tmp: _cli(tmp, "--imports", "[no_such_module]"),
+    "backbone-name-taken": lambda tmp: register_backbone("mlp")(UNet),
 }
 
 

@@ -1,0 +1,255 @@
+"""The command line as a new user meets it (issue 16): overrides that take effect with a checkpoint,
+no abbreviations, saved configs that read back, one-line errors, a quiet console."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_ddpm import DiffusionModule
+from lightning_ddpm.checkpoints import DIGEST_KEY, SafeCheckpointIO
+from lightning_ddpm.cli import CLIError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY_COND = str(ROOT / "configs/toy2d_cond.yaml")
+TOY = str(ROOT / "configs/toy2d.yaml")
+TINY_MLP = json.dumps({"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 1}})
+TINY_UNET = json.dumps({"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+                                                      "attn_resolutions": [4], "dropout": 0.0}})
+CONSOLE = shutil.which("lightning-ddpm") or str(Path(sys.executable).parent / "lightning-ddpm")
+
+
+def _quiet(root: Path) -> list[str]:
+    return [f"--trainer.default_root_dir={root}", "--trainer.logger.init_args.save_dir", str(root),
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _checkpointing(root: Path) -> str:
+    return json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}])
+
+
+@pytest.fixture(scope="module")
+def toy_ckpt(tmp_path_factory) -> Path:
+    """A toy2d_cond checkpoint of a tiny MLP, trained 4 steps with max_nonfinite_steps=7 (a key no config sets)."""
+    root = tmp_path_factory.mktemp("toy_ckpt")
+    run_cli(["fit", "--config", TOY_COND, *_quiet(root), "--model.backbone", TINY_MLP, "--trainer.max_steps=4",
+             "--trainer.limit_val_batches=0", "--model.max_nonfinite_steps=7", "--data.init_args.num_train=1024",
+             "--trainer.callbacks", _checkpointing(root)])
+    return root / "ckpt" / "last.ckpt"
+
+
+def _predict(ckpt: Path, out: Path, *extra: str):
+    return run_cli(["predict", "--config", TOY_COND, *_quiet(out), "--model.backbone", TINY_MLP, "--ckpt_path", str(ckpt),
+                    "--predict_writer.output_dir", str(out), "--data.init_args.num_predict_samples=64",
+                    "--model.sampler", '{"name": "ddim", "init_args": {"num_steps": 4}}', *extra])
+
+
+def test_sampling_settings_given_with_a_checkpoint_apply(toy_ckpt, tmp_path):
+    guided = _predict(toy_ckpt, tmp_path / "w3", "--model.guidance_scale=3.0")
+    plain = _predict(toy_ckpt, tmp_path / "w0", "--model.guidance_scale=0.0")
+    assert guided.model.guidance_scale == 3.0 and plain.model.guidance_scale == 0.0
+    assert guided.model.default_sampler.num_steps == 4  # --model.sampler applies too
+    a = torch.load(tmp_path / "w3/samples.pt", weights_only=True)["samples"]
+    b = torch.load(tmp_path / "w0/samples.pt", weights_only=True)["samples"]
+    assert not torch.allclose(a, b), "guidance scale 3 and 0 must give different samples"
+    # what the user did not write comes from the checkpoint
+    assert guided.model.hparams.max_nonfinite_steps == 7
+
+
+def test_settings_that_change_the_weights_must_agree_with_the_checkpoint(toy_ckpt, tmp_path):
+    with pytest.raises(CLIError, match=r"model\.num_timesteps: given 50, checkpoint 1000"):
+        run_cli(["fit", "--config", TOY_COND, *_quiet(tmp_path), "--model.backbone", TINY_MLP,
+                 "--model.num_timesteps=50", "--ckpt_path", str(toy_ckpt), "--trainer.max_steps=6"])
+    with pytest.raises(CLIError, match=r"model: guidance_scale must be >= 0, got -1"):
+        _predict(toy_ckpt, tmp_path / "neg", "--model.guidance_scale=-1")
+
+
+def test_a_checkpoint_from_another_config_names_the_difference(tmp_path):
+    digits = tmp_path / "digits"
+    run_cli(["fit", "--config", str(ROOT / "configs/digits.yaml"), *_quiet(digits), "--model.backbone", TINY_UNET,
+             "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.callbacks", _checkpointing(digits)])
+    with pytest.raises(CLIError, match=r"was trained with other settings .* model\.backbone: given .*'mlp'.*checkpoint .*'unet'"):
+        run_cli(["predict", "--config", TOY, *_quiet(tmp_path), "--ckpt_path", str(digits / "ckpt/last.ckpt")])
+
+
+def test_no_argparse_abbreviations(capsys):
+    with pytest.raises(SystemExit):
+        run_cli(["--config", TOY, "--model.lr", "5"], run=False)
+    assert "unrecognized arguments: --model.lr 5" in capsys.readouterr().err
+
+
+def test_saved_config_reads_back_and_reproduces_the_run(tmp_path):
+    first = tmp_path / "first"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli(["fit", "--config", TOY, *_quiet(first), "--model.backbone", TINY_MLP, "--trainer.max_steps=2",
+                       "--trainer.limit_val_batches=0", "--data.init_args.num_train=512", "--trainer.callbacks=[]"])
+    assert not [w for w in caught if w.category.__name__ == "JsonargparseWarning"], "no unserialisable values"
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)  # still checks --ckpt_path files
+    saved = next(first.rglob("config.yaml"))
+    assert "SafeCheckpointIO" not in saved.read_text() and "object at 0x" not in saved.read_text()
+    again = run_cli(["fit", "--config", str(saved), *_quiet(tmp_path / "again")])
+    assert again.trainer.global_step == 2 and again.datamodule.num_train == 512
+    for (name, a), b in zip(cli.model.state_dict().items(), again.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # the same run, bit for bit
+
+
+def test_predict_refuses_an_untrained_network_unless_asked(tmp_path):
+    args = ["predict", "--config", TOY, *_quiet(tmp_path), "--model.backbone", TINY_MLP,
+            "--data.init_args.num_predict_samples=8", "--predict_writer.output_dir", str(tmp_path / "p"),
+            "--model.sampler", '{"name": "ddim", "init_args": {"num_steps": 2}}']
+    with pytest.raises(CLIError, match="predict needs --ckpt_path"):
+        run_cli(args)
+    run_cli([*args, "--untrained"])
+    assert (tmp_path / "p/samples.pt").exists()
+
+
+def test_data_smaller_than_one_batch_fails_with_the_sizes(tmp_path):
+    with pytest.raises(CLIError, match=r"data: num_train=100 must hold at least one batch of batch_size=256"):
+        run_cli(["--config", TOY, *_quiet(tmp_path), "--data.init_args.num_train=100"], run=False)
+    with pytest.raises(CLIError, match=r"data: num_train=0"):
+        run_cli(["--config", TOY, *_quiet(tmp_path), "--data.init_args.num_train=0"], run=False)
+
+
+def _flip_tensor_bytes(path: Path) -> None:
+    """Flip bytes inside the largest tensor record, leaving the zip structure (and data.pkl) intact."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = (int.from_bytes(data[info.header_offset + k:info.header_offset + k + 2], "little")
+                           for k in (26, 28))
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    data[start:start + 4] = bytes(b ^ 0xFF for b in data[start:start + 4])
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupted_checkpoint_is_refused_and_never_becomes_the_last_good_state(toy_ckpt, tmp_path):
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(toy_ckpt, ckpt)
+    assert isinstance(torch.load(ckpt, weights_only=True)[DIGEST_KEY], str)
+    DiffusionModule.load_from_checkpoint(ckpt)  # intact: loads
+    _flip_tensor_bytes(ckpt)
+    torch.load(ckpt, weights_only=True)  # torch itself does not notice
+    corrupt = ckpt.read_bytes()
+    with pytest.raises(ValueError, match="is corrupt: its tensors do not match the digest"):
+        DiffusionModule.load_from_checkpoint(ckpt)
+    common = ["--config", TOY_COND, *_quiet(tmp_path), "--model.backbone", TINY_MLP, "--trainer.max_steps=8",
+              "--trainer.limit_val_batches=0", "--data.init_args.num_train=1024", "--trainer.callbacks",
+              _checkpointing(tmp_path)]
+    with pytest.raises(ValueError, match=r"checkpoint '.*last.ckpt' is corrupt"):
+        run_cli(["fit", *common, "--ckpt_path", str(ckpt)])  # checked before training starts
+    with pytest.raises(ValueError, match="is corrupt"):
+        with pytest.warns(UserWarning):  # Lightning mentions it resumes mid-epoch
+            run_cli(["fit", *common, "--ckpt_path", "last"])  # resolved by Lightning, checked on load
+    assert ckpt.read_bytes() == corrupt, "the corrupt file was not overwritten by a run built on it"
+
+
+def test_digest_covers_every_tensor_and_ignores_non_tensors():
+    from lightning_ddpm.checkpoints import checkpoint_digest, verify_checkpoint
+
+    checkpoint = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16)},
+                  "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}}}], "epoch": 1}
+    checkpoint[DIGEST_KEY] = checkpoint_digest(checkpoint)
+    verify_checkpoint(checkpoint)
+    checkpoint["epoch"] = 2  # not a tensor: not covered (a corrupt pickle fails to load anyway)
+    verify_checkpoint(checkpoint)
+    for mutate in (lambda c: c["state_dict"]["w"].view(-1)[4].add_(1e-6),
+                   lambda c: c["optimizer_states"][0]["state"][0]["step"].add_(1),
+                   lambda c: c["state_dict"].__setitem__("b", torch.zeros(1, 2, dtype=torch.bfloat16))):
+        broken = {**checkpoint, "state_dict": {k: v.clone() for k, v in checkpoint["state_dict"].items()},
+                  "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}}}]}
+        mutate(broken)
+        with pytest.raises(ValueError, match="is corrupt"):
+            verify_checkpoint(broken)
+
+
+def test_every_readme_config_runs_on_the_readme_install():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"])
+    assert "scikit-learn" in core, "configs/digits.yaml reads sklearn's digits on a plain `pip install -e .`"
+    dev = [d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["dev"]]
+    assert set(dev) <= {"pytest", "pyyaml"}, f"the dev extra holds test tools only, got {dev}"
+
+
+def _project_folder(tmp_path: Path) -> Path:
+    (tmp_path / "my_nets.py").write_text(
+        "import torch\nfrom lightning_ddpm import register_backbone\n\n\n"
+        "@register_backbone('user_mlp')\nclass UserMLP(torch.nn.Module):\n"
+        "    def __init__(self, in_channels: int = 2, out_channels: int | None = None):\n"
+        "        super().__init__()\n"
+        "        self.net = torch.nn.Sequential(torch.nn.Linear(in_channels + 1, 16), torch.nn.SiLU(),\n"
+        "                                       torch.nn.Linear(16, out_channels or in_channels))\n\n"
+        "    def forward(self, x, t, cond=None):\n"
+        "        return self.net(torch.cat([x, t[:, None].float() / 1000], dim=1))\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("backbone", ["user_mlp", "my_nets.UserMLP"])
+def test_a_backbone_from_the_working_directory_through_the_console_script(tmp_path, backbone):
+    folder = _project_folder(tmp_path)
+    args = [CONSOLE, "fit", "--config", TOY, *_quiet(folder), "--model.backbone", backbone, "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0", "--data.init_args.num_train=512", "--trainer.callbacks=[]"]
+    if backbone == "user_mlp":
+        args += ["--imports", "[my_nets]"]  # a registered short name: import the file that registers it
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Trainer.fit` stopped: `max_steps=2` reached" in result.stderr + result.stdout
+
+
+def test_errors_are_one_line_with_the_config_key_and_debug_shows_the_traceback(tmp_path):
+    args = [CONSOLE, "fit", "--config", TOY, *_quiet(tmp_path), "--model.schedule", "cosin"]
+    result = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "lightning-ddpm: error: model: unknown schedule 'cosin'; available: cosine, custom, linear, scaled_linear, sigmoid")
+    debug = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "LIGHTNING_DDPM_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data.init_args.distribution", "spiral"],
+     "data: unknown distribution 'spiral'; choose one of: two_moons, eight_gaussians, swiss_roll, checkerboard, rings"),
+    (["--trainer.callbacks+", '{"class_path": "lightning_ddpm.callbacks.SampleLogger", "init_args": {"every_n_steps": 0}}'],
+     "trainer.callbacks[3]: every_n_steps must be None or >= 1, got 0"),
+    (["--model.num_timesteps=10", "--trainer.max_steps=1"],
+     "trainer.callbacks[2].init_args.sampler: num_steps must lie in [1, T=10], got 50"),
+    (["--imports", "[no_such_module_here]"], "imports: cannot import 'no_such_module_here'"),
+])
+def test_library_errors_name_their_config_key(tmp_path, args, message):
+    with pytest.raises(CLIError) as info:
+        run_cli(["fit", "--config", TOY, *_quiet(tmp_path), "--model.backbone", TINY_MLP, *args])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_the_console_is_quiet(toy_ckpt, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # what a user's shell has
+    fit = subprocess.run([CONSOLE, "fit", "--config", str(ROOT / "configs/digits.yaml"), *_quiet(tmp_path),
+                          "--model.backbone", TINY_UNET, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    predict = subprocess.run([CONSOLE, "predict", "--config", TOY_COND, *_quiet(tmp_path), "--model.backbone", TINY_MLP,
+                              "--ckpt_path", str(toy_ckpt), "--data.init_args.num_predict_samples=8",
+                              "--predict_writer.output_dir", str(tmp_path / "p"),
+                              "--model.sampler", '{"name": "ddim", "init_args": {"num_steps": 2}}'],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    for result in (fit, predict):
+        assert result.returncode == 0, result.stderr[-2000:]
+        console = result.stdout + result.stderr
+        for noise in ("💡", "Tip:", "Warning", "warn(", "deprecated", "log_every_n_steps", "WeightAveraging"):
+            assert noise not in console, f"{noise!r} in:\n{console}"
+    help_text = subprocess.run([sys.executable, "-m", "lightning_ddpm", "--help"], capture_output=True, text=True,
+                               timeout=120).stdout
+    assert help_text.startswith("usage: lightning-ddpm ")
