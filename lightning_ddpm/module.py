@@ -15,13 +15,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from .backbones import BackboneSpec, build_backbone
 from .diffusion import GaussianDiffusion
 from .checkpoints import DIGEST_KEY, check_checkpoint_file, checkpoint_digest, verify_checkpoint
 from .guidance import guided_denoiser
 from .imports import import_object, split_spec
+from .metrics import TimestepLosses
 from .samplers import Sampler, make_sampler
 from .schedules import make_schedule
 from .timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
@@ -160,13 +160,8 @@ class DiffusionModule(pl.LightningModule):
         self.default_sampler.timesteps(num_timesteps)  # num_steps > T fails here, not after training
         self.optimizer_spec = optimizer or {"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}
         split_spec(self.optimizer_spec, "optimizer")  # fail now, not at fit time
-        # Loss by timestep quartile, as improved-diffusion logs it. Each step adds into a (2, 4) tensor
-        # of [sums; counts] (four MeanMetric updates a step cost ~0.25 ms on a CPU); the metrics take
-        # the epoch totals once and sync them across ranks.
-        self.quartile_metrics = nn.ModuleDict(
-            {f"{stage}_q{q}": MeanMetric() for stage in STAGES for q in range(4)}
-        )
-        self._quartile_totals: dict[str, Tensor] = {}
+        # The epoch's loss, overall and by timestep quartile; accumulated on the device, logged per epoch.
+        self.epoch_losses = nn.ModuleDict({f"{stage}_losses": TimestepLosses(num_timesteps) for stage in STAGES})
 
     # -- construction checks -------------------------------------------------------------------
 
@@ -257,21 +252,9 @@ class DiffusionModule(pl.LightningModule):
             # Every rank must see the same losses so their timestep distributions agree.
             all_t, all_losses = self.all_gather(t), self.all_gather(terms["loss"].detach())
             self.timestep_sampler.update(all_t.reshape(-1), all_losses.reshape(-1))
-        batch_size = x0.shape[0]
-        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train",
-                 on_step=stage == "train", on_epoch=True)
-        if "vlb" in terms:
-            self.log(f"{stage}/vlb", terms["vlb"].mean(), batch_size=batch_size, sync_dist=stage != "train",
-                     on_step=False, on_epoch=True)
-        # Loss by timestep quartile: accumulated every step, logged once per epoch (see _log_quartiles).
-        quartile = (t * 4) // self.diffusion.num_timesteps
-        losses = terms["loss"].detach().float()
-        totals = self._quartile_totals.get(stage)
-        if totals is None or totals.device != losses.device:
-            totals = self._quartile_totals[stage] = torch.zeros(2, 4, device=losses.device)
-        # One-hot products, not bincount/index_add: those have no deterministic CUDA kernel.
-        onehot = torch.nn.functional.one_hot(quartile, 4).to(losses.dtype)
-        totals += torch.stack([losses @ onehot, onehot.sum(0)])
+        if stage == "train":
+            self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.epoch_losses[f"{stage}_losses"].update(terms["loss"], t, loss, terms.get("vlb"))
         return loss
 
     def _generators(self, stage: str, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
@@ -303,25 +286,24 @@ class DiffusionModule(pl.LightningModule):
                       f"({self.nonfinite_in_a_row}/{self.max_nonfinite_steps} in a row)", stacklevel=2)
         return False
 
-    def _log_quartiles(self, stage: str) -> None:
-        totals = self._quartile_totals.pop(stage, None)
-        for q in range(4):
-            metric = self.quartile_metrics[f"{stage}_q{q}"]
-            if totals is not None:
-                # An empty quartile updates with weight 0, so every rank's metric syncs (DDP).
-                metric.update(totals[0, q] / totals[1, q].clamp(min=1), weight=totals[1, q])
-            if metric.update_called:
-                self.log(f"{stage}/loss_q{q}", metric.compute())  # compute() syncs over ranks itself
-            metric.reset()
+    def _log_epoch(self, stage: str) -> None:
+        metric = self.epoch_losses[f"{stage}_losses"]
+        if not metric.update_called:
+            return
+        names = {"loss": "train/loss_epoch" if stage == "train" else f"{stage}/loss", "vlb": f"{stage}/vlb"}
+        for key, value in metric.compute().items():  # compute() sums over ranks itself
+            # sync_dist on values that every rank already shares: a no-op that keeps Lightning from warning
+            self.log(names.get(key, f"{stage}/{key}"), value, sync_dist=True, prog_bar=key == "loss")
+        metric.reset()
 
     def on_train_epoch_end(self) -> None:
-        self._log_quartiles("train")
+        self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_quartiles("val")
+        self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_quartiles("test")
+        self._log_epoch("test")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         return self._shared_step(batch, "train", batch_idx)
