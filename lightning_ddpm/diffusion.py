@@ -86,6 +86,11 @@ class GaussianDiffusion(nn.Module):
                 "loss='hybrid' trains the variance through the VLB term and needs variance='learned_range'; "
                 f"got variance={variance!r} (use loss='simple' or 'vlb' with a fixed variance)"
             )
+        if loss_weighting == "elbo" and variance == "learned_range":
+            raise ValueError(
+                "loss_weighting='elbo' weights the MSE by 1 / (2 sigma_t^2) of a fixed variance, but "
+                "variance='learned_range' is learned; use loss='vlb' or 'hybrid' to train on the bound"
+            )
         if schedule.has_zero_terminal_snr and parameterization in ("eps", "mu"):
             raise ValueError(
                 f"a zero-terminal-SNR schedule cannot recover x0 from parameterization={parameterization!r} "

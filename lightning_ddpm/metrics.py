@@ -28,13 +28,18 @@ class TimestepLosses(Metric):
 
     def update(self, losses: Tensor, t: Tensor, loss: Tensor, vlb: Tensor | None = None) -> None:
         """``losses`` (B,) per example at timesteps ``t`` (B,); ``loss`` the batch's (weighted) loss."""
-        losses = losses.detach().float()
+        # A skipped non-finite step must not turn the epoch's means into NaN: mask it out.
+        finite = torch.isfinite(losses).float()
+        losses = torch.nan_to_num(losses.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
         onehot = torch.nn.functional.one_hot((t * self.num_bins) // self.num_timesteps, self.num_bins).float()
-        ones = torch.ones_like(losses)
+        onehot = onehot * finite[:, None]
         self.totals[:, : self.num_bins] += torch.stack([losses @ onehot, onehot.sum(0)])
-        self.totals[:, self.num_bins] += torch.stack([loss.detach().float() * ones.sum(), ones.sum()])
+        n = torch.isfinite(loss).float() * losses.shape[0]
+        self.totals[:, self.num_bins] += torch.stack([torch.nan_to_num(loss.detach().float()) * n, n])
         if vlb is not None:
-            self.totals[:, self.num_bins + 1] += torch.stack([vlb.detach().float().sum(), ones.sum()])
+            vlb_ok = torch.isfinite(vlb).float()
+            self.totals[:, self.num_bins + 1] += torch.stack([(torch.nan_to_num(vlb.detach().float()) * vlb_ok).sum(),
+                                                              vlb_ok.sum()])
 
     def compute(self) -> dict[str, Tensor]:
         """``loss``, ``vlb`` (if updated with it) and ``loss_q0``... for the bins that saw examples."""

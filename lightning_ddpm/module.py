@@ -7,6 +7,7 @@ the checkpoint holds no pickled objects.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -16,13 +17,15 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from .backbones import BackboneSpec, build_backbone
+from .backbones import BackboneSpec, build_backbone, check_backbone
 from .diffusion import GaussianDiffusion
+from .data.batches import check_labels, unpack_batch
 from .checkpoints import DIGEST_KEY, check_checkpoint_file, checkpoint_digest, verify_checkpoint
 from .guidance import guided_denoiser
 from .imports import import_object, split_spec
 from .metrics import TimestepLosses
-from .samplers import Sampler, make_sampler
+from .nonfinite import NonFiniteGuard
+from .samplers import Generators, Sampler, make_sampler, randn
 from .schedules import make_schedule
 from .timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
 
@@ -61,8 +64,11 @@ class DiffusionModule(pl.LightningModule):
             such as ``{"name": "ddim", "init_args": {"num_steps": 50}}``.
         guidance_scale: default classifier-free guidance scale w of ``sample`` and ``predict`` for a
             class-conditional model (0: unconditional, 1: conditional, > 1: guided).
-        max_nonfinite_steps: a training step whose loss is NaN or inf is skipped with a warning;
-            this many in a row stop training with an error (the last good checkpoint stays as it was).
+        max_nonfinite_steps: a training step whose gradients (or, under 16-mixed, loss) are NaN or inf is
+            skipped; skipped steps are reported and this many in a row stop training, checked every
+            ``log_every_n_steps`` steps without a per-step host synchronisation (see ``nonfinite.py``).
+        compile: ``torch.compile`` the backbone for training and sampling: ``True``, or a mapping of
+            ``torch.compile`` options such as ``{"mode": "max-autotune"}``. The state dict is unchanged.
         channels_last: keep image batches and the backbone in channels-last memory format (what GPU
             convolutions want). On a CPU under bf16, ``False`` measured 2-8% faster: PyTorch's CPU
             GroupNorm backward is slow on channels-last (see the README's benchmark results).
@@ -91,6 +97,7 @@ class DiffusionModule(pl.LightningModule):
         sampler: str | dict[str, Any] = "ddim",
         guidance_scale: float = 1.0,
         max_nonfinite_steps: int = 10,
+        compile: bool | dict[str, Any] = False,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
@@ -110,16 +117,13 @@ class DiffusionModule(pl.LightningModule):
             raise ValueError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         if lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
         self.num_classes = num_classes
         self.guidance_scale = guidance_scale
         self.cond_drop_prob = cond_drop_prob
         self.lr_warmup_steps = lr_warmup_steps
-        self.max_nonfinite_steps = max_nonfinite_steps
-        self.nonfinite_in_a_row = 0
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.use_channels_last = channels_last and len(self.data_shape) == 3
 
         self.diffusion = GaussianDiffusion(
@@ -151,9 +155,14 @@ class DiffusionModule(pl.LightningModule):
             "num_classes": num_classes,
         }
         self.backbone = build_backbone(backbone, defaults=shared)
-        self._check_backbone()
+        check_backbone(self.backbone, self.data_shape, shared["out_channels"], num_classes, self.diffusion.variance)
         if self.use_channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        if compile:
+            # In place (nn.Module.compile): parameter names and checkpoints stay those of the plain backbone.
+            self.backbone.compile(**(compile if isinstance(compile, dict) else {}))
+        # Every rank computes the same schedule constants: DDP need not broadcast them before each forward.
+        self._ddp_params_and_buffers_to_ignore = [f"diffusion.{name}" for name, _ in self.diffusion.named_buffers()]
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, num_timesteps)
         # A bare "ddim" means 50 steps, or all T when T is smaller; an explicit num_steps > T is an error.
         self.default_sampler: Sampler = make_sampler(sampler, **({"num_steps": min(50, num_timesteps)} if sampler == "ddim" else {}))
@@ -163,57 +172,16 @@ class DiffusionModule(pl.LightningModule):
         # The epoch's loss, overall and by timestep quartile; accumulated on the device, logged per epoch.
         self.epoch_losses = nn.ModuleDict({f"{stage}_losses": TimestepLosses(num_timesteps) for stage in STAGES})
 
-    # -- construction checks -------------------------------------------------------------------
-
-    def _check_backbone(self) -> None:
-        """Catch a backbone that cannot serve this diffusion before any training step."""
-        expected = self.data_shape[0] * self.diffusion.output_channels_factor
-        out_channels = getattr(self.backbone, "out_channels", None)
-        if isinstance(out_channels, int) and out_channels != expected:
-            raise ValueError(
-                f"backbone outputs {out_channels} channels but variance={self.diffusion.variance!r} with "
-                f"{self.data_shape[0]} data channels needs {expected}"
-            )
-        in_channels = getattr(self.backbone, "in_channels", None)
-        if isinstance(in_channels, int) and in_channels != self.data_shape[0]:
-            raise ValueError(f"backbone takes {in_channels} input channels but the data has {self.data_shape[0]}")
-        image_size = getattr(self.backbone, "image_size", None)
-        if image_size is not None and len(self.data_shape) == 3 and tuple(image_size) != self.data_shape[1:]:
-            raise ValueError(f"backbone image_size {tuple(image_size)} does not match the data's {self.data_shape[1:]}")
-        backbone_classes = getattr(self.backbone, "num_classes", None)
-        if backbone_classes != self.num_classes and hasattr(self.backbone, "num_classes"):
-            raise ValueError(f"backbone num_classes={backbone_classes} but the model has num_classes={self.num_classes}")
-
     # -- batches and the denoiser --------------------------------------------------------------
 
-    def _unpack(self, batch: Any) -> tuple[Tensor, Tensor | None]:
-        """A tensor, an (x, y) pair or a dict with 'x'/'image'/'images' and optional 'y'/'label'/'labels'."""
-        if isinstance(batch, Tensor):
-            x, y = batch, None
-        elif isinstance(batch, (list, tuple)) and batch:
-            x, y = batch[0], batch[1] if len(batch) > 1 else None
-        elif isinstance(batch, dict):
-            x = next((batch[k] for k in ("x", "image", "images") if k in batch), None)
-            y = next((batch[k] for k in ("y", "label", "labels") if k in batch), None)
-            if x is None:
-                raise ValueError(f"dict batch needs one of the keys 'x', 'image', 'images'; got {sorted(batch)}")
-        else:
-            raise ValueError(f"batch must be a tensor, an (x, y) pair or a dict, got {type(batch).__name__}")
-        if tuple(x.shape[1:]) != self.data_shape:
-            raise ValueError(f"batch examples have shape {tuple(x.shape[1:])}, the model expects {self.data_shape}")
-        if self.num_classes is None:
-            return x, None  # an unconditional model ignores dataset labels
-        if y is None:
-            raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) but the batch has no labels")
-        return x, self._check_labels(y, x.shape[0])
-
-    def _check_labels(self, labels: Tensor, batch_size: int) -> Tensor:
-        if labels.shape != (batch_size,) or labels.is_floating_point():
-            raise ValueError(f"labels must be integers of shape ({batch_size},), got {labels.dtype} {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got range "
-                             f"[{labels.min().item()}, {labels.max().item()}]")
-        return labels.long()
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Label values are checked here, while the batch is still on the CPU: reading them in the step
+        # would synchronise with the device every time.
+        if self.num_classes is not None and self._trainer is not None and not self.trainer.predicting:
+            x, labels = unpack_batch(batch)
+            if labels is not None and labels.device.type == "cpu":
+                check_labels(labels, x.shape[0], self.num_classes)
+        return batch
 
     def denoiser(self, cond: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """``denoise_fn(x_t, t)`` for the math layer, with class labels bound."""
@@ -230,24 +198,24 @@ class DiffusionModule(pl.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _shared_step(self, batch: Any, stage: str, batch_idx: int) -> Tensor | None:
-        x0, labels = self._unpack(batch)
-        # Every draw comes from generators seeded by (stage, step or batch, rank), never from the
+    def _shared_step(self, batch: Any, stage: str, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """The (weighted) batch loss and the timesteps it was drawn at. No host synchronisation."""
+        x0, labels = unpack_batch(batch, self.data_shape)
+        labels = check_labels(labels, x0.shape[0], self.num_classes, values=False)  # values: on_before_batch_transfer
+        # Every draw comes from a generator seeded by (stage, step, micro-batch, rank), never from the
         # global RNG: validation losses are comparable between epochs, and a resumed run draws
         # exactly what the uninterrupted one would have.
-        generator, cpu_generator = self._generators(stage, batch_idx)
+        generator = self._generator(stage, batch_idx)
         if stage == "train":
-            t, weights = self.timestep_sampler.sample(x0.shape[0], self.device, generator=cpu_generator)
+            t, weights = self.timestep_sampler.sample(x0.shape[0], self.device, generator=generator)
             if labels is not None and self.cond_drop_prob > 0:
                 drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.cond_drop_prob
                 labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         else:
-            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), generator=cpu_generator).to(self.device)
-            weights = torch.ones(x0.shape[0], device=self.device)
+            t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device, generator=generator)
+            weights = None
         terms = self.diffusion.training_losses(self.denoiser(labels), x0, t, generator=generator)
-        loss = (terms["loss"] * weights).mean()
-        if stage == "train" and not self._loss_is_finite(loss, t):
-            return None
+        loss = (terms["loss"] if weights is None else terms["loss"] * weights).mean()
         if stage == "train" and isinstance(self.timestep_sampler, LossSecondMomentSampler):
             # Every rank must see the same losses so their timestep distributions agree.
             all_t, all_losses = self.all_gather(t), self.all_gather(terms["loss"].detach())
@@ -255,36 +223,18 @@ class DiffusionModule(pl.LightningModule):
         if stage == "train":
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.epoch_losses[f"{stage}_losses"].update(terms["loss"], t, loss, terms.get("vlb"))
-        return loss
+        return loss, t
 
-    def _generators(self, stage: str, batch_idx: int) -> tuple[torch.Generator, torch.Generator]:
-        """(device generator, CPU generator) for this step; training keys on the global step and rank."""
+    def _generator(self, stage: str, batch_idx: int) -> torch.Generator:
+        """A generator on the module's device for this step: training keys on the optimizer step, the
+        micro-batch within it (gradient accumulation) and the rank; evaluation on the batch and rank."""
         rank = self.global_rank if self._trainer is not None else 0
         if stage == "train":
-            key = (torch.initial_seed() % 2**31) * 1_000_003 + self.global_step * 997 + rank
+            accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+            key = ("train", torch.initial_seed(), self.global_step, batch_idx % accumulate, rank)
         else:
-            key = 2**40 + batch_idx * 997 + rank
-        return (torch.Generator(self.device).manual_seed(key), torch.Generator().manual_seed(key))
-
-    def _loss_is_finite(self, loss: Tensor, t: Tensor) -> bool:
-        """Skip a non-finite training loss (all ranks decide together), stop after too many in a row."""
-        finite = bool(torch.isfinite(loss.detach()))
-        if self._trainer is not None and self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
-            self.nonfinite_in_a_row = 0
-            return True
-        self.nonfinite_in_a_row += 1
-        where = f"at step {self.global_step} (timesteps {int(t.min())}..{int(t.max())})"
-        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise RuntimeError(
-                f"training stopped: {self.nonfinite_in_a_row} non-finite losses in a row, the last {where}; "
-                "the last checkpoint was written before them. Lower the learning rate, check the data for NaN/inf, "
-                "or use bf16-mixed instead of 16-mixed"
-            )
-        warnings.warn(f"non-finite loss {loss.item()} {where}: step skipped "
-                      f"({self.nonfinite_in_a_row}/{self.max_nonfinite_steps} in a row)", stacklevel=2)
-        return False
+            key = (stage, batch_idx, rank)
+        return torch.Generator(self.device).manual_seed(_seed_of(key))
 
     def _log_epoch(self, stage: str) -> None:
         metric = self.epoch_losses[f"{stage}_losses"]
@@ -306,13 +256,36 @@ class DiffusionModule(pl.LightningModule):
         self._log_epoch("test")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        return self._shared_step(batch, "train", batch_idx)
+        loss, t = self._shared_step(batch, "train", batch_idx)
+        if self.nonfinite.on_device:
+            self.nonfinite.remember(loss, t)  # the optimizer skips the step on the device if it must
+        elif self.nonfinite.host_skip(loss, t, self.global_step, self._trainer):
+            return None  # Lightning skips backward and the optimizer step
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val", batch_idx)
+        return self._shared_step(batch, "val", batch_idx)[0]
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test", batch_idx)
+        return self._shared_step(batch, "test", batch_idx)[0]
+
+    def on_train_start(self) -> None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        self.nonfinite.start(self.trainer.optimizers[0] if self.trainer.optimizers else None, scaler, self.device)
+        self._checked_step = -1
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.nonfinite.before_optimizer_step(optimizer, self.backbone.parameters(), self.global_step)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        if self.nonfinite.on_device and step % self.trainer.log_every_n_steps == 0 and step != self._checked_step:
+            self._checked_step = step
+            self.nonfinite.check(self.trainer)  # the one read-back of the counts, every log_every_n_steps
+
+    def on_train_end(self) -> None:
+        if self.nonfinite.on_device:
+            self.nonfinite.check(self.trainer)
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -321,7 +294,7 @@ class DiffusionModule(pl.LightningModule):
         self,
         num_samples: int,
         sampler: Sampler | str | dict[str, Any] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         labels: Tensor | Sequence[int] | None = None,
         guidance_scale: float | None = None,
         x_T: Tensor | None = None,
@@ -331,7 +304,8 @@ class DiffusionModule(pl.LightningModule):
 
         Args:
             sampler: defaults to the module's ``sampler`` setting.
-            generator: a generator on the module's device, for reproducible samples.
+            generator: a generator on the module's device, for reproducible samples; or one per sample,
+                so that sample i depends on ``generator[i]`` alone (not on the batch it is drawn in).
             labels: class labels for a class-conditional model (``None``: unconditional / null label).
             guidance_scale: classifier-free guidance w (default: the module's ``guidance_scale``).
             x_T: starting noise; drawn from ``generator`` when not given.
@@ -345,10 +319,10 @@ class DiffusionModule(pl.LightningModule):
         if labels is not None:
             if self.num_classes is None:
                 raise ValueError("labels given to an unconditional model (num_classes is None)")
-            cond = self._check_labels(torch.as_tensor(labels, device=self.device), num_samples)
+            cond = check_labels(torch.as_tensor(labels).cpu(), num_samples, self.num_classes).to(self.device)
             denoise_fn = guided_denoiser(self._conditional_backbone, cond, self.num_classes, scale)
         if x_T is None:
-            x_T = torch.randn((num_samples, *self.data_shape), generator=generator, device=self.device)
+            x_T = randn((num_samples, *self.data_shape), generator, self.device, torch.float32)
         was_training = self.training
         self.eval()
         try:
@@ -360,10 +334,10 @@ class DiffusionModule(pl.LightningModule):
         """Generate one sample per request; a request batch is a dict with ``seed`` and optional ``labels``."""
         if not isinstance(batch, dict) or "seed" not in batch:
             raise ValueError("predict batches are sample requests: a dict with 'seed' (and optional 'labels')")
-        seeds = batch["seed"]
-        generator = torch.Generator(self.device).manual_seed(int(seeds[0]))
-        labels = batch.get("labels")
-        return self.sample(len(seeds), generator=generator, labels=labels).cpu()
+        # One generator per request: its sample depends on its seed alone (starting and per-step noise),
+        # not on how requests were batched or shared between ranks (the README's promise).
+        generators = [torch.Generator(self.device).manual_seed(seed) for seed in batch["seed"].tolist()]
+        return self.sample(len(generators), generator=generators, labels=batch.get("labels")).cpu()
 
     # -- optimisation --------------------------------------------------------------------------
 
@@ -371,10 +345,19 @@ class DiffusionModule(pl.LightningModule):
         name, init_args = split_spec(self.optimizer_spec, "optimizer")
         optimizer_cls = import_object(name, "optimizer")
         params = [p for p in self.backbone.parameters() if p.requires_grad]
+        if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(init_args):
+            # One fused kernel per step instead of several foreach ops, and it can skip a non-finite
+            # step on the device (found_inf) without a host synchronisation.
+            init_args["fused"] = _fused_supported(params)
         try:
             optimizer = optimizer_cls(params, **init_args)
         except TypeError as err:
             raise ValueError(f"bad optimizer init_args for {name!r}: {err}") from err
+        if optimizer.defaults.get("fused"):
+            # Fused optimizers announce that they unscale gradients themselves, and Lightning then forbids
+            # gradient clipping under mixed precision. We never let GradScaler hand them its scale: it
+            # unscales first (so clipping sees true gradients), and the non-finite guard passes found_inf.
+            optimizer._step_supports_amp_scaling = False
         if self.lr_warmup_steps == 0:
             return optimizer
         warmup = self.lr_warmup_steps
@@ -423,6 +406,21 @@ class DiffusionModule(pl.LightningModule):
             torch.set_rng_state(states["torch"])
         if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _fused_supported(params: list[Tensor]) -> bool:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        devices = {"cuda"}
+    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
+
+
+def _seed_of(key: tuple) -> int:
+    """A 63-bit seed from a tuple, the same in every process (unlike hash() of strings)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
 def _plain(value: Any) -> Any:

@@ -7,7 +7,8 @@ The model is ``denoise_fn(x_t, t) -> output`` with ``t`` the original timestep i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,6 +20,18 @@ __all__ = ["timestep_schedule", "Sampler", "DDPMSampler", "DDIMSampler", "SPACIN
 SPACINGS = ("leading", "trailing", "linspace")
 # callback(step, num_steps, x_prev, pred_x0) after each step; step counts from 1.
 StepCallback = Callable[[int, int, Tensor, Tensor], None]
+# One generator for the batch, or one per example: then example i's noise depends on generators[i]
+# alone, so a sample does not depend on how requests were batched or shared across ranks.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """Standard normal noise of ``shape`` (batch first) from one generator or one per example."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
 
 
 def timestep_schedule(num_timesteps: int, num_steps: int, spacing: str = "leading") -> Tensor:
@@ -71,10 +84,13 @@ class Sampler:
         denoise_fn: DenoiseFn,
         diffusion: GaussianDiffusion,
         x_T: Tensor,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         callback: StepCallback | None = None,
     ) -> Tensor:
-        """Run the reverse process from ``x_T`` (standard normal noise) to x0."""
+        """Run the reverse process from ``x_T`` (standard normal noise) to x0.
+
+        ``generator``: one for the batch, or a sequence with one per example (see :func:`randn`).
+        """
         ts = self.timesteps(diffusion.num_timesteps)
         clip = self._clip(diffusion)
         x = x_T
@@ -99,7 +115,7 @@ class Sampler:
         pred_x0: Tensor,
         pred_eps: Tensor,
         var_out: Tensor | None,
-        generator: torch.Generator | None,
+        generator: Generators,
     ) -> Tensor:
         raise NotImplementedError
 
@@ -107,8 +123,8 @@ class Sampler:
         return f"{type(self).__name__}(num_steps={self.num_steps}, spacing={self.spacing!r})"
 
 
-def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _noise_like(x: Tensor, generator: Generators) -> Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 class DDPMSampler(Sampler):
@@ -120,15 +136,19 @@ class DDPMSampler(Sampler):
 
     def __init__(self, num_steps: int | None = None, spacing: str = "leading", clip_denoised: bool | None = None):
         super().__init__(num_steps, spacing, clip_denoised)
-        self._respaced: dict[tuple[int, int, str], GaussianDiffusion] = {}
+        # The last respaced diffusion, keyed by a weak reference to its source: an id() can be reused by
+        # another model once the first is garbage collected, and a sampler may be shared between models.
+        self._respaced: tuple[weakref.ref, str, GaussianDiffusion] | None = None
 
     def _step_diffusion(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:
         if self.num_steps is None or self.num_steps == diffusion.num_timesteps:
             return diffusion
-        key = (id(diffusion), diffusion.num_timesteps, str(diffusion.betas.device))
-        if key not in self._respaced:
-            self._respaced = {key: diffusion.respace(self.timesteps(diffusion.num_timesteps))}
-        return self._respaced[key]
+        device = str(diffusion.betas.device)
+        cached = self._respaced
+        if cached is None or cached[0]() is not diffusion or cached[1] != device:
+            cached = self._respaced = (weakref.ref(diffusion), device,
+                                       diffusion.respace(self.timesteps(diffusion.num_timesteps)))
+        return cached[2]
 
     def _step(self, diffusion, x_t, t, step, prev, index, pred_x0, pred_eps, var_out, generator):  # noqa: D102
         stepper = self._step_diffusion(diffusion)

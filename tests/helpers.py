@@ -83,3 +83,30 @@ class RecordWeights(pl.Callback):
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.sanity_checking and batch_idx == 0:
             self.at_validation.append(self._params(pl_module))
+
+
+class DumpSamples(pl.Callback):
+    """Counts each rank's backbone calls outside training; at the end every rank saves that count and
+    rank 0 the SampleLogger's last samples, to ``<dirpath>``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self.eval_calls = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        forward = pl_module.backbone.forward
+
+        def counting(*args, **kwargs):
+            if not pl_module.backbone.training:
+                self.eval_calls += 1
+            return forward(*args, **kwargs)
+
+        pl_module.backbone.forward = counting
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_ddpm.callbacks import SampleLogger
+
+        logger = next(c for c in trainer.callbacks if isinstance(c, SampleLogger))
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        torch.save({"eval_calls": self.eval_calls, "samples": logger.last_samples},
+                   Path(self.dirpath) / f"samples_rank{trainer.global_rank}.pt")

@@ -201,3 +201,42 @@ def test_ddp_ema_identical_and_fid_counts_exactly(tmp_path):
     fids = [json.loads((dump / f"fid_rank{r}.json").read_text()) for r in (0, 1)]
     assert fids[0]["counted"] == fids[1]["counted"] == 7  # 4 + 3 over two ranks, exactly N
     assert fids[0]["fid"] == pytest.approx(fids[1]["fid"]) and fids[0]["fid"] > 0
+
+
+def test_sample_pictures_are_drawn_by_every_rank_and_match_one_process(tmp_path):
+    """Under DDP (and so under FSDP, whose forward needs every rank) each rank samples its share of
+    the picture; rank 0 gathers them, and sample i is what a single process draws from seed + i."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lightning_ddpm.samplers import DDIMSampler
+
+    root = Path(__file__).resolve().parents[1]
+    mlp = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
+    callbacks = [
+        {"class_path": "lightning_ddpm.callbacks.SampleLogger",
+         "init_args": {"every_n_steps": None, "every_n_epochs": None, "num_samples": 10, "seed": 3,
+                       "output_dir": str(tmp_path / "pictures"),
+                       "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 4}}}},
+        {"class_path": "tests.helpers.DumpSamples", "init_args": {"dirpath": str(tmp_path / "dump")}},
+        {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(tmp_path / "weights")}},
+    ]
+    cmd = [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(root / "configs/toy2d.yaml"),
+           "--model.backbone", json.dumps(mlp), "--model.num_timesteps=50", "--trainer.accelerator=cpu",
+           "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+           "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--data.init_args.num_train=2048",
+           "--trainer.callbacks", json.dumps(callbacks)]
+    env = {**os.environ, "PYTHONPATH": str(root), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "dump" / f"samples_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["eval_calls"] == rank1["eval_calls"] == 4, "both ranks ran the 4 sampling steps"
+    assert rank0["samples"].shape == (10, 2) and (tmp_path / "pictures" / "step_0000002.png").exists()
+    # one process, the final weights, the same per-sample seeds
+    module = DiffusionModule(backbone=mlp, data_shape=[2], num_timesteps=50, schedule="cosine", parameterization="v")
+    module.backbone.load_state_dict(torch.load(tmp_path / "weights" / "rank0.pt", weights_only=True))
+    generators = [torch.Generator().manual_seed(3 + i) for i in range(10)]
+    alone = module.sample(10, sampler=DDIMSampler(num_steps=4), generator=generators)
+    torch.testing.assert_close(rank0["samples"], alone, rtol=1e-5, atol=1e-5)

@@ -111,6 +111,7 @@ CASES = {
     "predict-untrained": lambda tmp: _cli(tmp),
     "corrupt-checkpoint": _corrupt,
     "imports-missing": lambda tmp: _cli(tmp, "--imports", "[no_such_module]"),
+    "elbo-learned-variance": lambda tmp: _module(loss_weighting="elbo", variance="learned_range"),
     "backbone-name-taken": lambda tmp: register_backbone("mlp")(UNet),
 }
 

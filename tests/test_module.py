@@ -64,20 +64,33 @@ def test_quartile_losses_are_the_per_quartile_means_over_the_epoch():
 
 
 def test_label_checks():
-    m = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_classes=3, num_timesteps=20)
+    from lightning_ddpm.data.batches import check_labels, unpack_batch
+
     x = torch.randn(4, 2)
+
+    def checked(batch, num_classes=3):
+        x, y = unpack_batch(batch, (2,))
+        return check_labels(y, x.shape[0], num_classes)
+
     with pytest.raises(ValueError, match=r"class-conditional \(num_classes=3\) but the batch has no labels"):
-        m._unpack(x)
+        checked(x)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got range \[0, 3\]"):
-        m._unpack((x, torch.tensor([0, 1, 2, 3])))
+        checked((x, torch.tensor([0, 1, 2, 3])))
     with pytest.raises(ValueError, match=r"labels must be integers of shape \(4,\)"):
-        m._unpack((x, torch.zeros(4, 1, dtype=torch.long)))
+        checked((x, torch.zeros(4, 1, dtype=torch.long)))
     with pytest.raises(ValueError, match=r"batch examples have shape \(3,\), the model expects \(2,\)"):
-        m._unpack(torch.randn(4, 3))
+        checked(torch.randn(4, 3))
     unconditional = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20)
     with pytest.raises(ValueError, match="labels given to an unconditional model"):
         unconditional.sample(2, labels=[0, 1])
-    assert unconditional._unpack((x, torch.zeros(4)))[1] is None  # dataset labels are ignored
+    assert checked((x, torch.zeros(4)), num_classes=None) is None  # dataset labels are ignored
+    # In training the label values are checked on the CPU batch, before it moves to the device.
+    m = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_classes=3, num_timesteps=20)
+    loader = torch.utils.data.DataLoader([(x, torch.tensor([0, 1, 2, 7]))], batch_size=None)
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got range \[0, 7\]"):
+        trainer.fit(m, loader)
 
 
 def test_sample_is_reproducible_and_shaped():

@@ -35,26 +35,37 @@ def _nan_at(module, bad_calls):
 
 
 def _trainer(tmp_path, callbacks, max_steps):
+    # log_every_n_steps=1: the device-side non-finite counts are read back (and reported) every step
     return Trainer(max_steps=max_steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+                   enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, log_every_n_steps=1)
 
 
-def test_nonfinite_steps_are_skipped(tmp_path):
-    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, lr_warmup_steps=0)
+# Adam is fused by default and skips a non-finite step on the device (found_inf); SGD is not, and
+# falls back to deciding on the host.
+OPTIMIZERS = {"device": None, "host": {"name": "torch.optim.SGD", "init_args": {"lr": 0.05}}}
+
+
+@pytest.mark.parametrize("path", sorted(OPTIMIZERS))
+def test_nonfinite_steps_are_skipped(tmp_path, path):
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, lr_warmup_steps=0,
+                             optimizer=OPTIMIZERS[path])
     _nan_at(module, {2, 3})
     record = RecordWeights()
-    with pytest.warns(UserWarning, match=r"non-finite loss nan at step 2 \(timesteps \d+\.\.\d+\): step skipped \(1/10"):
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 2 \(timesteps \d+\.\.\d+\): step skipped \(1 skipped"):
         _trainer(tmp_path, [record], max_steps=5).fit(module, _loader())
+    assert module.nonfinite.on_device == (path == "device")
     # batches 2 and 3 changed nothing (Lightning still counts them toward max_steps); batch 4 trained again
     for a, b in zip(record.after_step[1], record.after_step[3]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not all(torch.equal(a, b) for a, b in zip(record.after_step[3], record.after_step[4]))
-    assert len(record.after_step) == 5 and module.nonfinite_in_a_row == 0
+    assert len(record.after_step) == 5 and int(module.nonfinite.counts[0]) == 0
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def test_training_stops_after_k_nonfinite_steps_keeping_the_last_checkpoint(tmp_path):
-    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, max_nonfinite_steps=3)
+@pytest.mark.parametrize("path", sorted(OPTIMIZERS))
+def test_training_stops_after_k_nonfinite_steps_keeping_the_last_checkpoint(tmp_path, path):
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, max_nonfinite_steps=3,
+                             optimizer=OPTIMIZERS[path])
     _nan_at(module, set(range(4, 100)))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, save_last=True)
     record = RecordWeights()
@@ -65,6 +76,20 @@ def test_training_stops_after_k_nonfinite_steps_keeping_the_last_checkpoint(tmp_
     good = DiffusionModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     for got, want in zip(good.backbone.parameters(), record.after_step[3]):  # the weights of the last good step
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_nonfinite_counts_are_read_back_only_every_log_every_n_steps(tmp_path, monkeypatch):
+    from lightning_ddpm.nonfinite import NonFiniteGuard
+
+    checks = []
+    real_check = NonFiniteGuard.check
+    monkeypatch.setattr(NonFiniteGuard, "check", lambda self, trainer=None: (checks.append(trainer.global_step),
+                                                                             real_check(self, trainer)))
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20)
+    trainer = Trainer(max_steps=12, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, default_root_dir=tmp_path, log_every_n_steps=5, enable_checkpointing=False)
+    trainer.fit(module, _loader())
+    assert checks == [5, 10, 12]  # every 5 steps and once at the end
 
 
 def test_truncated_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path):

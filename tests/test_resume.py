@@ -58,3 +58,47 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     for x, y in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         for name in x:
             torch.testing.assert_close(x[name], y[name], rtol=0, atol=0)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run_with_two_processes(tmp_path):
+    """The same with DDP (2 gloo processes, 10 batches per rank and epoch): the whole process group is
+    killed mid-epoch, and both ranks end bit-identical to an uninterrupted 2-process run."""
+    ddp = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+
+    def command(root: Path, *extra: str) -> list[str]:
+        cmd = _command(root, 45, *ddp, *extra)
+        i = cmd.index("--trainer.callbacks") + 1
+        callbacks = json.loads(cmd[i]) + [{"class_path": "tests.helpers.DumpWeights",
+                                           "init_args": {"dirpath": str(root / "weights")}}]
+        cmd[i] = json.dumps(callbacks)
+        return cmd
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    subprocess.run(command(straight), env=env, check=True, capture_output=True, timeout=300)
+    process = subprocess.Popen(command(crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its own process group: rank 1 dies with rank 0
+    marker = crashed / "ckpt" / "epoch=2-step=25.ckpt"  # the middle of epoch 2 (10 batches per rank)
+    deadline = time.time() + 240
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert marker.exists() and not (crashed / "ckpt" / "epoch=4-step=45.ckpt").exists(), "killed before the end"
+    result = subprocess.run(command(crashed, "--ckpt_path", "last"), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    a = torch.load(straight / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True)
+    b = torch.load(crashed / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True)
+    for part in ("state_dict", "current_model_state"):  # EMA weights and raw weights
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=0, msg=f"{part}.{key}")
+    for x, y in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for name in x:
+            torch.testing.assert_close(x[name], y[name], rtol=0, atol=0)
+    for rank in (0, 1):  # each rank's final raw weights, not only rank 0's checkpoint
+        wa = torch.load(straight / "weights" / f"rank{rank}.pt", weights_only=True)
+        wb = torch.load(crashed / "weights" / f"rank{rank}.pt", weights_only=True)
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=f"rank {rank} {key}")

@@ -26,9 +26,9 @@ def test_loss_second_moment_sampler():
     t, w = s.sample(200_000, generator=torch.Generator().manual_seed(1))
     per_t = torch.tensor([1.0, 2.0, 1.0, 4.0])
     assert (w * per_t[t]).mean().item() == pytest.approx(per_t.mean().item(), rel=0.01)
-    # FIFO: a new loss pushes out the oldest
+    # FIFO: a new loss pushes out the oldest (the history is a ring buffer: order within it is free)
     s.update(torch.tensor([2]), torch.tensor([6.0]))
-    assert s.loss_history[2].tolist() == [0.0, 3.0, 6.0]
+    assert sorted(s.loss_history[2].tolist()) == [0.0, 3.0, 6.0]
     state = s.state_dict()
     fresh = LossSecondMomentSampler(T, history=history, uniform_prob=0.0)
     fresh.load_state_dict(state)
@@ -44,3 +44,31 @@ def test_uniform_mixing_and_errors():
         make_timestep_sampler("importance", 10)
     with pytest.raises(ValueError, match="uniform_prob"):
         LossSecondMomentSampler(4, uniform_prob=2.0)
+
+
+def test_vectorised_update_matches_a_per_example_fifo():
+    """Batches with repeated timesteps (more than `history` of one t), NaNs, in any order: each t keeps
+    exactly the last `history` finite losses, as a loop over the batch appending one by one would."""
+    T, H = 5, 3
+    s = LossSecondMomentSampler(T, history=H)
+    fifo = {t: [] for t in range(T)}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        t = torch.randint(0, T, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)
+        t[: len(t) // 2] = 1  # many losses for t = 1 in one batch
+        losses = torch.rand(len(t), generator=g, dtype=torch.float64)
+        losses[torch.rand(len(t), generator=g) < 0.1] = float("nan")
+        s.update(t, losses)
+        for ti, li in zip(t.tolist(), losses.tolist()):
+            if li == li:
+                fifo[ti] = (fifo[ti] + [li])[-H:]
+        for ti in range(T):
+            assert int(s.loss_counts[ti]) == len(fifo[ti])
+            assert sorted(s.loss_history[ti].tolist()[: len(fifo[ti])] if len(fifo[ti]) < H else
+                          s.loss_history[ti].tolist()) == sorted(fifo[ti])
+    state = s.state_dict()
+    again = LossSecondMomentSampler(T, history=H)
+    again.load_state_dict(state)
+    s.update(torch.tensor([3, 3]), torch.tensor([7.0, 8.0], dtype=torch.float64))
+    again.update(torch.tensor([3, 3]), torch.tensor([7.0, 8.0], dtype=torch.float64))
+    torch.testing.assert_close(again.loss_history, s.loss_history)

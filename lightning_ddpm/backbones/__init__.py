@@ -6,6 +6,7 @@ from .registry import (
     BackboneSpec,
     available_backbones,
     build_backbone,
+    check_backbone,
     register_backbone,
     resolve_backbone,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "UNet",
     "available_backbones",
     "build_backbone",
+    "check_backbone",
     "register_backbone",
     "resolve_backbone",
 ]

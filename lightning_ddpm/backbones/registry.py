@@ -27,6 +27,7 @@ __all__ = [
     "build_backbone",
     "available_backbones",
     "resolve_backbone",
+    "check_backbone",
 ]
 
 ENTRY_POINT_GROUP = "lightning_ddpm.backbones"
@@ -135,3 +136,23 @@ def _accepted_kwargs(target: Callable[..., Any]) -> set[str] | None:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+
+
+def check_backbone(
+    backbone: nn.Module, data_shape: tuple[int, ...], out_channels: int, num_classes: int | None, variance: str
+) -> None:
+    """Catch a backbone that cannot serve the data and the diffusion, before any training step."""
+    got = getattr(backbone, "out_channels", None)
+    if isinstance(got, int) and got != out_channels:
+        raise ValueError(
+            f"backbone outputs {got} channels but variance={variance!r} with {data_shape[0]} data channels needs "
+            f"{out_channels}"
+        )
+    in_channels = getattr(backbone, "in_channels", None)
+    if isinstance(in_channels, int) and in_channels != data_shape[0]:
+        raise ValueError(f"backbone takes {in_channels} input channels but the data has {data_shape[0]}")
+    image_size = getattr(backbone, "image_size", None)
+    if image_size is not None and len(data_shape) == 3 and tuple(image_size) != data_shape[1:]:
+        raise ValueError(f"backbone image_size {tuple(image_size)} does not match the data's {data_shape[1:]}")
+    if hasattr(backbone, "num_classes") and backbone.num_classes != num_classes:
+        raise ValueError(f"backbone num_classes={backbone.num_classes} but the model has num_classes={num_classes}")

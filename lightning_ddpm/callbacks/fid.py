@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..samplers import DDIMSampler, Sampler
+from ..data.batches import unpack_batch
 from .ema import ema_weights
 
 
@@ -147,9 +148,7 @@ class FIDCallback(pl.Callback):
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.real_done or trainer.sanity_checking:
             return
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if isinstance(images, dict):
-            images = next(images[k] for k in ("x", "image", "images") if k in images)
+        images, _ = unpack_batch(batch)
         self._update(images.to(pl_module.device), real=True)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from ..data.batches import unpack_batch
 from .ema import ema_weights
 
 
@@ -34,7 +35,7 @@ class BitsPerDimCallback(pl.Callback):
         have = sum(x.shape[0] for x in self._subset)
         if trainer.sanity_checking or have >= self.num_examples:
             return
-        x, _ = pl_module._unpack(batch) if hasattr(pl_module, "_unpack") else (batch, None)
+        x, _ = unpack_batch(batch)
         self._subset.append(x[: self.num_examples - have].detach())
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -51,6 +51,7 @@ class SampleLogger(pl.Callback):
         self._default_sampler = sampler is None
         self.sampler = sampler or DDIMSampler(num_steps=50)
         self.last_path: Path | None = None
+        self.last_samples: torch.Tensor | None = None  # rank 0: the samples of the last picture
         self._last_step = -1
 
     def _dir(self, trainer: pl.Trainer) -> Path:
@@ -79,32 +80,41 @@ class SampleLogger(pl.Callback):
 
     @torch.no_grad()
     def log_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
-        """Sample on rank 0 (the backbone is called directly, so no collective op waits on the others)."""
+        """Every rank draws its share and rank 0 writes the picture: under FSDP or DeepSpeed-3 each
+        forward gathers parameters from every rank, so all of them must sample. Sample i comes from
+        seed + i alone, so the picture is the same whatever the number of ranks."""
         step = trainer.global_step
         if step == self._last_step:
             return None
         self._last_step = step
         out_dir = self._dir(trainer)  # trainer.log_dir broadcasts: every rank must ask
-        if not trainer.is_global_zero:
-            return None
-        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
-        labels = None
+        all_labels, per_class = None, 0
         num_classes = getattr(pl_module, "num_classes", None)
         if num_classes:
             per_class = max(1, self.num_samples // num_classes)
-            labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(per_class)
-        num = len(labels) if labels is not None else self.num_samples
+            all_labels = torch.arange(num_classes).repeat_interleave(per_class)
+        num = len(all_labels) if all_labels is not None else self.num_samples
+        # Equal shares (the last rank pads with repeats of the last sample): every rank runs the
+        # same number of forward passes, which a sharded strategy's collectives need.
+        share = -(-num // trainer.world_size)
+        mine = [min(i, num - 1) for i in range(trainer.global_rank * share, (trainer.global_rank + 1) * share)]
+        generators = [torch.Generator(pl_module.device).manual_seed(self.seed + i) for i in mine]
+        labels = all_labels[mine].to(pl_module.device) if all_labels is not None else None
         with ema_weights(trainer, pl_module):
-            samples = pl_module.sample(num, sampler=self.sampler, generator=generator, labels=labels)
+            samples = pl_module.sample(len(mine), sampler=self.sampler, generator=generators, labels=labels)
+        if trainer.world_size > 1:
+            samples = trainer.strategy.all_gather(samples).reshape(-1, *samples.shape[1:])[:num]
+        if not trainer.is_global_zero:
+            return None
+        self.last_samples = samples.cpu()
         reference = None
         if samples.ndim == 2 and hasattr(trainer.datamodule, "reference_points"):
             reference = trainer.datamodule.reference_points()
         path = out_dir / f"step_{step:07d}.png"
-        if samples.ndim == 4 and labels is not None:
+        if samples.ndim == 4 and all_labels is not None:
             save_image_grid(samples, path, nrow=per_class)  # one row per class
         else:
-            save_samples_picture(samples, path, reference, labels.cpu() if labels is not None else None,
-                                 title=f"step {step}")
+            save_samples_picture(samples, path, reference, all_labels, title=f"step {step}")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", load_png(path), step)

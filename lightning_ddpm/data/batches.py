@@ -1,0 +1,52 @@
+"""What a batch may look like, and the checks on it (shared by the module and the callbacks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["unpack_batch", "check_labels"]
+
+IMAGE_KEYS = ("x", "image", "images")
+LABEL_KEYS = ("y", "label", "labels")
+
+
+def unpack_batch(batch: Any, data_shape: Sequence[int] | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(x, labels or None)`` from a tensor, an ``(x, y)`` pair or a dict with 'x'/'image'/'images'
+    and optional 'y'/'label'/'labels'. Checks ``x``'s example shape against ``data_shape`` (metadata
+    only: nothing is read back from the device)."""
+    if isinstance(batch, Tensor):
+        x, y = batch, None
+    elif isinstance(batch, (list, tuple)) and batch:
+        x, y = batch[0], batch[1] if len(batch) > 1 else None
+    elif isinstance(batch, dict):
+        x = next((batch[k] for k in IMAGE_KEYS if k in batch), None)
+        y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        if x is None:
+            raise ValueError(f"dict batch needs one of the keys 'x', 'image', 'images'; got {sorted(batch)}")
+    else:
+        raise ValueError(f"batch must be a tensor, an (x, y) pair or a dict, got {type(batch).__name__}")
+    if data_shape is not None and tuple(x.shape[1:]) != tuple(data_shape):
+        raise ValueError(f"batch examples have shape {tuple(x.shape[1:])}, the model expects {tuple(data_shape)}")
+    return x, y
+
+
+def check_labels(labels: Tensor | None, batch_size: int, num_classes: int | None, values: bool = True) -> Tensor | None:
+    """Labels for a model with ``num_classes`` (``None``: unconditional, labels are ignored).
+
+    ``values=True`` also checks the range, which reads the labels: do that where they are still on
+    the CPU (``on_before_batch_transfer``), not on the device in every training step.
+    """
+    if num_classes is None:
+        return None  # an unconditional model ignores dataset labels
+    if labels is None:
+        raise ValueError(f"the model is class-conditional (num_classes={num_classes}) but the batch has no labels")
+    if labels.shape != (batch_size,) or labels.is_floating_point():
+        raise ValueError(f"labels must be integers of shape ({batch_size},), got {labels.dtype} {tuple(labels.shape)}")
+    if values and labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"labels must lie in [0, {num_classes}), got range [{low}, {high}]")
+    return labels.long()

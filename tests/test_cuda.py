@@ -1,0 +1,142 @@
+"""The CUDA path (``pytest -m cuda``; every test skips itself without a GPU).
+
+What a CPU run cannot show: mixed precision with Lightning's GradScaler, channels-last
+convolutions, torch.compile, EMA/FID/sampling on the device, host-device synchronisation in
+the step (``torch.cuda.set_sync_debug_mode("error")``) and bit-exact resume on CUDA.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ddpm import DiffusionModule
+from lightning_ddpm.cli import run_cli
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+TINY = {
+    "mlp": {"name": "mlp", "init_args": {"hidden_dim": 64, "num_blocks": 2}},
+    "unet": {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+                                           "attn_resolutions": [4], "dropout": 0.1}},
+}
+
+
+def _data_args(config: Path, tmp_path: Path) -> list[str]:
+    """Offline stand-ins: torchvision datasets and image folders become sklearn digits or a tiny folder."""
+    text = config.read_text()
+    if "Toy2DDataModule" in text:
+        return ["--data.init_args.num_train=4096"]
+    args = ["--data.init_args.dataset=digits", "--data.init_args.num_workers=0", "--data.init_args.image_size=8",
+            "--data.init_args.batch_size=32", "--data.init_args.random_flip=false"]
+    return args + (["--data.init_args.channels=1"] if "imagefolder" in config.name else [])
+
+
+def _backbone(config: Path) -> str:
+    return json.dumps(TINY["mlp" if "toy2d" in config.name else "unet"])
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_fits_on_cuda(config, precision, tmp_path):
+    cli = run_cli(["fit", "--config", str(config), *_data_args(config, tmp_path), "--model.backbone", _backbone(config),
+                   "--trainer.accelerator=cuda", "--trainer.devices=1", f"--trainer.precision={precision}",
+                   "--trainer.max_steps=4", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+                   "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+                   "--trainer.callbacks=[{class_path: lightning_ddpm.callbacks.EMA, init_args: {decay: 0.9}}]"])
+    assert cli.trainer.global_step == 4
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+    if precision == "16-mixed":
+        assert cli.trainer.precision_plugin.scaler is not None  # Lightning's GradScaler
+    if cli.model.use_channels_last:
+        conv = next(m for m in cli.model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    samples = cli.model.sample(8, generator=torch.Generator("cuda").manual_seed(0))
+    assert samples.is_cuda and torch.isfinite(samples).all()
+
+
+class _SyncFreeSteps:
+    """Runs the module's training step and optimizer hook under set_sync_debug_mode("error")."""
+
+    def __init__(self, module: DiffusionModule) -> None:
+        for name in ("training_step", "on_before_optimizer_step"):
+            setattr(module, name, self._strict(getattr(module, name)))
+
+    @staticmethod
+    def _strict(fn):
+        def wrapped(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return wrapped
+
+
+@pytest.mark.parametrize("timestep_sampler", ["uniform", "loss_second_moment"])
+def test_training_steps_do_not_synchronise_with_the_host(tmp_path, timestep_sampler):
+    from lightning.pytorch import Trainer
+
+    module = DiffusionModule(backbone=TINY["unet"], data_shape=[1, 8, 8], num_classes=3, num_timesteps=100,
+                             timestep_sampler=timestep_sampler, clip_denoised=True)
+    _SyncFreeSteps(module)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(10)]
+    trainer = Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=10, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=100,
+                      default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 10 and module.nonfinite.on_device
+
+
+def test_compile_fits_and_samples_on_cuda(tmp_path):
+    from lightning.pytorch import Trainer
+
+    module = DiffusionModule(backbone=TINY["unet"], data_shape=[1, 8, 8], num_timesteps=100, clip_denoised=True,
+                             compile=True)
+    g = torch.Generator().manual_seed(0)
+    loader = torch.utils.data.DataLoader([torch.randn(16, 1, 8, 8, generator=g) for _ in range(4)], batch_size=None)
+    Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=4, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, default_root_dir=tmp_path).fit(module, loader)
+    assert module.sample(4, sampler={"name": "ddim", "init_args": {"num_steps": 5}}).is_cuda
+
+
+def test_fid_on_cuda(tmp_path):
+    cli = run_cli(["fit", "--config", str(ROOT / "configs/digits.yaml"), "--model.backbone", json.dumps(TINY["unet"]),
+                   "--trainer.accelerator=cuda", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                   "--trainer.limit_val_batches=2", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+                   "--trainer.callbacks", json.dumps([
+                       {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+                       {"class_path": "lightning_ddpm.callbacks.FIDCallback",
+                        "init_args": {"num_samples": 64, "feature_extractor": {"class_path": "tests.helpers.TinyFeatures"},
+                                      "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler",
+                                                  "init_args": {"num_steps": 5}}}}])])
+    assert torch.isfinite(cli.trainer.callback_metrics["val/fid"])
+
+
+def test_resume_on_cuda_is_bit_exact(tmp_path):
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(root: Path, max_steps: int, ckpt_path=None) -> DiffusionModule:
+        seed_everything(0)
+        module = DiffusionModule(backbone=TINY["unet"], data_shape=[1, 8, 8], num_timesteps=100, clip_denoised=True)
+        g = torch.Generator().manual_seed(0)
+        loader = torch.utils.data.DataLoader([torch.randn(16, 1, 8, 8, generator=g) for _ in range(8)],
+                                             batch_size=None)
+        Trainer(accelerator="cuda", devices=1, max_steps=max_steps, deterministic=True, logger=False,
+                enable_progress_bar=False, default_root_dir=root,
+                callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=3)]).fit(
+            module, loader, ckpt_path=ckpt_path)
+        return module
+
+    straight = fit(tmp_path / "a", 6)
+    fit(tmp_path / "b", 3)
+    resumed = fit(tmp_path / "b", 6, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -1,0 +1,209 @@
+"""The training step under gradient accumulation, per-request predict seeds, RNG ownership, sampler
+caches, host synchronisation, compile and the optimizer defaults (issue 15)."""
+
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from lightning_ddpm import DDPMSampler, DiffusionModule, GaussianDiffusion, make_schedule
+from lightning_ddpm.data import SampleRequests
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
+LIBRARY = str(ROOT / "lightning_ddpm")
+
+
+def _loader(n=16, batch=16, labels=False):
+    g = torch.Generator().manual_seed(0)
+    items = [torch.randn(batch, 2, generator=g) for _ in range(n)]
+    if labels:
+        items = [(x, torch.randint(0, 3, (batch,), generator=g)) for x in items]
+    return torch.utils.data.DataLoader(items, batch_size=None)
+
+
+def _trainer(tmp_path, **kw):
+    kw.setdefault("logger", False)
+    kw.setdefault("enable_checkpointing", False)
+    return Trainer(enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                   default_root_dir=tmp_path, **kw)
+
+
+def test_accumulated_micro_batches_draw_their_own_timesteps_and_noise(tmp_path):
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=1000, parameterization="v")
+    draws = []
+    real = module.diffusion.training_losses
+
+    def recording(denoise_fn, x0, t, noise=None, generator=None):
+        out = real(denoise_fn, x0, t, noise, generator)
+        draws.append((module.global_step, t.clone(), torch.randn(4, generator=generator)))
+        return out
+
+    module.diffusion.training_losses = recording
+    _trainer(tmp_path, max_steps=3, accumulate_grad_batches=4).fit(module, _loader(n=12))
+    assert [step for step, _, _ in draws] == [0] * 4 + [1] * 4 + [2] * 4
+    for step in range(3):
+        ts = [t for s, t, _ in draws if s == step]
+        noises = [z for s, _, z in draws if s == step]
+        assert all(not torch.equal(ts[0], t) for t in ts[1:]) and all(not torch.equal(noises[0], z) for z in noises[1:])
+        # 4 micro-batches of 16 are 64 independent uniform draws over 1000 timesteps, as one batch of
+        # 64 would be: about 62 distinct values (at most 16 if every micro-batch repeated the first)
+        assert torch.cat(ts).unique().numel() > 50
+
+
+def _predict(module, tmp_path, batch_size, sampler):
+    module.default_sampler = sampler
+    loader = torch.utils.data.DataLoader(SampleRequests(8, seed=5), batch_size=batch_size)
+    return torch.cat(_trainer(tmp_path).predict(module, loader))
+
+
+def test_a_predict_request_depends_on_its_seed_alone(tmp_path):
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=50, parameterization="v")
+    sampler = DDPMSampler(num_steps=10)  # noise at every step, not just at the start
+    one_by_one = _predict(module, tmp_path, 1, sampler)
+    in_eights = _predict(module, tmp_path, 8, sampler)
+    in_threes = _predict(module, tmp_path, 3, sampler)
+    torch.testing.assert_close(in_eights, one_by_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(in_threes, one_by_one, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(one_by_one[0], one_by_one[1])  # and different seeds differ
+
+
+def test_predict_with_two_processes_gives_the_one_process_samples(tmp_path):
+    def run(devices: int) -> torch.Tensor:
+        out = tmp_path / f"p{devices}"
+        cmd = [sys.executable, "-m", "lightning_ddpm", "predict", "--config", str(ROOT / "configs/toy2d.yaml"),
+               "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50", "--untrained",
+               "--model.sampler", '{"name": "ddpm", "init_args": {"num_steps": 5}}',
+               "--data.init_args.num_predict_samples=10", "--data.init_args.batch_size=4",
+               f"--trainer.devices={devices}", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
+               "--trainer.logger=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={out}",
+               "--predict_writer.output_dir", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return torch.load(out / "samples.pt", weights_only=True)["samples"]
+
+    torch.testing.assert_close(run(2), run(1), rtol=1e-5, atol=1e-5)
+
+
+def test_load_from_checkpoint_leaves_the_callers_global_rng_alone(tmp_path):
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v")
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, _loader())
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    torch.manual_seed(123)
+    DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    after_load = torch.rand(3)
+    torch.manual_seed(123)
+    DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v")  # the same construction
+    assert torch.equal(after_load, torch.rand(3)), "loading must not restore the training run's RNG state"
+
+
+def test_a_shared_ddpm_sampler_never_uses_another_models_schedule():
+    sampler = DDPMSampler(num_steps=5)
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+
+    def run(d):
+        return sampler.sample(lambda x, t: torch.zeros_like(x), d, x_T, generator=torch.Generator().manual_seed(1))
+
+    def fresh(d):
+        return DDPMSampler(num_steps=5).sample(lambda x, t: torch.zeros_like(x), d, x_T,
+                                               generator=torch.Generator().manual_seed(1))
+
+    first = GaussianDiffusion(make_schedule("linear", 20, beta_end=0.3), parameterization="v")
+    run(first)
+    old_id = id(first)
+    del first
+    gc.collect()
+    for _ in range(200):  # CPython usually hands the freed id to the next object of that size
+        second = GaussianDiffusion(make_schedule("cosine", 20), parameterization="v")
+        if id(second) == old_id:
+            break
+    torch.testing.assert_close(run(second), fresh(second), rtol=0, atol=0)
+
+
+class _CountHostSyncs(Callback):
+    """Counts Tensor.item / __bool__ / tolist / cpu / numpy / __int__ / __float__ calls made from library
+    code between the first and the last training batch (host reads of the CPU batch before it is
+    moved to the device, in on_before_batch_transfer, are not device syncs and are not counted)."""
+
+    NAMES = ("item", "__bool__", "tolist", "cpu", "numpy", "__int__", "__float__")
+
+    def __init__(self, steps: int) -> None:
+        self.steps, self.calls, self.active = steps, [], False
+
+    def setup(self, trainer, pl_module, stage):
+        self.originals = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, self._wrap(name, original))
+
+    def teardown(self, trainer, pl_module, stage):
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+
+    def _wrap(self, name, original):
+        callback = self
+
+        def wrapper(tensor, *args, **kwargs):
+            if callback.active:
+                frame, stack = sys._getframe(1), []
+                while frame is not None:
+                    stack.append((frame.f_code.co_filename, frame.f_code.co_name))
+                    frame = frame.f_back
+                if stack[0][0].startswith(LIBRARY) and not any(f == "on_before_batch_transfer" for _, f in stack):
+                    callback.calls.append(f"{name} at {stack[0][0]}:{stack[0][1]}")
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active = trainer.global_step < self.steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.active = False
+
+
+@pytest.mark.parametrize("timestep_sampler", ["uniform", "loss_second_moment"])
+def test_training_steps_make_no_host_syncs(tmp_path, timestep_sampler):
+    from lightning_ddpm.callbacks import EMA
+
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_classes=3, num_timesteps=50, parameterization="v",
+                             timestep_sampler=timestep_sampler, loss="hybrid", variance="learned_range")
+    counter = _CountHostSyncs(steps=20)
+    _trainer(tmp_path, max_steps=20, callbacks=[EMA(decay=0.9), counter], log_every_n_steps=50).fit(
+        module, _loader(n=20, labels=True))
+    assert module.nonfinite.on_device  # fused Adam: the device path
+    assert counter.calls == [], counter.calls[:10]
+
+
+def test_compile_option_compiles_the_backbone_without_graph_breaks(tmp_path):
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v",
+                             compile={"backend": "eager", "fullgraph": True})  # fullgraph: a graph break raises
+    plain = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v")
+    assert module.backbone._compiled_call_impl is not None
+    assert module.state_dict().keys() == plain.state_dict().keys()  # no _orig_mod. prefixes in checkpoints
+    _trainer(tmp_path, max_steps=2).fit(module, _loader())
+    assert module.sample(4, generator=torch.Generator().manual_seed(0)).shape == (4, 2)
+
+
+def test_adam_is_fused_and_ddp_skips_the_schedule_buffers(tmp_path):
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v")
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, _loader())
+    assert trainer.optimizers[0].defaults["fused"] is True
+    buffers = dict(module.named_buffers())
+    assert module._ddp_params_and_buffers_to_ignore and all(n in buffers for n in module._ddp_params_and_buffers_to_ignore)
+    assert not any(n.startswith("backbone.") for n in module._ddp_params_and_buffers_to_ignore)
+    user = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v",
+                           optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-3, "foreach": True}})
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(user, _loader())
+    assert not trainer.optimizers[0].defaults["fused"]  # the user's choice stands
+    assert not user.nonfinite.on_device  # and the guard falls back to the host
