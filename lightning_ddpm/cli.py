@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -123,6 +124,10 @@ class DiffusionCLI(LightningCLI):
             except ImportError as err:
                 raise CLIError(f"imports: cannot import {module!r} ({err}); run from the folder that holds it, "
                                "or install it") from err
+        if self.subcommand != "fit":
+            # Outside fit the training callbacks' saved states (checkpointing, EMA) are not restored:
+            # Lightning's advice to pass the callbacks that wrote the checkpoint does not apply.
+            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
         if self.subcommand == "predict" and not config.get("ckpt_path") and not config.get("untrained"):
             raise CLIError("predict needs --ckpt_path (a trained checkpoint); add --untrained to sample the "
                            "untrained network on purpose")

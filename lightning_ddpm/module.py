@@ -174,15 +174,6 @@ class DiffusionModule(pl.LightningModule):
 
     # -- batches and the denoiser --------------------------------------------------------------
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Label values are checked here, while the batch is still on the CPU: reading them in the step
-        # would synchronise with the device every time.
-        if self.num_classes is not None and self._trainer is not None and not self.trainer.predicting:
-            x, labels = unpack_batch(batch)
-            if labels is not None and labels.device.type == "cpu":
-                check_labels(labels, x.shape[0], self.num_classes)
-        return batch
-
     def denoiser(self, cond: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """``denoise_fn(x_t, t)`` for the math layer, with class labels bound."""
 
@@ -201,7 +192,9 @@ class DiffusionModule(pl.LightningModule):
     def _shared_step(self, batch: Any, stage: str, batch_idx: int) -> tuple[Tensor, Tensor]:
         """The (weighted) batch loss and the timesteps it was drawn at. No host synchronisation."""
         x0, labels = unpack_batch(batch, self.data_shape)
-        labels = check_labels(labels, x0.shape[0], self.num_classes, values=False)  # values: on_before_batch_transfer
+        # Reading the label values back is a host sync: do it on the first batch of each epoch only (an
+        # out-of-range label later still fails, in the class embedding, with a less friendly message).
+        labels = check_labels(labels, x0.shape[0], self.num_classes, values=batch_idx == 0)
         # Every draw comes from a generator seeded by (stage, step, micro-batch, rank), never from the
         # global RNG: validation losses are comparable between epochs, and a resumed run draws
         # exactly what the uninterrupted one would have.

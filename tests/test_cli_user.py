@@ -3,6 +3,7 @@ no abbreviations, saved configs that read back, one-line errors, a quiet console
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,7 @@ def test_the_console_is_quiet(toy_ckpt, tmp_path):
         console = result.stdout + result.stderr
         for noise in ("💡", "Tip:", "Warning", "warn(", "deprecated", "log_every_n_steps", "WeightAveraging"):
             assert noise not in console, f"{noise!r} in:\n{console}"
+        assert not re.search(r"\.py:\d+: ", console), f"a warning in:\n{console}"  # warnings.warn's format
     help_text = subprocess.run([sys.executable, "-m", "lightning_ddpm", "--help"], capture_output=True, text=True,
                                timeout=120).stdout
     assert help_text.startswith("usage: lightning-ddpm ")

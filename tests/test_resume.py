@@ -88,6 +88,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_with_two_processes(tmp
     result = subprocess.run(command(crashed, "--ckpt_path", "last"), env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted(p.name for p in (crashed / "ckpt").iterdir())
+    assert (crashed / "ckpt" / "epoch=4-step=45.ckpt").exists(), (files, result.stderr[-3000:])
 
     a = torch.load(straight / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True)
     b = torch.load(crashed / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True)
@@ -102,3 +104,26 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_with_two_processes(tmp
         wb = torch.load(crashed / "weights" / f"rank{rank}.pt", weights_only=True)
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=f"rank {rank} {key}")
+
+
+def test_resume_from_a_checkpoint_written_on_the_last_batch_of_an_epoch(tmp_path):
+    """Lightning starts the next epoch afresh; the data order must not skip that epoch's batches too."""
+    from lightning_ddpm.cli import run_cli
+
+    def fit(root: Path, max_steps: int, *extra: str):
+        callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(root), "every_n_train_steps": 4, "save_top_k": -1}}]
+        run_cli(["fit", "--config", str(ROOT / "configs/toy2d.yaml"), "--model.backbone",
+                 json.dumps({"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}),
+                 "--data.init_args.num_train=256", "--data.init_args.batch_size=64",  # 4 batches an epoch
+                 "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+                 "--trainer.deterministic=true", f"--trainer.default_root_dir={root}", f"--trainer.max_steps={max_steps}",
+                 "--trainer.callbacks", json.dumps(callbacks), *extra])
+
+    fit(tmp_path / "straight", 8)
+    fit(tmp_path / "resumed", 4)
+    fit(tmp_path / "resumed", 8, "--ckpt_path", str(tmp_path / "resumed" / "epoch=0-step=4.ckpt"))
+    a = torch.load(tmp_path / "straight" / "epoch=1-step=8.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "epoch=1-step=8.ckpt", weights_only=True)  # epoch 1, not 2
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)

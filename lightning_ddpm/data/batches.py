@@ -36,8 +36,8 @@ def unpack_batch(batch: Any, data_shape: Sequence[int] | None = None) -> tuple[T
 def check_labels(labels: Tensor | None, batch_size: int, num_classes: int | None, values: bool = True) -> Tensor | None:
     """Labels for a model with ``num_classes`` (``None``: unconditional, labels are ignored).
 
-    ``values=True`` also checks the range, which reads the labels: do that where they are still on
-    the CPU (``on_before_batch_transfer``), not on the device in every training step.
+    ``values=True`` also checks the range, which reads the labels back from the device: the training
+    step does it on the first batch of each epoch only.
     """
     if num_classes is None:
         return None  # an unconditional model ignores dataset labels

@@ -56,7 +56,11 @@ def resumable_train_loader(
         )
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=seed)
     if trainer is not None:
-        sampler.skip_next(consumed_batches(trainer) * batch_size)
+        consumed = consumed_batches(trainer)
+        # A checkpoint written on the epoch's last batch: Lightning starts the next epoch afresh
+        # (it resets the batch counter only after this loader is built), so skip nothing.
+        if consumed < per_device // batch_size:
+            sampler.skip_next(consumed * batch_size)
     # Its own generator: worker seeds must not draw from (and shift) the global RNG.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                       generator=torch.Generator().manual_seed(seed), **loader_kwargs)
