@@ -44,7 +44,8 @@ def main() -> None:
         module = DiffusionModule(backbone=backbone, data_shape=shape, lr_warmup_steps=0)
         data = torch.randn(batch * (args.steps + args.warmup), *shape)
         loader = torch.utils.data.DataLoader(data, batch_size=batch, drop_last=True)
-        optimizer = torch.optim.Adam(module.backbone.parameters(), lr=2e-4)
+        # the optimizer DiffusionModule builds by default: fused Adam
+        optimizer = torch.optim.Adam(module.backbone.parameters(), lr=2e-4, fused=True)
         lightning_times, plain_times = [], []
         for _ in range(args.rounds):
             timer = StepTimer(args.warmup)

@@ -28,18 +28,18 @@ class TimestepLosses(Metric):
 
     def update(self, losses: Tensor, t: Tensor, loss: Tensor, vlb: Tensor | None = None) -> None:
         """``losses`` (B,) per example at timesteps ``t`` (B,); ``loss`` the batch's (weighted) loss."""
-        # A skipped non-finite step must not turn the epoch's means into NaN: mask it out.
-        finite = torch.isfinite(losses).float()
-        losses = torch.nan_to_num(losses.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
-        onehot = torch.nn.functional.one_hot((t * self.num_bins) // self.num_timesteps, self.num_bins).float()
-        onehot = onehot * finite[:, None]
-        self.totals[:, : self.num_bins] += torch.stack([losses @ onehot, onehot.sum(0)])
-        n = torch.isfinite(loss).float() * losses.shape[0]
-        self.totals[:, self.num_bins] += torch.stack([torch.nan_to_num(loss.detach().float()) * n, n])
+        # A skipped non-finite step must not turn the epoch's means into NaN: non-finite examples count 0.
+        finite = torch.isfinite(losses)
+        losses = torch.where(finite, losses.detach(), 0.0).float()
+        weights = torch.nn.functional.one_hot((t * self.num_bins) // self.num_timesteps, self.num_bins + 2).float()
+        weights = weights * finite[:, None]
+        weights[:, self.num_bins] = torch.isfinite(loss).float()  # the batch loss counts once per example
+        values = losses[:, None].expand(-1, self.num_bins + 2).clone()
+        values[:, self.num_bins] = torch.nan_to_num(loss.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
         if vlb is not None:
-            vlb_ok = torch.isfinite(vlb).float()
-            self.totals[:, self.num_bins + 1] += torch.stack([(torch.nan_to_num(vlb.detach().float()) * vlb_ok).sum(),
-                                                              vlb_ok.sum()])
+            weights[:, self.num_bins + 1] = torch.isfinite(vlb).float()
+            values[:, self.num_bins + 1] = torch.nan_to_num(vlb.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+        self.totals += torch.stack([(values * weights).sum(0), weights.sum(0)])
 
     def compute(self) -> dict[str, Tensor]:
         """``loss``, ``vlb`` (if updated with it) and ``loss_q0``... for the bins that saw examples."""

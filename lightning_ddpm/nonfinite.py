@@ -47,7 +47,10 @@ class NonFiniteGuard:
         self._loss, self._t_range = loss.detach(), torch.stack([t.min(), t.max()])
 
     def before_optimizer_step(self, optimizer: Any, parameters: Iterable[Tensor], step: int) -> None:
-        """Flag this step on the device; the optimizer skips it (fused found_inf, or GradScaler)."""
+        """Flag this step on the device; the optimizer skips it (fused found_inf, or GradScaler).
+
+        ``parameters``: a list (not a generator: walking the modules costs ~0.5 ms a step on a CPU).
+        """
         if not self.on_device or self.counts is None:
             return
         if self.scaler:
@@ -103,6 +106,7 @@ class NonFiniteGuard:
 
 
 def _nonfinite(grads: list[Tensor]) -> Tensor:
-    """True (a 0-dim bool on the device) if any gradient holds NaN or inf."""
-    norms = torch._foreach_norm(grads, float("inf"))  # NaN or inf propagates into the max-norm
-    return ~torch.isfinite(torch.stack([n.float() for n in norms]).max())
+    """True (a 0-dim bool on the device) if any gradient holds NaN or inf (or overflows the 2-norm)."""
+    # The 2-norm, not the max-norm: NaN/inf propagate into both, and torch's CPU max-norm is ~8x slower.
+    norms = torch._foreach_norm(grads, 2.0)
+    return ~torch.isfinite(torch.stack([n.float() for n in norms]).sum())
