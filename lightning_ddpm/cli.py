@@ -33,8 +33,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import SampleWriter
 from .checkpoints import SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
-from .imports import split_spec
-from .module import DiffusionModule
+from .module import DiffusionModule, settings_agree
 
 PROG = "lightning-ddpm"
 DEBUG_ENV = "LIGHTNING_DDPM_DEBUG"
@@ -104,7 +103,7 @@ class DiffusionCLI(LightningCLI):
         different = [
             f"model.{key}: given {given[key]!r}, checkpoint {saved[key]!r}"
             for key in DiffusionModule._COMPATIBLE
-            if key in given and key in saved and not _same_setting(key, given[key], saved[key])
+            if key in given and key in saved and not settings_agree(key, given[key], saved[key])
         ]
         if different:
             raise CLIError(
@@ -213,26 +212,9 @@ class DiffusionCLI(LightningCLI):
             if class_path == f"{cls.__module__}.{cls.__qualname__}" or _imports_as(class_path, cls)
         ]
         for key, init_args in candidates:  # two callbacks of one class: the one built with these arguments
-            if all(_plain(arguments.get(k, v)) == _plain(v) for k, v in init_args.items() if not isinstance(v, Mapping)):
+            if all(settings_agree(k, arguments.get(k, v), v) for k, v in init_args.items() if not isinstance(v, Mapping)):
                 return key
         return candidates[0][0] if candidates else None
-
-
-def _same_setting(key: str, given: Any, saved: Any) -> bool:
-    if key == "backbone":
-        try:
-            return split_spec(given, "backbone") == split_spec(saved, "backbone")
-        except ValueError:
-            return False
-    return _plain(given) == _plain(saved)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _unwrap(err: BaseException) -> BaseException:

@@ -395,7 +395,7 @@ class DiffusionModule(pl.LightningModule):
         different = [
             f"{key}: checkpoint {saved[key]!r} vs this model {self.hparams[key]!r}"
             for key in self._COMPATIBLE
-            if key in saved and key in self.hparams and _plain(saved[key]) != _plain(self.hparams[key])
+            if key in saved and key in self.hparams and not settings_agree(key, saved[key], self.hparams[key])
         ]
         if different:
             raise ValueError("checkpoint is from an incompatible config: " + "; ".join(different))
@@ -423,6 +423,16 @@ def _fused_supported(params: list[Tensor]) -> bool:
 def _seed_of(key: tuple) -> int:
     """A 63-bit seed from a tuple, the same in every process (unlike hash() of strings)."""
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def settings_agree(key: str, a: Any, b: Any) -> bool:
+    """Whether two values of the hyperparameter ``key`` mean the same (YAML and Python spellings alike)."""
+    if key == "backbone":
+        try:
+            return split_spec(a, "backbone") == split_spec(b, "backbone")  # "mlp" == {"name": "mlp"}
+        except ValueError:
+            return False
+    return _plain(a) == _plain(b)
 
 
 def _plain(value: Any) -> Any:

@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from .registry import Registry
+
 __all__ = ["StepCoefficients", "Parameterization", "get_parameterization", "available_parameterizations"]
 
 
@@ -115,19 +117,15 @@ class VParameterization(Parameterization):
         return c.sqrt_one_minus_alpha_bar
 
 
-_PARAMETERIZATIONS: dict[str, Parameterization] = {
-    p.name: p for p in (EpsParameterization(), X0Parameterization(), MuParameterization(), VParameterization())
-}
+_PARAMETERIZATIONS: Registry[Parameterization] = Registry("parameterization")
+for _p in (EpsParameterization(), X0Parameterization(), MuParameterization(), VParameterization()):
+    _PARAMETERIZATIONS.register(_p.name, _p)
 
 
 def available_parameterizations() -> list[str]:
-    return list(_PARAMETERIZATIONS)
+    return _PARAMETERIZATIONS.names()
 
 
 def get_parameterization(name: str) -> Parameterization:
-    """Look up a parameterization by name (``eps``, ``x0``, ``mu``, ``v``)."""
-    if name not in _PARAMETERIZATIONS:
-        raise ValueError(
-            f"unknown parameterization {name!r}; choose one of: {', '.join(available_parameterizations())}"
-        )
-    return _PARAMETERIZATIONS[name]
+    """The parameterization registered as ``name``."""
+    return _PARAMETERIZATIONS.get(name)

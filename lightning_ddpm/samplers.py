@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from .diffusion import DenoiseFn, GaussianDiffusion
+from .registry import Registry
 
-__all__ = ["timestep_schedule", "Sampler", "DDPMSampler", "DDIMSampler", "SPACINGS", "make_sampler"]
+__all__ = ["timestep_schedule", "Sampler", "DDPMSampler", "DDIMSampler", "SPACINGS", "SAMPLERS", "make_sampler", "randn"]
 
 SPACINGS = ("leading", "trailing", "linspace")
 # callback(step, num_steps, x_prev, pred_x0) after each step; step counts from 1.
@@ -198,7 +199,9 @@ class DDIMSampler(Sampler):
         return f"DDIMSampler(num_steps={self.num_steps}, eta={self.eta}, spacing={self.spacing!r})"
 
 
-_SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler}
+SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
+SAMPLERS.register("ddpm", DDPMSampler)
+SAMPLERS.register("ddim", DDIMSampler)
 
 
 def make_sampler(spec: str | dict | Sampler, **kwargs) -> Sampler:
@@ -208,9 +211,7 @@ def make_sampler(spec: str | dict | Sampler, **kwargs) -> Sampler:
     if isinstance(spec, Sampler):
         return spec
     name, init_args = split_spec(spec, "sampler")
-    cls = _SAMPLERS.get(name) or (import_object(name, "sampler") if "." in name else None)
-    if cls is None:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(_SAMPLERS)} (or a class_path)")
+    cls = import_object(name, "sampler") if "." in name else SAMPLERS.get(name, hint=" (or a class_path)")
     try:
         return cls(**{**init_args, **kwargs})
     except TypeError as err:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .registry import Registry
+
 __all__ = [
     "NoiseSchedule",
     "make_schedule",
@@ -24,7 +26,7 @@ __all__ = [
 ]
 
 BetaFn = Callable[..., Tensor]
-_SCHEDULES: dict[str, BetaFn] = {}
+_SCHEDULES: Registry[BetaFn] = Registry("schedule")
 
 
 class NoiseSchedule:
@@ -102,14 +104,7 @@ class NoiseSchedule:
 
 def register_schedule(name: str) -> Callable[[BetaFn], BetaFn]:
     """Register ``fn(num_timesteps, **kwargs) -> betas`` under ``name``."""
-
-    def decorator(fn: BetaFn) -> BetaFn:
-        if name in _SCHEDULES:
-            raise ValueError(f"schedule {name!r} is already registered")
-        _SCHEDULES[name] = fn
-        return fn
-
-    return decorator
+    return _SCHEDULES.register(name)
 
 
 def available_schedules() -> list[str]:
@@ -132,12 +127,11 @@ def make_schedule(
             (Lin et al. 2024, Algorithm 1).
         **kwargs: the schedule's own options (e.g. ``beta_start``, ``beta_end``, ``s``, ``betas``).
     """
-    if name not in _SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; available: {', '.join(available_schedules())}")
+    beta_fn = _SCHEDULES.get(name)
     if not isinstance(num_timesteps, int) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     try:
-        betas = _SCHEDULES[name](num_timesteps, **kwargs)
+        betas = beta_fn(num_timesteps, **kwargs)
     except TypeError as err:
         raise ValueError(f"bad options for schedule {name!r}: {err}") from err
     if rescale_to_zero_terminal_snr:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["UniformTimestepSampler", "LossSecondMomentSampler", "make_timestep_sampler"]
+from .registry import Registry
+
+__all__ = ["UniformTimestepSampler", "LossSecondMomentSampler", "TIMESTEP_SAMPLERS", "make_timestep_sampler"]
 
 
 class UniformTimestepSampler:
@@ -121,11 +123,11 @@ class LossSecondMomentSampler(UniformTimestepSampler):
         self._next = state.get("next_slot", self.loss_counts % self.history).to(self._next.device).clone()
 
 
-_TIMESTEP_SAMPLERS = {"uniform": UniformTimestepSampler, "loss_second_moment": LossSecondMomentSampler}
+TIMESTEP_SAMPLERS: Registry[type[UniformTimestepSampler]] = Registry("timestep_sampler")
+TIMESTEP_SAMPLERS.register("uniform", UniformTimestepSampler)
+TIMESTEP_SAMPLERS.register("loss_second_moment", LossSecondMomentSampler)
 
 
 def make_timestep_sampler(name: str, num_timesteps: int) -> UniformTimestepSampler:
     """Build ``uniform`` or ``loss_second_moment``."""
-    if name not in _TIMESTEP_SAMPLERS:
-        raise ValueError(f"unknown timestep_sampler {name!r}; choose one of: {', '.join(_TIMESTEP_SAMPLERS)}")
-    return _TIMESTEP_SAMPLERS[name](num_timesteps)
+    return TIMESTEP_SAMPLERS.get(name)(num_timesteps)

@@ -215,7 +215,7 @@ def test_errors_are_one_line_with_the_config_key_and_debug_shows_the_traceback(t
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "lightning-ddpm: error: model: unknown schedule 'cosin'; available: cosine, custom, linear, scaled_linear, sigmoid")
+        "lightning-ddpm: error: model: unknown schedule 'cosin'; choose one of: linear, scaled_linear, cosine, sigmoid, custom")
     debug = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "LIGHTNING_DDPM_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -33,6 +33,16 @@ def _final(root: Path) -> dict:
     return torch.load(root / "ckpt" / "epoch=2-step=45.ckpt", weights_only=True)
 
 
+def _assert_same_training_state(a: dict, b: dict) -> None:
+    """EMA weights, raw weights and optimizer state of two checkpoints agree bit for bit."""
+    for part in ("state_dict", "current_model_state"):
+        for key in a[part]:
+            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=0, msg=f"{part}.{key}")
+    for x, y in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        for name in x:
+            torch.testing.assert_close(x[name], y[name], rtol=0, atol=0)
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
@@ -52,12 +62,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 
     a, b = _final(straight), _final(crashed)
     assert a["global_step"] == b["global_step"] == 45
-    for part in ("state_dict", "current_model_state"):  # EMA weights and raw weights
-        for key in a[part]:
-            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=0, msg=f"{part}.{key}")
-    for x, y in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        for name in x:
-            torch.testing.assert_close(x[name], y[name], rtol=0, atol=0)
+    _assert_same_training_state(a, b)
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run_with_two_processes(tmp_path):
@@ -91,14 +96,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_with_two_processes(tmp
     files = sorted(p.name for p in (crashed / "ckpt").iterdir())
     assert (crashed / "ckpt" / "epoch=4-step=45.ckpt").exists(), (files, result.stderr[-3000:])
 
-    a = torch.load(straight / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True)
-    b = torch.load(crashed / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True)
-    for part in ("state_dict", "current_model_state"):  # EMA weights and raw weights
-        for key in a[part]:
-            torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=0, msg=f"{part}.{key}")
-    for x, y in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        for name in x:
-            torch.testing.assert_close(x[name], y[name], rtol=0, atol=0)
+    _assert_same_training_state(torch.load(straight / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True),
+                                torch.load(crashed / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True))
     for rank in (0, 1):  # each rank's final raw weights, not only rank 0's checkpoint
         wa = torch.load(straight / "weights" / f"rank{rank}.pt", weights_only=True)
         wb = torch.load(crashed / "weights" / f"rank{rank}.pt", weights_only=True)

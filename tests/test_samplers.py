@@ -4,16 +4,20 @@ import pytest
 import torch
 
 from lightning_ddpm import DDIMSampler, DDPMSampler, GaussianDiffusion, make_schedule
-from lightning_ddpm.samplers import SPACINGS, timestep_schedule
+from lightning_ddpm.samplers import SAMPLERS, SPACINGS, make_sampler, timestep_schedule
 from tests.conftest import oracle, small_schedule
 
 T = 20
-SAMPLERS = {
-    "ddpm_full": lambda spacing: DDPMSampler(spacing=spacing),
-    "ddpm_5": lambda spacing: DDPMSampler(num_steps=5, spacing=spacing),
-    "ddim_eta0_5": lambda spacing: DDIMSampler(num_steps=5, eta=0.0, spacing=spacing),
-    "ddim_eta1_7": lambda spacing: DDIMSampler(num_steps=7, eta=1.0, spacing=spacing),
-}
+# Every registered sampler at all T steps and at two respaced counts, with its default options;
+# options worth covering separately are listed by name (a new sampler gets the checks for free).
+EXTRA_OPTIONS = {"ddim": [{"eta": 1.0}]}
+CASES = [(name, steps, {}) for name in SAMPLERS.names() for steps in (T, 5, 7)] + [
+    (name, 7, options) for name, variants in EXTRA_OPTIONS.items() for options in variants
+]
+
+
+def _sampler(name: str, steps: int, options: dict, spacing: str = "leading"):
+    return make_sampler({"name": name, "init_args": {"num_steps": steps, "spacing": spacing, **options}})
 
 
 def test_timestep_schedules():
@@ -35,15 +39,29 @@ def test_timestep_schedules():
         DDIMSampler(num_steps=50).sample(lambda x, t: x, d, torch.zeros(1, 2))
 
 
-@pytest.mark.parametrize("sampler_name", list(SAMPLERS))
+@pytest.mark.parametrize(("name", "steps", "options"), CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("spacing", SPACINGS)
-def test_every_sampler_recovers_a_point_mass(schedule_name, parameterization, variance, sampler_name, spacing):
+def test_every_sampler_recovers_a_point_mass(schedule_name, parameterization, variance, name, steps, options, spacing):
     """With the exact denoiser for single-point data, every sampler must land on that point."""
     d = GaussianDiffusion(small_schedule(schedule_name, T), parameterization=parameterization, variance=variance)
     x0 = torch.tensor([[0.3, -0.8, 0.5]], dtype=torch.float64)
     x_T = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = SAMPLERS[sampler_name](spacing).sample(oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(1))
+    sampler = _sampler(name, steps, options, spacing)
+    out = sampler.sample(oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize(("name", "steps", "options"), CASES, ids=lambda v: str(v))
+def test_every_sampler_with_one_generator_per_sample_ignores_the_batching(name, steps, options):
+    """Sample i depends on generator i alone: drawn in a batch of 4 or on its own, it is the same."""
+    d = GaussianDiffusion(small_schedule("cosine", T), parameterization="v")
+    model = lambda x, t: 0.3 * x + 0.01 * t[:, None].to(x.dtype)  # noqa: E731 (a deterministic stand-in network)
+    x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sampler = _sampler(name, steps, options)
+    together = sampler.sample(model, d, x_T, generator=[torch.Generator().manual_seed(10 + i) for i in range(4)])
+    alone = torch.cat([sampler.sample(model, d, x_T[i:i + 1], generator=[torch.Generator().manual_seed(10 + i)])
+                       for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
 
 
 def test_ddim_eta1_over_all_steps_is_ddpm():

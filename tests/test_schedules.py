@@ -76,7 +76,7 @@ def test_custom_betas_and_errors():
     torch.testing.assert_close(NoiseSchedule([0.1, 0.2, 0.3]).alphas_cumprod, s.alphas_cumprod)
     with pytest.raises(ValueError, match="got 2 betas for num_timesteps=3"):
         make_schedule("custom", num_timesteps=3, betas=[0.1, 0.2])
-    with pytest.raises(ValueError, match=r"unknown schedule 'quadratic'.*cosine.*linear"):
+    with pytest.raises(ValueError, match=r"unknown schedule 'quadratic'; choose one of: .*linear.*cosine"):
         make_schedule("quadratic")
     with pytest.raises(ValueError, match=r"bad options for schedule 'linear'"):
         make_schedule("linear", beta_max=0.1)
@@ -97,8 +97,9 @@ def test_register_schedule_plugs_in_by_name():
         assert "constant_test" in available_schedules()
         s = make_schedule("constant_test", num_timesteps=10, beta=0.1)
         torch.testing.assert_close(s.alphas_cumprod, 0.9 ** torch.arange(1, 11, dtype=torch.float64))
-        with pytest.raises(ValueError, match="already registered"):
-            register_schedule("constant_test")(constant)
+        register_schedule("constant_test")(constant)  # the same definition again (a re-run cell) is fine
+        with pytest.raises(ValueError, match="schedule name 'constant_test' is already registered"):
+            register_schedule("constant_test")(lambda num_timesteps: torch.full((num_timesteps,), 0.1))
     finally:
         _SCHEDULES.pop("constant_test")
 
@@ -122,3 +123,18 @@ def test_respace_keeps_alpha_bar_at_kept_steps():
     torch.testing.assert_close(r.alphas_cumprod, s.alphas_cumprod[kept])
     with pytest.raises(ValueError, match="distinct indices"):
         s.respace([0, 100])
+
+
+def test_the_math_layer_imports_without_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_ddpm.schedules, lightning_ddpm.parameterizations, lightning_ddpm.diffusion, "
+            "lightning_ddpm.samplers, lightning_ddpm.guidance, lightning_ddpm.likelihood, "
+            "lightning_ddpm.timestep_sampling, lightning_ddpm.backbones, lightning_ddpm.registry\n"
+            "from lightning_ddpm import GaussianDiffusion, DDIMSampler, make_schedule, build_backbone\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
+            "'torchmetrics', 'jsonargparse')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]", result.stdout

@@ -19,6 +19,7 @@ from typing import Any, Union
 from torch import nn
 
 from ..imports import import_object, split_spec
+from ..registry import Registry
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -34,39 +35,14 @@ ENTRY_POINT_GROUP = "lightning_ddpm.backbones"
 # A short name or dotted class path, or {"name": ..., "init_args": {...}} as in a YAML config.
 BackboneSpec = Union[str, dict[str, Any]]
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_REGISTRY: Registry[Callable[..., nn.Module]] = Registry("backbone")
 _PLUGINS: dict[str, importlib.metadata.EntryPoint] = {}
 _plugins_scanned = False
 
 
 def register_backbone(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: make ``name`` usable wherever a backbone is named."""
-
-    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in _REGISTRY and not _same_definition(_REGISTRY[name], cls):
-            raise ValueError(
-                f"backbone name {name!r} is already registered (to {_REGISTRY[name]!r}); "
-                f"registered: {', '.join(sorted(_REGISTRY))}"
-            )
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def _same_definition(old: Callable[..., Any], new: Callable[..., Any]) -> bool:
-    """The same class defined again (the new one replaces the old): a notebook cell run twice, or a
-    script that is also imported under its module name (``__main__`` and ``examples.custom_backbone``)."""
-    if old is new:
-        return True
-    if getattr(old, "__qualname__", None) != getattr(new, "__qualname__", None):
-        return False
-    if getattr(old, "__module__", None) == getattr(new, "__module__", None):
-        return True
-    try:
-        return inspect.getsourcefile(old) == inspect.getsourcefile(new) is not None
-    except TypeError:  # built-ins and C extensions have no source file
-        return False
+    """Class decorator: make ``name`` usable wherever a backbone is named (the same class again replaces it)."""
+    return _REGISTRY.register(name)
 
 
 def _scan_plugins() -> None:
@@ -91,12 +67,12 @@ def resolve_backbone(name: str) -> Callable[..., nn.Module]:
     _scan_plugins()
     if name in _PLUGINS:
         target = _PLUGINS[name].load()
-        _REGISTRY.setdefault(name, target)  # cache: load each plugin once
+        _REGISTRY.register(name, target)  # cache: load each plugin once
         return target
     if "." in name:
         return import_object(name, "backbone")
     raise ValueError(
-        f"unknown backbone {name!r}; registered: {', '.join(available_backbones())} "
+        f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())} "
         "(or the dotted class path of an importable nn.Module, such as 'my_package.nets.MyNet')"
     )
 

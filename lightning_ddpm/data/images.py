@@ -10,19 +10,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..registry import Registry
 from .requests import predict_loader
 from .resumable import resumable_train_loader
 
 __all__ = ["ImageDataModule", "ImageFolderDataset", "IMAGE_DATASETS", "IMAGE_EXTENSIONS"]
 
 # name -> (channels, height, width, classes); imagefolder's come from its arguments and files.
-IMAGE_DATASETS: dict[str, tuple[int, int, int, int | None]] = {
-    "cifar10": (3, 32, 32, 10),
-    "mnist": (1, 28, 28, 10),
-    "fashion_mnist": (1, 28, 28, 10),
-    "digits": (1, 8, 8, 10),
-    "imagefolder": (3, 0, 0, None),
-}
+IMAGE_DATASETS: Registry[tuple[int, int, int, int | None]] = Registry("dataset")
+for _name, _shape in {"cifar10": (3, 32, 32, 10), "mnist": (1, 28, 28, 10), "fashion_mnist": (1, 28, 28, 10),
+                      "digits": (1, 8, 8, 10), "imagefolder": (3, 0, 0, None)}.items():
+    IMAGE_DATASETS.register(_name, _shape)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _TORCHVISION = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
@@ -161,8 +159,7 @@ class ImageDataModule(pl.LightningDataModule):
         predict_labels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if dataset not in IMAGE_DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(IMAGE_DATASETS)}")
+        IMAGE_DATASETS.get(dataset)  # an unknown name fails here, with the choices
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
         if dataset == "imagefolder" and not Path(root).is_dir():

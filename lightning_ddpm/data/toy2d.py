@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..registry import Registry
 from .requests import predict_loader
 from .resumable import resumable_train_loader
 
@@ -17,12 +18,12 @@ __all__ = ["TOY_DISTRIBUTIONS", "sample_toy2d", "Toy2DDataModule"]
 
 # name -> (sampler(n, generator) -> (points (n, 2), labels (n,)), number of classes)
 ToySampler = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
-TOY_DISTRIBUTIONS: dict[str, tuple[ToySampler, int]] = {}
+TOY_DISTRIBUTIONS: Registry[tuple[ToySampler, int]] = Registry("distribution")
 
 
 def _register(name: str, num_classes: int) -> Callable[[ToySampler], ToySampler]:
     def decorator(fn: ToySampler) -> ToySampler:
-        TOY_DISTRIBUTIONS[name] = (fn, num_classes)
+        TOY_DISTRIBUTIONS.register(name, (fn, num_classes))
         return fn
 
     return decorator
@@ -80,9 +81,7 @@ def rings(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
 
 def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``n`` points of a named distribution and their class labels (mixture component / segment)."""
-    if name not in TOY_DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {name!r}; choose one of: {', '.join(TOY_DISTRIBUTIONS)}")
-    return TOY_DISTRIBUTIONS[name][0](n, generator or torch.Generator().manual_seed(0))
+    return TOY_DISTRIBUTIONS.get(name)[0](n, generator or torch.Generator().manual_seed(0))
 
 
 class Toy2DDataModule(pl.LightningDataModule):
@@ -113,8 +112,7 @@ class Toy2DDataModule(pl.LightningDataModule):
         predict_labels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if distribution not in TOY_DISTRIBUTIONS:
-            raise ValueError(f"unknown distribution {distribution!r}; choose one of: {', '.join(TOY_DISTRIBUTIONS)}")
+        TOY_DISTRIBUTIONS.get(distribution)  # an unknown name fails here, with the choices
         if not 1 <= batch_size <= num_train:
             raise ValueError(f"num_train={num_train} must hold at least one batch of batch_size={batch_size} (>= 1)")
         if num_val < 1:
