@@ -211,3 +211,18 @@ def test_registering_the_same_class_again_replaces_it(monkeypatch):
     assert build_backbone("again").__class__ is namespace["Again"]
     with pytest.raises(ValueError, match="already registered"):
         register_backbone("again")(MLP)  # another class under a taken name still fails
+
+
+def test_mlp_fourier_features_option():
+    from lightning_ddpm.backbones.mlp import FourierFeatures
+
+    f = FourierFeatures(2, 8, scale=3.0)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    proj = 2 * torch.pi * x @ f.B.double()
+    torch.testing.assert_close(f(x), torch.cat([x, proj.sin(), proj.cos()], dim=1))
+    assert f.B.std().item() == pytest.approx(3.0, rel=0.5)  # 16 draws of N(0, 3^2)
+    a, b = MLP(fourier_features=8, fourier_scale=3.0), MLP(fourier_features=8, fourier_scale=3.0)
+    torch.testing.assert_close(a.features.B, b.features.B)  # fixed by its seed: the same in every process
+    out = a(torch.randn(4, 2), torch.tensor([0, 1, 2, 999]))
+    assert out.shape == (4, 2) and "features.B" in a.state_dict()
+    assert MLP().features is None  # off by default: x enters the MLP as it is

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
 from .embeddings import TimestepEmbedding
@@ -20,6 +23,21 @@ class _ResidualBlock(nn.Module):
         return h + self.fc2(self.fc1(nn.functional.silu(self.norm(h))) + self.emb(emb))
 
 
+class FourierFeatures(nn.Module):
+    """x -> [x, sin(2 pi B x), cos(2 pi B x)] with a fixed random B ~ N(0, scale^2) (Tancik et al. 2020):
+    lets a small MLP resolve fine 2-D structure that it would otherwise smooth over."""
+
+    def __init__(self, in_features: int, num_features: int, scale: float, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("B", torch.randn(in_features, num_features, generator=g) * scale)
+        self.out_features = in_features + 2 * num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        proj = 2 * math.pi * x @ self.B.to(x.dtype)
+        return torch.cat([x, proj.sin(), proj.cos()], dim=-1)
+
+
 @register_backbone("mlp")
 class MLP(nn.Module):
     """Residual MLP denoiser: x (B, in_channels), t (B,) -> (B, out_channels).
@@ -32,6 +50,8 @@ class MLP(nn.Module):
         time_embed_dim: width of the sinusoidal features and of the embedding MLP.
         num_classes: enables class conditioning (with one extra "null" label).
         dropout: dropout inside each block.
+        fourier_features: map x through this many random Fourier features first (0: x as it is).
+        fourier_scale: standard deviation of the Fourier frequencies, in cycles per data unit.
     """
 
     def __init__(
@@ -43,13 +63,16 @@ class MLP(nn.Module):
         time_embed_dim: int = 128,
         num_classes: int | None = None,
         dropout: float = 0.0,
+        fourier_features: int = 0,
+        fourier_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.num_classes = num_classes
         self.embed = TimestepEmbedding(time_embed_dim, time_embed_dim, num_classes)
-        self.inp = nn.Linear(in_channels, hidden_dim)
+        self.features = FourierFeatures(in_channels, fourier_features, fourier_scale) if fourier_features else None
+        self.inp = nn.Linear(self.features.out_features if self.features else in_channels, hidden_dim)
         self.blocks = nn.ModuleList(_ResidualBlock(hidden_dim, time_embed_dim, dropout) for _ in range(num_blocks))
         self.out = nn.Sequential(nn.LayerNorm(hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, self.out_channels))
 
@@ -57,7 +80,7 @@ class MLP(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"MLP expects x of shape (B, {self.in_channels}), got {tuple(x.shape)}")
         emb = self.embed(t, cond)
-        h = self.inp(x)
+        h = self.inp(self.features(x) if self.features is not None else x)
         for block in self.blocks:
             h = block(h, emb)
         return self.out(h)
