@@ -2,10 +2,10 @@
 
 GradScaler's way: a ``found_inf`` flag computed on the device and handed to an optimizer that
 can skip on the device (torch's fused Adam, AdamW and SGD read ``optimizer.found_inf``; the
-module makes Adam and AdamW fused by default). The
-flag comes from the gradients, which DDP has already averaged, so every rank skips together.
-The counts are read back only every ``check_every`` steps (Lightning's ``log_every_n_steps``),
-where a warning reports the skipped steps and a streak of ``max_in_a_row`` stops training.
+module makes Adam and AdamW fused by default). The flag comes from the gradients, which DDP has
+already averaged, so every rank skips together. The module calls :meth:`NonFiniteGuard.check`, which
+reads the counts back, every ``log_every_n_steps`` steps and at the end of fit: a warning reports
+the skipped steps and a streak of ``max_in_a_row`` stops training.
 
 Optimizers that cannot skip on the device fall back to :meth:`NonFiniteGuard.host_skip` (one
 synchronisation per step). Under 16-mixed, Lightning's GradScaler already skips overflowing
