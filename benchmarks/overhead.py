@@ -57,7 +57,7 @@ def main() -> None:
             for i, x0 in enumerate(loader):
                 start = time.perf_counter()
                 t = torch.randint(0, 1000, (x0.shape[0],))
-                loss = module.diffusion.training_losses(module.denoiser(), x0, t)["loss"].mean()
+                loss = module.diffusion.training_losses(module.network(), x0, t)["loss"].mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(module.backbone.parameters(), 1.0)

@@ -101,7 +101,7 @@ def main() -> None:
     x_t = ours.diffusion.q_sample(x0, t, noise)
     results = {
         "lightning-ddpm": profile(training_step(ours.backbone, lambda: ours.diffusion.training_losses(
-            ours.denoiser(), x0, t)["loss"].mean()), device, args.steps),
+            ours.network(), x0, t)["loss"].mean()), device, args.steps),
         "diffusers UNet2DModel": profile(training_step(peer, lambda: (peer(x_t, t).sample.float() - noise)
                                                        .pow(2).mean()), device, args.steps),
     }

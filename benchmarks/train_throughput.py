@@ -148,7 +148,7 @@ def main() -> None:
     # means the two are not the same architecture and the comparison is void.
     probe = make_ours(False)
     x, t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([10, 500])
-    flops = count_flops(lambda: probe.diffusion.training_losses(probe.denoiser(), x, t)["loss"].mean().backward()) / 2
+    flops = count_flops(lambda: probe.diffusion.training_losses(probe.network(), x, t)["loss"].mean().backward()) / 2
     if args.peer:
         peer_probe = make_peer()
         peer_flops = count_flops(lambda: (peer_probe(x, t).sample - x).pow(2).mean().backward()) / 2

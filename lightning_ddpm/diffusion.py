@@ -1,7 +1,9 @@
 """GaussianDiffusion: the forward process, the reverse-process Gaussians, losses and bits/dim.
 
-Plain PyTorch. The model is any ``denoise_fn(x_t, t) -> output`` whose output the chosen
-parameterization interprets (2x channels on dim 1 for ``learned_range``).
+Plain PyTorch. The network is any ``denoise_fn(x_t, t) -> output`` whose output the chosen
+parameterization interprets (2x channels on dim 1 for ``learned_range``); :meth:`GaussianDiffusion.predict`
+turns that output into a :class:`~lightning_ddpm.denoiser.Prediction`, the only thing samplers,
+guidance and bits/dim look at.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .denoiser import DenoiseFn, Prediction, PredictFn
 from .likelihood import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .parameterizations import StepCoefficients, available_parameterizations, get_parameterization
 from .schedules import NoiseSchedule
 
 __all__ = ["GaussianDiffusion", "ReverseStep", "BitsPerDim", "VARIANCES", "LOSSES", "LOSS_WEIGHTINGS"]
 
-DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 LOSSES = ("simple", "vlb", "hybrid")
 LOSS_WEIGHTINGS = ("none", "elbo", "min_snr")
@@ -130,6 +132,8 @@ class GaussianDiffusion(nn.Module):
             "large_variance": large,
             "large_log_variance": large.log(),
             "snr": s.snr,
+            # log sigma = log sqrt((1 - alpha_bar) / alpha_bar): fractional timesteps interpolate it.
+            "log_sigmas": 0.5 * ((1.0 - ab).log() - ab.log()),
         }
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GaussianDiffusion:
@@ -157,12 +161,37 @@ class GaussianDiffusion(nn.Module):
         return 2 if self.variance == "learned_range" else 1
 
     def coefficients(self, t: Tensor, x: Tensor) -> StepCoefficients:
+        """Schedule constants at integer ``t``; at fractional ``t`` (between two indices) alpha_bar comes
+        from :meth:`alpha_bar_at` and the posterior constants, defined only for integer steps, are NaN."""
+        if t.is_floating_point():
+            ab = self.alpha_bar_at(t).to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            nan = torch.full_like(ab, float("nan"))
+            return StepCoefficients(ab.sqrt(), (1.0 - ab).sqrt(), nan, nan)
         return StepCoefficients(
             self._gather("sqrt_alphas_cumprod", t, x),
             self._gather("sqrt_one_minus_alphas_cumprod", t, x),
             self._gather("posterior_mean_coef1", t, x),
             self._gather("posterior_mean_coef2", t, x),
         )
+
+    def alpha_bar_at(self, t: Tensor) -> Tensor:
+        """alpha_bar at (possibly fractional) timesteps, float64 on the schedule's device.
+
+        Between two indices log sigma is interpolated linearly: the inverse of the sigma -> t map of
+        k-diffusion and diffusers (``_sigma_to_t``), so a model evaluated at a Karras sigma sees the
+        timestep those libraries give it.
+        """
+        t = t.to(self.betas.device)
+        if not t.is_floating_point():
+            return self.alphas_cumprod[t]
+        t = t.clamp(0, self.num_timesteps - 1)  # no range check: reading a flag back would be a host sync
+        low = t.floor().long().clamp(max=max(self.num_timesteps - 2, 0))
+        high = (low + 1).clamp(max=self.num_timesteps - 1)
+        w = (t.to(self.log_sigmas.dtype) - low)
+        ls = self.log_sigmas
+        # where(w == 0) keeps an infinite log sigma (zero terminal SNR) at its own index out of the sum.
+        log_sigma = torch.where(w == 0, ls[low], torch.where(w == 1, ls[high], (1 - w) * ls[low] + w * ls[high]))
+        return torch.sigmoid(-2.0 * log_sigma)
 
     # -- forward process -------------------------------------------------------------------
 
@@ -206,19 +235,44 @@ class GaussianDiffusion(nn.Module):
             return mean_out, var_out
         return model_output, None
 
+    def predict(self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False) -> Prediction:
+        """The network's output at (x_t, t) as a :class:`Prediction` (the parameterization's x0 and eps)."""
+        mean_out, var_out = self.split_output(model_output, x_t)
+        if t.is_floating_point() and self.parameterization == "mu":
+            raise ValueError(
+                "parameterization 'mu' predicts the posterior mean of one discrete step and is defined at "
+                "integer timesteps only; use a spacing other than 'karras' (or a sampler on integer timesteps)"
+            )
+        pred_x0, pred_eps = self.param.to_x0_eps(mean_out, x_t, self.coefficients(t, x_t))
+        frac = None if var_out is None else (var_out + 1.0) / 2.0  # model output in [-1, 1] -> weight
+        prediction = Prediction(pred_x0, pred_eps, frac)
+        return self.clip(prediction, x_t, t) if clip_denoised else prediction
+
+    def as_prediction(self, value: Prediction | Tensor, x_t: Tensor, t: Tensor) -> Prediction:
+        """A model's answer as a Prediction: a raw network output goes through :meth:`predict`."""
+        return value if isinstance(value, Prediction) else self.predict(value, x_t, t)
+
+    def clip(self, prediction: Prediction, x_t: Tensor, t: Tensor) -> Prediction:
+        """Clip x0 to [-1, 1] and re-derive eps from it, so the pair stays consistent with x_t.
+
+        The one place where x0 is clipped: samplers call it after guidance, bits/dim before the bound.
+        """
+        c = self.coefficients(t, x_t)
+        x0 = prediction.x0.clamp(-1.0, 1.0)
+        return prediction._replace(x0=x0, eps=(x_t - c.sqrt_alpha_bar * x0) / c.sqrt_one_minus_alpha_bar)
+
     def predict_x0_eps(
         self, mean_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False
     ) -> tuple[Tensor, Tensor]:
-        """The parameterization's (pred_x0, pred_eps); with clipping, eps is re-derived from the clipped x0."""
-        c = self.coefficients(t, x_t)
-        pred_x0, pred_eps = self.param.to_x0_eps(mean_output, x_t, c)
+        """The parameterization's (pred_x0, pred_eps) from the mean part of an output (see :meth:`predict`)."""
+        pred_x0, pred_eps = self.param.to_x0_eps(mean_output, x_t, self.coefficients(t, x_t))
         if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
-            pred_eps = (x_t - c.sqrt_alpha_bar * pred_x0) / c.sqrt_one_minus_alpha_bar
+            pred_x0, pred_eps, _ = self.clip(Prediction(pred_x0, pred_eps), x_t, t)
         return pred_x0, pred_eps
 
-    def reverse_variance(self, var_output: Tensor | None, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
-        """sigma_t^2 of p(x_{t-1} | x_t) and its log: fixed, or learned (Nichol & Dhariwal 2021, eq. 15)."""
+    def reverse_variance(self, variance_frac: Tensor | None, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        """sigma_t^2 of p(x_{t-1} | x_t) and its log: fixed, or learned (Nichol & Dhariwal 2021, eq. 15)
+        from the prediction's ``variance_frac`` in [0, 1] (1: beta_t, 0: beta_tilde_t)."""
         if self.variance == "fixed_small":
             return (
                 self._gather("posterior_variance", t, x_t).expand_as(x_t),
@@ -229,23 +283,25 @@ class GaussianDiffusion(nn.Module):
                 self._gather("large_variance", t, x_t).expand_as(x_t),
                 self._gather("large_log_variance", t, x_t).expand_as(x_t),
             )
-        assert var_output is not None
-        frac = (var_output + 1.0) / 2.0  # model output in [-1, 1] -> interpolation weight
-        log_variance = frac * self._gather("log_betas", t, x_t) + (1.0 - frac) * self._gather(
+        if variance_frac is None:
+            raise ValueError("variance='learned_range' needs a prediction with variance_frac (2x output channels)")
+        log_variance = variance_frac * self._gather("log_betas", t, x_t) + (1.0 - variance_frac) * self._gather(
             "posterior_log_variance_clipped", t, x_t
         )
         return log_variance.exp(), log_variance
+
+    def reverse_step(self, prediction: Prediction, x_t: Tensor, t: Tensor) -> ReverseStep:
+        """p(x_{t-1} | x_t) = N(mu_tilde(pred_x0, x_t), sigma_t^2) from a prediction (Ho et al. 2020, eq. 11)."""
+        mean, _, _ = self.q_posterior(prediction.x0, x_t, t)
+        variance, log_variance = self.reverse_variance(prediction.variance_frac, t, x_t)
+        return ReverseStep(mean, variance, log_variance, prediction.x0, prediction.eps)
 
     def p_mean_variance(
         self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool | None = None
     ) -> ReverseStep:
         """p(x_{t-1} | x_t) from a model output: mean = mu_tilde(pred_x0, x_t), variance per ``variance``."""
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
-        mean_out, var_out = self.split_output(model_output, x_t)
-        pred_x0, pred_eps = self.predict_x0_eps(mean_out, x_t, t, clip)
-        mean, _, _ = self.q_posterior(pred_x0, x_t, t)
-        variance, log_variance = self.reverse_variance(var_out, t, x_t)
-        return ReverseStep(mean, variance, log_variance, pred_x0, pred_eps)
+        return self.reverse_step(self.predict(model_output, x_t, t, clip), x_t, t)
 
     def respace(self, timesteps: Sequence[int] | Tensor) -> GaussianDiffusion:
         """The same diffusion over the sub-process that visits only ``timesteps``."""
@@ -264,12 +320,16 @@ class GaussianDiffusion(nn.Module):
     # -- losses ----------------------------------------------------------------------------
 
     def vlb_terms(
-        self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False
+        self, model_output: Tensor | Prediction, x0: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False
     ) -> Tensor:
         """The bound's term at t in bits/dim, shape (B,): KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0,
-        the discretized Gaussian decoder NLL -log p(x0 | x_1) for t = 0 (Ho et al. 2020, eq. 5 and 13)."""
+        the discretized Gaussian decoder NLL -log p(x0 | x_1) for t = 0 (Ho et al. 2020, eq. 5 and 13).
+        ``model_output`` is a raw network output or a :class:`Prediction`."""
+        prediction = self.as_prediction(model_output, x_t, t)
+        if clip_denoised:
+            prediction = self.clip(prediction, x_t, t)
         true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
-        p = self.p_mean_variance(model_output, x_t, t, clip_denoised=clip_denoised)
+        p = self.reverse_step(prediction, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, p.mean, p.log_variance)) / LN2
         decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)) / LN2
         return torch.where(t == 0, decoder_nll, kl)
@@ -338,7 +398,7 @@ class GaussianDiffusion(nn.Module):
     @torch.no_grad()
     def bits_per_dim_terms(
         self,
-        denoise_fn: DenoiseFn,
+        denoise_fn: PredictFn,
         x0: Tensor,
         clip_denoised: bool | None = None,
         generator: torch.Generator | None = None,
@@ -346,6 +406,7 @@ class GaussianDiffusion(nn.Module):
     ) -> BitsPerDim:
         """The full bound L = L_T + sum_t L_{t-1} + L_0 in bits/dim, one model call per t.
 
+        ``denoise_fn`` returns a raw network output or a :class:`Prediction` (e.g. a :class:`Denoiser`).
         Each term uses its own noise draw (unbiased, as in improved-diffusion). ``callback(i, T)``
         is called after each of the T terms, e.g. to drive a progress bar.
         """
@@ -363,7 +424,7 @@ class GaussianDiffusion(nn.Module):
 
     def bits_per_dim(
         self,
-        denoise_fn: DenoiseFn,
+        denoise_fn: PredictFn,
         x0: Tensor,
         clip_denoised: bool | None = None,
         generator: torch.Generator | None = None,
@@ -374,7 +435,7 @@ class GaussianDiffusion(nn.Module):
 
     def mean_bits_per_dim(
         self,
-        denoise_fn: DenoiseFn,
+        denoise_fn: PredictFn,
         batches: Iterable[Tensor],
         clip_denoised: bool | None = None,
         generator: torch.Generator | None = None,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import BackboneSpec, build_backbone, check_backbone
+from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
 from .data.batches import check_labels, unpack_batch
 from .checkpoints import DIGEST_KEY, check_checkpoint_file, checkpoint_digest, verify_checkpoint
@@ -61,7 +62,8 @@ class DiffusionModule(pl.LightningModule):
         optimizer: ``{"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}`` by default (Ho et al.).
         lr_warmup_steps: linear warm-up of the learning rate over this many optimizer steps (5000 in Ho et al.).
         sampler: the default sampler for ``sample`` and ``predict``: ``"ddpm"``, ``"ddim"`` or a mapping
-            such as ``{"name": "ddim", "init_args": {"num_steps": 50}}``.
+            such as ``{"name": "dpmpp_2m", "init_args": {"num_steps": 10}}``; any registered name
+            (``ddpm``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_sde``, ``unipc``, ``euler``, ``heun``) or class path.
         guidance_scale: default classifier-free guidance scale w of ``sample`` and ``predict`` for a
             class-conditional model (0: unconditional, 1: conditional, > 1: guided).
         max_nonfinite_steps: a training step whose gradients (or, under 16-mixed, loss) are NaN or inf is
@@ -164,9 +166,10 @@ class DiffusionModule(pl.LightningModule):
         # Every rank computes the same schedule constants: DDP need not broadcast them before each forward.
         self._ddp_params_and_buffers_to_ignore = [f"diffusion.{name}" for name, _ in self.diffusion.named_buffers()]
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, num_timesteps)
-        # A bare "ddim" means 50 steps, or all T when T is smaller; an explicit num_steps > T is an error.
-        self.default_sampler: Sampler = make_sampler(sampler, **({"num_steps": min(50, num_timesteps)} if sampler == "ddim" else {}))
-        self.default_sampler.timesteps(num_timesteps)  # num_steps > T fails here, not after training
+        # A sampler's default num_steps is capped at T (a bare "ddim" means 50 steps, or all T when T is
+        # smaller); an explicit num_steps > T is an error, raised here rather than after training.
+        self.default_sampler: Sampler = make_sampler(sampler, num_timesteps=num_timesteps)
+        self.default_sampler.grid(self.diffusion)
         self.optimizer_spec = optimizer or {"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}
         split_spec(self.optimizer_spec, "optimizer")  # fail now, not at fit time
         # The epoch's loss, overall and by timestep quartile; accumulated on the device, logged per epoch.
@@ -174,18 +177,18 @@ class DiffusionModule(pl.LightningModule):
 
     # -- batches and the denoiser --------------------------------------------------------------
 
-    def denoiser(self, cond: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
-        """``denoise_fn(x_t, t)`` for the math layer, with class labels bound."""
+    def _network(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        if self.use_channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x_t, t, cond) if cond is not None else self.backbone(x_t, t)
 
-        def denoise_fn(x_t: Tensor, t: Tensor) -> Tensor:
-            if self.use_channels_last:
-                x_t = x_t.contiguous(memory_format=torch.channels_last)
-            return self.backbone(x_t, t, cond) if cond is not None else self.backbone(x_t, t)
+    def network(self, cond: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """The raw backbone as ``denoise_fn(x_t, t) -> output`` with class labels bound (for the losses)."""
+        return lambda x_t, t: self._network(x_t, t, cond)
 
-        return denoise_fn
-
-    def _conditional_backbone(self, x_t: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        return self.denoiser(cond)(x_t, t)
+    def denoiser(self) -> Denoiser:
+        """The model as samplers, guidance and bits/dim see it: ``denoiser(x_t, t, cond=None) -> Prediction``."""
+        return Denoiser(self._network, self.diffusion)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -207,7 +210,7 @@ class DiffusionModule(pl.LightningModule):
         else:
             t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device, generator=generator)
             weights = None
-        terms = self.diffusion.training_losses(self.denoiser(labels), x0, t, generator=generator)
+        terms = self.diffusion.training_losses(self.network(labels), x0, t, generator=generator)
         loss = (terms["loss"] if weights is None else terms["loss"] * weights).mean()
         if stage == "train" and isinstance(self.timestep_sampler, LossSecondMomentSampler):
             # Every rank must see the same losses so their timestep distributions agree.
@@ -317,18 +320,18 @@ class DiffusionModule(pl.LightningModule):
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {scale}")
-        denoise_fn = self.denoiser()
+        model = self.denoiser()
         if labels is not None:
             if self.num_classes is None:
                 raise ValueError("labels given to an unconditional model (num_classes is None)")
             cond = check_labels(torch.as_tensor(labels).cpu(), num_samples, self.num_classes).to(self.device)
-            denoise_fn = guided_denoiser(self._conditional_backbone, cond, self.num_classes, scale)
+            model = guided_denoiser(model, cond, self.num_classes, scale)
         if x_T is None:
             x_T = randn((num_samples, *self.data_shape), generator, self.device, torch.float32)
         was_training = self.training
         self.eval()
         try:
-            return sampler.sample(denoise_fn, self.diffusion, x_T, generator=generator, callback=callback)
+            return sampler.sample(model, self.diffusion, x_T, generator=generator, callback=callback)
         finally:
             self.train(was_training)
 

@@ -75,8 +75,8 @@ def test_learned_range_interpolates_between_the_bounds():
     x_t = torch.zeros(T, 1, 2, 2, dtype=torch.float64)
     t = torch.arange(T)
     s = d.schedule
-    _, log_hi = d.reverse_variance(torch.ones_like(x_t), t, x_t)
-    _, log_lo = d.reverse_variance(-torch.ones_like(x_t), t, x_t)
+    _, log_hi = d.reverse_variance(torch.ones_like(x_t), t, x_t)  # variance_frac 1: beta_t
+    _, log_lo = d.reverse_variance(torch.zeros_like(x_t), t, x_t)  # variance_frac 0: beta_tilde_t
     torch.testing.assert_close(log_hi[:, 0, 0, 0], s.betas.log())
     torch.testing.assert_close(log_lo[:, 0, 0, 0], s.posterior_log_variance_clipped)
 

@@ -7,6 +7,7 @@ import torch
 from lightning_ddpm import DDIMSampler, DiffusionModule, GaussianDiffusion
 from lightning_ddpm.cli import run_cli
 from lightning_ddpm.data import TOY_DISTRIBUTIONS, Toy2DDataModule
+from lightning_ddpm.denoiser import Denoiser, Prediction
 from lightning_ddpm.guidance import guided_denoiser
 from tests.conftest import small_schedule
 
@@ -23,35 +24,58 @@ def _model(channels_out=3):
     return model
 
 
+def _denoiser(d: GaussianDiffusion, channels: int = 3):
+    """A conditional Denoiser over the stand-in network."""
+    return Denoiser(_model(channels * d.output_channels_factor), d)
+
+
+def _same(a: Prediction, b: Prediction, tol: float = 0.0) -> None:
+    for u, v in zip(a, b):
+        assert (u is None) == (v is None)
+        if u is not None:
+            torch.testing.assert_close(u, v, rtol=tol, atol=tol)
+
+
 def test_scale_zero_and_one_are_exact():
+    d = GaussianDiffusion(small_schedule("cosine", 20), parameterization="v")
     x, t, labels = torch.randn(5, 3, dtype=torch.float64), torch.arange(5), torch.tensor([0, 1, 2, 3, 4])
-    model = _model()
-    torch.testing.assert_close(guided_denoiser(model, labels, 10, 0.0)(x, t), model(x, t, torch.full_like(labels, 10)),
-                               rtol=0, atol=0)
-    torch.testing.assert_close(guided_denoiser(model, labels, 10, 1.0)(x, t), model(x, t, labels), rtol=0, atol=0)
+    model = _denoiser(d)
+    _same(guided_denoiser(model, labels, 10, 0.0)(x, t), model(x, t, torch.full_like(labels, 10)))
+    _same(guided_denoiser(model, labels, 10, 1.0)(x, t), model(x, t, labels))
     # the batched path agrees with separate calls at those scales too (w -> 0 and w -> 1 limits)
     for w, reference in ((1e-12, model(x, t, torch.full_like(labels, 10))), (1 - 1e-12, model(x, t, labels))):
-        torch.testing.assert_close(guided_denoiser(model, labels, 10, w)(x, t), reference, rtol=1e-9, atol=1e-9)
+        _same(guided_denoiser(model, labels, 10, w)(x, t), reference, tol=1e-9)
     with pytest.raises(ValueError, match="guidance_scale must be >= 0, got -1"):
         guided_denoiser(model, labels, 10, -1.0)
 
 
 @pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
 def test_guidance_is_eps_guidance_for_every_parameterization(parameterization, variance):
+    """Mixing the predictions is Ho & Salimans' eps guidance, and x0 is the guided eps's x0."""
     d = GaussianDiffusion(small_schedule("cosine", 20), parameterization=parameterization, variance=variance)
-    factor = d.output_channels_factor
-    model = _model(3 * factor)
+    model = _denoiser(d)
     x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     t, labels, w = torch.tensor([0, 3, 7, 11, 15, 19]), torch.tensor([1, 2, 3, 4, 5, 6]), 2.5
     guided = guided_denoiser(model, labels, 10, w)(x, t)
-
-    def eps_of(output):
-        return d.predict_x0_eps(d.split_output(output, x)[0], x, t)[1]
-
-    eps_c, eps_u = eps_of(model(x, t, labels)), eps_of(model(x, t, torch.full_like(labels, 10)))
-    torch.testing.assert_close(eps_of(guided), eps_u + w * (eps_c - eps_u), rtol=1e-9, atol=1e-9)
+    cond, uncond = model(x, t, labels), model(x, t, torch.full_like(labels, 10))
+    eps = uncond.eps + w * (cond.eps - uncond.eps)
+    torch.testing.assert_close(guided.eps, eps, rtol=1e-9, atol=1e-9)
+    c = d.coefficients(t, x)
+    torch.testing.assert_close(guided.x0, (x - c.sqrt_one_minus_alpha_bar * eps) / c.sqrt_alpha_bar, rtol=1e-9, atol=1e-9)
     if variance == "learned_range":
-        torch.testing.assert_close(guided[:, 3:], model(x, t, labels)[:, 3:])  # conditional variance kept
+        torch.testing.assert_close(guided.variance_frac, cond.variance_frac, rtol=0, atol=0)  # conditional variance kept
+    else:
+        assert guided.variance_frac is None
+
+
+def test_clipping_comes_after_guidance():
+    """Guidance can push x0 out of [-1, 1]; the sampler clips the guided prediction, so the result stays inside."""
+    d = GaussianDiffusion(small_schedule("cosine", 20), parameterization="x0", clip_denoised=True)
+    model = Denoiser(lambda x, t, cond: torch.where(cond[:, None] == 10, -0.5, 0.9).expand_as(x).to(x.dtype), d)
+    guided = guided_denoiser(model, torch.tensor([1, 2]), 10, 3.0)
+    assert guided(torch.zeros(2, 3), torch.tensor([5, 5])).x0.max() > 1  # 0.9 + 2 (0.9 + 0.5) = 3.7
+    out = DDIMSampler(num_steps=5).sample(guided, d, torch.randn(2, 3))
+    torch.testing.assert_close(out, torch.ones_like(out))
 
 
 def test_label_dropout_rate_is_honoured():

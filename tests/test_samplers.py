@@ -4,13 +4,17 @@ import pytest
 import torch
 
 from lightning_ddpm import DDIMSampler, DDPMSampler, GaussianDiffusion, make_schedule
-from lightning_ddpm.samplers import SAMPLERS, SPACINGS, make_sampler, timestep_schedule
+from lightning_ddpm.denoiser import Denoiser, Prediction
+from lightning_ddpm.samplers import (
+    INTEGER_SPACINGS, SAMPLERS, SPACINGS, karras_sigmas, make_sampler, sigma_to_t, timestep_schedule,
+)
 from tests.conftest import oracle, small_schedule
 
 T = 20
 # Every registered sampler at all T steps and at two respaced counts, with its default options;
 # options worth covering separately are listed by name (a new sampler gets the checks for free).
-EXTRA_OPTIONS = {"ddim": [{"eta": 1.0}]}
+EXTRA_OPTIONS = {"ddim": [{"eta": 1.0}], "unipc": [{"order": 1}, {"order": 3}, {"corrector": False}]}
+STOCHASTIC = {"ddpm": {}, "ddim": {"eta": 1.0}, "dpmpp_2m_sde": {}}
 CASES = [(name, steps, {}) for name in SAMPLERS.names() for steps in (T, 5, 7)] + [
     (name, 7, options) for name, variants in EXTRA_OPTIONS.items() for options in variants
 ]
@@ -25,7 +29,7 @@ def test_timestep_schedules():
     assert timestep_schedule(1000, 10, "trailing").tolist() == list(range(999, 0, -100))
     lin = timestep_schedule(1000, 5, "linspace").tolist()
     assert lin == [999, 749, 500, 250, 0]
-    for spacing in SPACINGS:
+    for spacing in INTEGER_SPACINGS:
         ts = timestep_schedule(37, 37, spacing)
         assert ts.tolist() == list(range(36, -1, -1))
     with pytest.raises(ValueError, match=r"num_steps must lie in \[1, T=20\], got 21"):
@@ -40,15 +44,31 @@ def test_timestep_schedules():
 
 
 @pytest.mark.parametrize(("name", "steps", "options"), CASES, ids=lambda v: str(v))
-@pytest.mark.parametrize("spacing", SPACINGS)
-def test_every_sampler_recovers_a_point_mass(schedule_name, parameterization, variance, name, steps, options, spacing):
+def test_every_sampler_recovers_a_point_mass(schedule_name, parameterization, variance, name, steps, options):
     """With the exact denoiser for single-point data, every sampler must land on that point."""
     d = GaussianDiffusion(small_schedule(schedule_name, T), parameterization=parameterization, variance=variance)
     x0 = torch.tensor([[0.3, -0.8, 0.5]], dtype=torch.float64)
     x_T = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    sampler = _sampler(name, steps, options, spacing)
-    out = sampler.sample(oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(1))
+    out = _sampler(name, steps, options).sample(oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_every_spacing_recovers_a_point_mass(name, spacing):
+    """Every spacing a sampler allows lands on the point; the others are refused with the allowed list."""
+    if spacing not in SAMPLERS.get(name).spacings:
+        allowed = ", ".join(SAMPLERS.get(name).spacings)
+        with pytest.raises(ValueError, match=f"unknown spacing '{spacing}'; choose one of: {allowed}$"):
+            _sampler(name, 5, {}, spacing)
+        return
+    for parameterization in ("eps", "x0", "v"):
+        d = GaussianDiffusion(small_schedule("cosine", T), parameterization=parameterization, variance="learned_range")
+        x0 = torch.tensor([[0.3, -0.8, 0.5]], dtype=torch.float64)
+        x_T = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        for steps in (T, 5, 7):
+            out = _sampler(name, steps, {}, spacing).sample(oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)
 
 
 @pytest.mark.parametrize(("name", "steps", "options"), CASES, ids=lambda v: str(v))
@@ -91,7 +111,12 @@ def test_determinism_and_randomness():
     torch.testing.assert_close(ddim.sample(net, d, x_T), run(ddim, 5), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("sampler", [DDPMSampler(), DDIMSampler(num_steps=100, eta=0.0)], ids=repr)
+# First-order samplers get 100 steps, the second- and third-order ones 25 (every registered one is here).
+GAUSSIAN_STEPS = {"ddpm": 1000, "ddim": 100, "euler": 100}
+
+
+@pytest.mark.parametrize("sampler", [make_sampler({"name": name, "init_args": {"num_steps": GAUSSIAN_STEPS.get(name, 25)}})
+                                     for name in SAMPLERS.names()], ids=repr)
 def test_gaussian_data_is_reproduced(sampler):
     """1-D data N(m, s^2) has the exact denoiser E[x0 | x_t] in closed form; samples must match m and s."""
     m, s = 0.4, 0.5
@@ -118,3 +143,125 @@ def test_clipping_and_callback():
     assert [c[:2] for c in calls] == [(1, 4), (2, 4), (3, 4), (4, 4)] and all(c[2] <= 1 for c in calls)
     unclipped = DDIMSampler(num_steps=4, clip_denoised=False).sample(far, d, x_T)
     assert unclipped.max().item() == pytest.approx(5.0)
+
+
+def test_karras_grid():
+    """Karras et al. 2022, eq. 5 with rho = 7 between the schedule's sigma at t = 0 and at T - 1."""
+    d = GaussianDiffusion(make_schedule("linear", num_timesteps=1000))
+    grid = make_sampler({"name": "euler", "init_args": {"num_steps": 10, "spacing": "karras"}}).grid(d)
+    ab = d.schedule.alphas_cumprod
+    sigma = ((1 - ab) / ab).sqrt()
+    expected = karras_sigmas(float(sigma[0]), float(sigma[-1]), 10)
+    torch.testing.assert_close(((1 - grid.alpha_bar[:-1]) / grid.alpha_bar[:-1]).sqrt(), expected, rtol=1e-12, atol=0)
+    ramp = torch.linspace(0, 1, 10, dtype=torch.float64)  # the formula written out once more
+    by_hand = (sigma[-1] ** (1 / 7) + ramp * (sigma[0] ** (1 / 7) - sigma[-1] ** (1 / 7))) ** 7
+    torch.testing.assert_close(expected, by_hand, rtol=1e-12, atol=0)
+    assert grid.alpha_bar[-1] == 1 and grid.t[0] == pytest.approx(999) and grid.t[-1] == pytest.approx(0)
+    assert (grid.t.diff() < 0).all()
+    # the model is evaluated at the fractional timestep whose interpolated alpha_bar is the grid's
+    torch.testing.assert_close(d.alpha_bar_at(grid.t), grid.alpha_bar[:-1], rtol=1e-10, atol=0)
+
+
+def test_sigma_to_t_inverts_alpha_bar_at():
+    d = GaussianDiffusion(make_schedule("cosine", num_timesteps=100))
+    t = torch.tensor([0.0, 0.25, 3.5, 50.0, 98.75, 99.0], dtype=torch.float64)
+    ab = d.alpha_bar_at(t)
+    torch.testing.assert_close(sigma_to_t(((1 - ab) / ab).sqrt(), d.log_sigmas), t, rtol=0, atol=1e-9)
+    integer = torch.tensor([0, 7, 99])
+    torch.testing.assert_close(d.alpha_bar_at(integer.double()), d.alphas_cumprod[integer], rtol=1e-12, atol=0)
+    # between two steps, log sigma is linear in t
+    log_sigma = lambda ab: 0.5 * ((1 - ab) / ab).log()  # noqa: E731
+    mid = log_sigma(d.alpha_bar_at(torch.tensor([3.5], dtype=torch.float64)))
+    torch.testing.assert_close(mid, (log_sigma(d.alphas_cumprod[3:4]) + log_sigma(d.alphas_cumprod[4:5])) / 2)
+
+
+def test_mu_refuses_fractional_timesteps():
+    d = GaussianDiffusion(small_schedule("linear", T), parameterization="mu")
+    with pytest.raises(ValueError, match="parameterization 'mu' .* integer timesteps only"):
+        make_sampler({"name": "heun", "init_args": {"num_steps": 5, "spacing": "karras"}}).sample(
+            oracle(d, torch.zeros(1, 2)), d, torch.randn(2, 2))
+
+
+def test_sampler_option_errors():
+    with pytest.raises(ValueError, match="order must be 1, 2 or 3, got 4"):
+        make_sampler({"name": "unipc", "init_args": {"order": 4}})
+    with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):
+        make_sampler({"name": "dpmpp_2m", "init_args": {"num_steps": 0}})
+    with pytest.raises(ValueError, match=r"unknown spacing 'karras'; choose one of: leading, trailing, linspace$"):
+        make_sampler({"name": "ddpm", "init_args": {"spacing": "karras"}})
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'; choose one of: ddpm, ddim, dpmpp_2m"):
+        make_sampler("dpm")
+    ztsnr = GaussianDiffusion(make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True),
+                              parameterization="v")
+    with pytest.raises(ValueError, match="spacing='karras' needs a finite sigma_max"):
+        make_sampler({"name": "euler", "init_args": {"num_steps": 5, "spacing": "karras"}}).grid(ztsnr)
+    with pytest.raises(ValueError, match=r"num_steps must lie in \[1, T=20\], got 21"):
+        make_sampler({"name": "unipc", "init_args": {"num_steps": 21}}).grid(ztsnr)
+    # a bare name caps the default number of steps at T; an explicit one is kept (and checked)
+    assert make_sampler("dpmpp_2m", num_timesteps=10).num_steps == 10
+    assert make_sampler("ddim", num_timesteps=1000).num_steps == 50
+    assert make_sampler({"name": "ddim", "init_args": {"num_steps": 30}}, num_timesteps=10).num_steps == 30
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_zero_terminal_snr_schedules_sample_finite_values(name):
+    """Every sampler starts from pure noise (alpha_bar_T = 0) with a v model: finite, and exact for a point mass."""
+    d = GaussianDiffusion(make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True),
+                          parameterization="v")
+    x0 = torch.tensor([[0.3, -0.8]], dtype=torch.float64)
+    x_T = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = make_sampler({"name": name, "init_args": {"num_steps": 6, "spacing": "trailing"}}).sample(
+        oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_network_evaluations_and_callback(name):
+    """One evaluation per step (Heun: 2N - 1), the callback after every step, at integer or grid timesteps."""
+    d = GaussianDiffusion(small_schedule("cosine", T), parameterization="v")
+    seen, calls = [], []
+
+    def model(x, t):
+        seen.append(t.clone())
+        return 0.5 * x
+
+    sampler = make_sampler({"name": name, "init_args": {"num_steps": 6, "spacing": "trailing"}})
+    sampler.sample(model, d, torch.randn(3, 2), callback=lambda i, n, x, x0: calls.append((i, n)))
+    assert len(seen) == (11 if name == "heun" else 6)
+    assert calls == [(i, 6) for i in range(1, 7)]
+    visited = sorted({int(t[0]) for t in seen}, reverse=True)
+    assert visited == sampler.grid(d).t.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC))
+def test_stochastic_samplers_are_reproducible_and_random(name):
+    d = GaussianDiffusion(small_schedule("linear", T), parameterization="v")
+    net = lambda x, t: 0.3 * x  # noqa: E731
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    sampler = make_sampler({"name": name, "init_args": {"num_steps": 10, **STOCHASTIC[name]}})
+    run = lambda seed: sampler.sample(net, d, x_T, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
+    assert not torch.allclose(run(1), run(2))
+
+
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS.names()) - set(STOCHASTIC)))
+def test_deterministic_samplers_use_no_noise(name):
+    d = GaussianDiffusion(small_schedule("linear", T), parameterization="v")
+    net = lambda x, t: 0.3 * x  # noqa: E731
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    sampler = make_sampler({"name": name, "init_args": {"num_steps": 10}})
+    torch.testing.assert_close(sampler.sample(net, d, x_T, generator=torch.Generator().manual_seed(1)),
+                               sampler.sample(net, d, x_T), rtol=0, atol=0)
+
+
+def test_denoiser_and_raw_network_give_the_same_samples():
+    """A Denoiser (-> Prediction) and the raw backbone it wraps are interchangeable for every sampler."""
+    d = GaussianDiffusion(small_schedule("cosine", T), parameterization="v", variance="learned_range")
+    net = lambda x, t: torch.cat([torch.tanh(x), torch.sin(x)], dim=1) * 0.5  # noqa: E731
+    x_T = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for name in SAMPLERS.names():
+        sampler = make_sampler({"name": name, "init_args": {"num_steps": 5}})
+        raw = sampler.sample(net, d, x_T, generator=torch.Generator().manual_seed(1))
+        wrapped = sampler.sample(Denoiser(net, d), d, x_T, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(raw, wrapped, rtol=0, atol=0)
+    assert isinstance(Denoiser(net, d)(x_T, torch.zeros(4, dtype=torch.long)), Prediction)

@@ -121,7 +121,7 @@ class FIDCallback(pl.Callback):
         if hasattr(pl_module, "diffusion"):
             for sampler in (self.sampler, self.final_sampler):
                 if sampler is not None:
-                    sampler.timesteps(pl_module.diffusion.num_timesteps)  # fail before training
+                    sampler.grid(pl_module.diffusion)  # fail before training
         self.build_metrics()
         for metric in self._metrics():
             metric.to(pl_module.device)

@@ -64,7 +64,7 @@ class SampleLogger(pl.Callback):
             # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
             self.sampler = DDIMSampler(num_steps=min(50, pl_module.diffusion.num_timesteps))
         if hasattr(pl_module, "diffusion"):
-            self.sampler.timesteps(pl_module.diffusion.num_timesteps)  # fail before training, not at step N
+            self.sampler.grid(pl_module.diffusion)  # fail before training, not at step N
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step

@@ -1,0 +1,60 @@
+"""The model contract of the samplers, guidance and bits/dim: ``model(x_t, t) -> Prediction``.
+
+A :class:`Denoiser` wraps a backbone (the raw network) with the diffusion's parameterization
+and variance, the way k-diffusion's ``model(x, sigma) -> denoised`` and EDM's preconditioning
+wrappers do: whoever consumes a :class:`Prediction` never sees raw network outputs and never
+needs to know whether the network predicts eps, x0, mu or v.
+
+``t`` is the training timestep index; a floating-point ``t`` lies between two indices (samplers
+with Karras sigmas evaluate the model there) and its alpha_bar is interpolated in log sigma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, Union
+
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .diffusion import GaussianDiffusion
+
+__all__ = ["Prediction", "Denoiser", "DenoiseFn", "PredictFn"]
+
+
+class Prediction(NamedTuple):
+    """What the model says about x_t at t.
+
+    ``x0`` and ``eps`` satisfy x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps. ``variance_frac``
+    is set for ``learned_range`` only: the weight v in log sigma^2 = v log beta + (1 - v) log beta_tilde
+    (Nichol & Dhariwal 2021, eq. 15), kept as a fraction so a respaced process applies it to its
+    own beta and beta_tilde.
+    """
+
+    x0: Tensor
+    eps: Tensor
+    variance_frac: Tensor | None = None
+
+
+# A raw network ``denoise_fn(x_t, t) -> output`` (the output the parameterization interprets) ...
+DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+# ... or a denoiser ``model(x_t, t) -> Prediction``. Samplers and bits/dim accept either.
+PredictFn = Callable[[Tensor, Tensor], Union[Prediction, Tensor]]
+
+
+class Denoiser(nn.Module):
+    """Backbone + parameterization + variance: ``forward(x_t, t, cond=None) -> Prediction``.
+
+    Args:
+        backbone: ``backbone(x_t, t[, cond]) -> output``, an ``nn.Module`` or any callable.
+        diffusion: the :class:`GaussianDiffusion` whose parameterization and variance the output follows.
+    """
+
+    def __init__(self, backbone: Callable[..., Tensor], diffusion: GaussianDiffusion) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.diffusion = diffusion
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Prediction:
+        output = self.backbone(x_t, t) if cond is None else self.backbone(x_t, t, cond)
+        return self.diffusion.predict(output, x_t, t)

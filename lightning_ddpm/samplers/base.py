@@ -1,0 +1,194 @@
+"""What every sampler shares: the step grid (timestep spacings, Karras sigmas), noise, the model call.
+
+A sampler visits a decreasing grid of N timesteps t_0 > ... > t_{N-1} and ends at the data
+(alpha_bar = 1, sigma = 0). In the notation of the fast solvers, alpha = sqrt(alpha_bar),
+sigma_vp = sqrt(1 - alpha_bar), lambda = log(alpha / sigma_vp), and the variance-exploding
+sigma = sqrt((1 - alpha_bar) / alpha_bar) of Karras et al. 2022, in which x / alpha = x0 + sigma eps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..denoiser import Prediction, PredictFn
+from ..diffusion import GaussianDiffusion
+
+__all__ = [
+    "Generators", "StepCallback", "Denoise", "Grid", "Sampler", "SPACINGS", "INTEGER_SPACINGS",
+    "randn", "timestep_schedule", "karras_sigmas", "sigma_to_t",
+]
+
+INTEGER_SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = (*INTEGER_SPACINGS, "karras")
+# callback(step, num_steps, x_prev, pred_x0) after each step; step counts from 1.
+StepCallback = Callable[[int, int, Tensor, Tensor], None]
+# One generator for the batch, or one per example: then example i's noise depends on generators[i]
+# alone, so a sample does not depend on how requests were batched or shared across ranks.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+# denoise(x_t, i) -> the (clipped, if asked) prediction at the grid's i-th timestep.
+Denoise = Callable[[Tensor, int], Prediction]
+# alpha_bar is kept >= 2^-24 by the solvers that divide by sigma or take log(alpha): a zero-terminal-SNR
+# schedule then starts at sigma = 4096 instead of infinity, as diffusers does for such schedules.
+MIN_ALPHA_BAR = 2.0**-24
+
+
+def randn(shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """Standard normal noise of ``shape`` (batch first) from one generator or one per example."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
+def noise_like(x: Tensor, generator: Generators) -> Tensor:
+    return randn(x.shape, generator, x.device, x.dtype)
+
+
+def _check_spacing(spacing: str, allowed: Sequence[str]) -> None:
+    if spacing not in allowed:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of: {', '.join(allowed)}")
+
+
+def timestep_schedule(num_timesteps: int, num_steps: int, spacing: str = "leading") -> Tensor:
+    """The integer timesteps a ``num_steps``-step sampler visits, in decreasing order, as int64.
+
+    ``leading``: arange(N) * (T // N) (DDIM's original); ``trailing``: round(T - k T / N) - 1,
+    which starts at T - 1 (Lin et al. 2024); ``linspace``: round(linspace(0, T - 1, N)).
+    """
+    _check_spacing(spacing, INTEGER_SPACINGS)
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must lie in [1, T={num_timesteps}], got {num_steps}")
+    if spacing == "leading":
+        ts = torch.arange(num_steps, dtype=torch.long) * (num_timesteps // num_steps)
+    elif spacing == "trailing":
+        ts = torch.round(torch.arange(num_timesteps, 0, -num_timesteps / num_steps, dtype=torch.float64)).long() - 1
+    else:
+        ts = torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round().long()
+    ts = torch.unique(ts)  # sorted ascending, no duplicates
+    return ts.flip(0)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022, eq. 5: (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
+    inv_min, inv_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (inv_max + ramp * (inv_min - inv_max)) ** rho
+
+
+def sigma_to_t(sigmas: Tensor, log_sigmas: Tensor) -> Tensor:
+    """Fractional timesteps of ``sigmas``: linear interpolation of log sigma between training steps."""
+    log_sigma = sigmas.log()
+    low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
+    return low.to(torch.float64) + w
+
+
+class Grid(NamedTuple):
+    """The steps of one sampling run."""
+
+    t: Tensor  # (N,) decreasing timesteps: int64, or float64 between training steps (Karras sigmas)
+    alpha_bar: Tensor  # (N + 1,) float64 at each t, then 1.0: the data, sigma = 0
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.t)
+
+
+class Sampler:
+    """Common options of the samplers; a subclass implements :meth:`solve`.
+
+    Args:
+        num_steps: how many steps (network evaluations for the one-evaluation-per-step samplers);
+            ``None`` means all T.
+        spacing: ``leading``, ``trailing``, ``linspace`` (see :func:`timestep_schedule`), or ``karras``
+            (rho = 7 sigmas between the schedule's first and last, for the samplers that allow it).
+        clip_denoised: clip pred_x0 to [-1, 1] at each step; ``None`` uses the diffusion's default.
+    """
+
+    spacings: tuple[str, ...] = INTEGER_SPACINGS
+
+    def __init__(self, num_steps: int | None = None, spacing: str = "leading", clip_denoised: bool | None = None):
+        _check_spacing(spacing, self.spacings)
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.num_steps = num_steps
+        self.spacing = spacing
+        self.clip_denoised = clip_denoised
+
+    def timesteps(self, num_timesteps: int) -> Tensor:
+        """The integer timesteps of an integer spacing (``grid`` gives every spacing's)."""
+        if self.spacing == "karras":
+            raise ValueError("spacing='karras' depends on the schedule's sigmas: use grid(diffusion)")
+        return timestep_schedule(num_timesteps, self.num_steps or num_timesteps, self.spacing)
+
+    def grid(self, diffusion: GaussianDiffusion) -> Grid:
+        """The timesteps and alpha_bar values this sampler visits on ``diffusion``'s schedule."""
+        ab = diffusion.schedule.alphas_cumprod
+        one = torch.ones(1, dtype=torch.float64)
+        if self.spacing != "karras":
+            ts = self.timesteps(diffusion.num_timesteps)
+            return Grid(ts, torch.cat([ab[ts], one]))
+        if diffusion.schedule.has_zero_terminal_snr:
+            raise ValueError("spacing='karras' needs a finite sigma_max; a zero-terminal-SNR schedule has "
+                             "sigma_max = inf (use spacing='trailing')")
+        log_sigmas = 0.5 * ((1.0 - ab).log() - ab.log())
+        sigmas = karras_sigmas(float(log_sigmas[0].exp()), float(log_sigmas[-1].exp()), self.num_steps or diffusion.num_timesteps)
+        return Grid(sigma_to_t(sigmas, log_sigmas), torch.cat([1.0 / (1.0 + sigmas**2), one]))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: PredictFn,
+        diffusion: GaussianDiffusion,
+        x_T: Tensor,
+        generator: Generators = None,
+        callback: StepCallback | None = None,
+    ) -> Tensor:
+        """Run the reverse process from ``x_T`` (standard normal noise) to x0.
+
+        Args:
+            model: ``model(x_t, t) -> Prediction`` (a :class:`~lightning_ddpm.denoiser.Denoiser`, a guided
+                denoiser), or a raw network ``denoise_fn(x_t, t) -> output`` that ``diffusion`` interprets.
+            generator: one for the batch, or a sequence with one per example (see :func:`randn`).
+            callback: ``callback(step, num_steps, x, pred_x0)`` after every step.
+        """
+        grid = self.grid(diffusion)
+        clip = diffusion.clip_denoised if self.clip_denoised is None else self.clip_denoised
+        ts = grid.t.tolist()  # a CPU tensor: no device synchronisation
+        dtype = torch.float32 if grid.t.is_floating_point() else torch.long
+
+        def denoise(x: Tensor, i: int) -> Prediction:
+            t = torch.full((x.shape[0],), ts[i], device=x.device, dtype=dtype)
+            prediction = diffusion.as_prediction(model(x, t), x, t)
+            return diffusion.clip(prediction, x, t) if clip else prediction
+
+        return self.solve(denoise, diffusion, grid, x_T, generator, callback)
+
+    def solve(
+        self,
+        denoise: Denoise,
+        diffusion: GaussianDiffusion,
+        grid: Grid,
+        x: Tensor,
+        generator: Generators,
+        callback: StepCallback | None,
+    ) -> Tensor:
+        """Integrate from ``x`` at ``grid.t[0]`` to the data; one method per sampler."""
+        raise NotImplementedError
+
+    def _options(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_steps={self.num_steps}, spacing={self.spacing!r}{self._options()})"
+
+
+def solver_alpha_bar(grid: Grid) -> list[float]:
+    """alpha_bar of the grid as floats, kept >= MIN_ALPHA_BAR (see there); the final 1.0 stays."""
+    return grid.alpha_bar.clamp(min=MIN_ALPHA_BAR).tolist()
