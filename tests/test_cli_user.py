@@ -180,7 +180,8 @@ def test_every_readme_config_runs_on_the_readme_install():
     core = " ".join(project["dependencies"])
     assert "scikit-learn" in core, "configs/digits.yaml reads sklearn's digits on a plain `pip install -e .`"
     dev = [d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["dev"]]
-    assert set(dev) <= {"pytest", "pyyaml"}, f"the dev extra holds test tools only, got {dev}"
+    # test tools only: diffusers is the samplers' independent oracle (tests/test_samplers_diffusers.py)
+    assert set(dev) <= {"pytest", "pyyaml", "diffusers", "safetensors"}, f"the dev extra holds test tools only, got {dev}"
 
 
 def _project_folder(tmp_path: Path) -> Path:

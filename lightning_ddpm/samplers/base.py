@@ -31,8 +31,8 @@ StepCallback = Callable[[int, int, Tensor, Tensor], None]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 # denoise(x_t, i) -> the (clipped, if asked) prediction at the grid's i-th timestep.
 Denoise = Callable[[Tensor, int], Prediction]
-# alpha_bar is kept >= 2^-24 by the solvers that divide by sigma or take log(alpha): a zero-terminal-SNR
-# schedule then starts at sigma = 4096 instead of infinity, as diffusers does for such schedules.
+# The solvers that divide by sigma or take log(alpha) replace alpha_bar = 0 (a zero-terminal-SNR schedule's
+# last step) by 2^-24: they start at sigma = 4096 instead of infinity, as diffusers does for such schedules.
 MIN_ALPHA_BAR = 2.0**-24
 
 
@@ -190,5 +190,5 @@ class Sampler:
 
 
 def solver_alpha_bar(grid: Grid) -> list[float]:
-    """alpha_bar of the grid as floats, kept >= MIN_ALPHA_BAR (see there); the final 1.0 stays."""
-    return grid.alpha_bar.clamp(min=MIN_ALPHA_BAR).tolist()
+    """alpha_bar of the grid as floats, with 0 replaced by MIN_ALPHA_BAR (see there)."""
+    return [value if value > 0 else MIN_ALPHA_BAR for value in grid.alpha_bar.tolist()]
