@@ -143,4 +143,19 @@ def test_cli_predict_with_requested_labels_and_scale(tmp_path):
              "--predict_writer.output_dir", str(out), "--model.sampler", '{"name": "ddim", "init_args": {"num_steps": 3}}'])
     saved = torch.load(out / "samples.pt", weights_only=True)
     assert saved["samples"].shape == (6, 2) and saved["labels"].tolist() == [2, 5, 2, 5, 2, 5]
+    # a fast solver by name from the command line, and as a SampleLogger's sampler in YAML-style mapping
+    fast = tmp_path / "fast"
+    run_cli(["predict", *common, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), "--model.guidance_scale=3.0",
+             "--data.init_args.num_predict_samples=4", "--predict_writer.output_dir", str(fast),
+             "--model.sampler", '{"name": "dpmpp_2m", "init_args": {"num_steps": 4}}'])
+    assert torch.isfinite(torch.load(fast / "samples.pt", weights_only=True)["samples"]).all()
+    pictures = tmp_path / "pictures"
+    logger = {"class_path": "lightning_ddpm.callbacks.SampleLogger",
+              "init_args": {"every_n_steps": 1, "every_n_epochs": None, "num_samples": 16, "output_dir": str(pictures),
+                            "sampler": {"name": "unipc", "init_args": {"num_steps": 3, "order": 3}}}}
+    run_cli(["fit", "--config", str(ROOT / "configs/toy2d_cond.yaml"), f"--trainer.default_root_dir={tmp_path}",
+             "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--model.backbone", tiny,
+             "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--data.init_args.num_train=768",
+             "--trainer.enable_checkpointing=false", "--trainer.callbacks", json.dumps([logger])])
+    assert sorted(p.name for p in pictures.iterdir()) == ["step_0000001.png"]
     assert TOY_DISTRIBUTIONS["eight_gaussians"][1] == 8

@@ -5,6 +5,7 @@ from torch import nn
 
 from lightning_ddpm import DDIMSampler, DiffusionModule
 from lightning_ddpm.backbones import MLP
+from lightning_ddpm.samplers import SAMPLERS
 
 TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 1}}
 TINY_UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
@@ -172,3 +173,33 @@ def test_warns_when_eps_and_the_schedule_amplify_errors():
         DiffusionModule(backbone=TINY_MLP, schedule="cosine", parameterization="v")
         DiffusionModule(backbone=TINY_MLP, schedule="cosine", parameterization="eps", clip_denoised=True)
         DiffusionModule(backbone=TINY_MLP, schedule="linear", parameterization="eps")  # beta_T = 0.02
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_every_sampler_samples_a_guided_learned_variance_model(name):
+    """Every registered sampler by name: class-conditional with guidance, learned variance, clipped
+    images, reproducible with a generator, and sample i depends on generator i alone."""
+    m = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_classes=10, variance="learned_range",
+                        loss="hybrid", num_timesteps=20, clip_denoised=True, guidance_scale=2.0,
+                        sampler={"name": name, "init_args": {"num_steps": 4}})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the U-Net's zero-initialised output layers would make every label look alike
+        for p in m.backbone.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    labels = [1, 2, 3]
+    seeds = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    a = m.sample(3, labels=labels, generator=seeds)
+    b = m.sample(3, labels=labels, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    alone = m.sample(1, labels=[2], generator=[torch.Generator().manual_seed(6)])
+    assert a.shape == (3, 1, 8, 8) and torch.isfinite(a).all() and a.abs().max() <= 1
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a[1:2], alone, rtol=1e-5, atol=1e-5)
+    unguided = m.sample(3, labels=labels, guidance_scale=1.0, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    assert not torch.allclose(a, unguided)
+
+
+def test_a_bare_sampler_name_fits_a_short_schedule():
+    m = DiffusionModule(backbone=TINY_MLP, num_timesteps=8, sampler="dpmpp_2m")
+    assert m.default_sampler.num_steps == 8
+    with pytest.raises(ValueError, match=r"num_steps must lie in \[1, T=8\], got 10"):
+        DiffusionModule(backbone=TINY_MLP, num_timesteps=8, sampler={"name": "unipc", "init_args": {"num_steps": 10}})

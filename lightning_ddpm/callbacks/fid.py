@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..samplers import DDIMSampler, Sampler
+from ..samplers import DDIMSampler, Sampler, make_sampler
 from ..data.batches import unpack_batch
 from .ema import ema_weights
 
@@ -40,7 +40,7 @@ class FIDCallback(pl.Callback):
         every_n_validations: evaluate at every this many validation epochs (``None``: never during training).
         at_train_end: evaluate once more at the end of fit with ``final_num_samples``.
         final_num_samples: samples for the end-of-training evaluation (default ``num_samples``).
-        sampler: the sampler (default ``DDIMSampler(num_steps=100)``).
+        sampler: a Sampler, a registered name or ``{name, init_args}`` mapping (default ``DDIMSampler(num_steps=100)``).
         final_sampler: the sampler of the end-of-training evaluation (default ``sampler``).
         batch_size: generation batch size per rank.
         feature_extractor: any ``nn.Module`` mapping float images in [0, 1] (B, C, H, W) to (B, D)
@@ -58,8 +58,8 @@ class FIDCallback(pl.Callback):
         every_n_validations: int | None = 1,
         at_train_end: bool = False,
         final_num_samples: int | None = None,
-        sampler: Sampler | None = None,
-        final_sampler: Sampler | None = None,
+        sampler: Sampler | str | dict[str, Any] | None = None,
+        final_sampler: Sampler | str | dict[str, Any] | None = None,
         batch_size: int = 250,
         feature_extractor: nn.Module | None = None,
         inception_weights_path: str | None = None,
@@ -76,8 +76,10 @@ class FIDCallback(pl.Callback):
         self.num_samples, self.final_num_samples = num_samples, final_num_samples or num_samples
         self.every_n_validations, self.at_train_end = every_n_validations, at_train_end
         self._default_sampler = sampler is None
-        self.sampler = sampler or DDIMSampler(num_steps=100)
-        self.final_sampler = final_sampler  # None: the same as sampler
+        self._sampler_spec = sampler  # a name or mapping is rebuilt in setup with its default steps capped at T
+        self.sampler = make_sampler(sampler) if sampler is not None else DDIMSampler(num_steps=100)
+        self._final_sampler_spec = final_sampler
+        self.final_sampler = None if final_sampler is None else make_sampler(final_sampler)  # None: as sampler
         self.batch_size, self.seed = batch_size, seed
         self.custom = feature_extractor is not None
         self.feature_extractor, self.inception_weights_path = feature_extractor, inception_weights_path
@@ -118,6 +120,11 @@ class FIDCallback(pl.Callback):
         if hasattr(pl_module, "diffusion") and self._default_sampler:
             # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
             self.sampler = DDIMSampler(num_steps=min(100, pl_module.diffusion.num_timesteps))
+        elif hasattr(pl_module, "diffusion") and not isinstance(self._sampler_spec, Sampler):
+            self.sampler = make_sampler(self._sampler_spec, num_timesteps=pl_module.diffusion.num_timesteps)
+        if hasattr(pl_module, "diffusion") and self._final_sampler_spec is not None and not isinstance(
+                self._final_sampler_spec, Sampler):
+            self.final_sampler = make_sampler(self._final_sampler_spec, num_timesteps=pl_module.diffusion.num_timesteps)
         if hasattr(pl_module, "diffusion"):
             for sampler in (self.sampler, self.final_sampler):
                 if sampler is not None:

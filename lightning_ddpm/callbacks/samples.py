@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..plotting import load_png, save_image_grid, save_samples_picture
-from ..samplers import DDIMSampler, Sampler
+from ..samplers import DDIMSampler, Sampler, make_sampler
 from .ema import ema_weights
 
 
@@ -28,7 +28,8 @@ class SampleLogger(pl.Callback):
         every_n_steps: sample every this many optimizer steps (``None``: off).
         every_n_epochs: sample at the end of every this many epochs (``None``: off).
         num_samples: samples per picture (images: use a square number; 2-D: a few thousand).
-        sampler: defaults to ``DDIMSampler(num_steps=50)``.
+        sampler: a Sampler, a registered name (``dpmpp_2m``, ...) or ``{name, init_args}`` mapping;
+            defaults to ``DDIMSampler(num_steps=50)``.
         seed: seed of the sampling noise.
         output_dir: defaults to ``<log_dir>/samples``.
     """
@@ -38,7 +39,7 @@ class SampleLogger(pl.Callback):
         every_n_steps: int | None = None,
         every_n_epochs: int | None = 1,
         num_samples: int = 64,
-        sampler: Sampler | None = None,
+        sampler: Sampler | str | dict[str, Any] | None = None,
         seed: int = 0,
         output_dir: str | None = None,
     ) -> None:
@@ -49,7 +50,8 @@ class SampleLogger(pl.Callback):
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.num_samples, self.seed, self.output_dir = num_samples, seed, output_dir
         self._default_sampler = sampler is None
-        self.sampler = sampler or DDIMSampler(num_steps=50)
+        self._sampler_spec = sampler  # a name or mapping is rebuilt in setup with its default steps capped at T
+        self.sampler = make_sampler(sampler) if sampler is not None else DDIMSampler(num_steps=50)
         self.last_path: Path | None = None
         self.last_samples: torch.Tensor | None = None  # rank 0: the samples of the last picture
         self._last_step = -1
@@ -63,6 +65,8 @@ class SampleLogger(pl.Callback):
         if hasattr(pl_module, "diffusion") and self._default_sampler:
             # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
             self.sampler = DDIMSampler(num_steps=min(50, pl_module.diffusion.num_timesteps))
+        elif hasattr(pl_module, "diffusion") and not isinstance(self._sampler_spec, Sampler):
+            self.sampler = make_sampler(self._sampler_spec, num_timesteps=pl_module.diffusion.num_timesteps)
         if hasattr(pl_module, "diffusion"):
             self.sampler.grid(pl_module.diffusion)  # fail before training, not at step N
 
