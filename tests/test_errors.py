@@ -94,6 +94,12 @@ CASES = {
     "guidance-negative": lambda tmp: _module(data_shape=[2], num_classes=3, guidance_scale=-1),
     "num-steps": lambda tmp: _module(num_timesteps=1000, sampler={"name": "ddim", "init_args": {"num_steps": 2000}}),
     "eta-negative": lambda tmp: DDIMSampler(eta=-0.5),
+    "solver-order": lambda tmp: _module(sampler={"name": "unipc", "init_args": {"order": 4}}),
+    "spacing-karras-integer": lambda tmp: _module(sampler={"name": "ddpm", "init_args": {"spacing": "karras"}}),
+    "karras-zero-snr": lambda tmp: _module(parameterization="v", rescale_to_zero_terminal_snr=True,
+                                           sampler={"name": "heun", "init_args": {"spacing": "karras"}}),
+    "mu-fractional": lambda tmp: _module(data_shape=[2], parameterization="mu").sample(
+        2, sampler={"name": "euler", "init_args": {"num_steps": 3, "spacing": "karras"}}),
     "missing-folder": lambda tmp: ImageDataModule("imagefolder", root=str(tmp / "no/such/folder")),
     "empty-folder": lambda tmp: (tmp / "empty").mkdir() or ImageFolderDataset(tmp / "empty"),
     "corrupt-image": lambda tmp: (_images(tmp / "c").joinpath("1.png").write_bytes(b"\x89PNG\r\n\x1a\nxx"),
