@@ -16,13 +16,16 @@ from torch import Tensor, nn
 
 from .denoiser import DenoiseFn, Prediction, PredictFn
 from .likelihood import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .losses import available_losses, get_loss
 from .parameterizations import StepCoefficients, available_parameterizations, get_parameterization
 from .schedules import NoiseSchedule
+from .variances import available_variances, get_variance
 
 __all__ = ["GaussianDiffusion", "ReverseStep", "BitsPerDim", "VARIANCES", "LOSSES", "LOSS_WEIGHTINGS"]
 
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-LOSSES = ("simple", "vlb", "hybrid")
+# The built-in names (the registries in variances.py and losses.py take more).
+VARIANCES = tuple(available_variances())
+LOSSES = tuple(available_losses())
 LOSS_WEIGHTINGS = ("none", "elbo", "min_snr")
 
 
@@ -80,15 +83,14 @@ class GaussianDiffusion(nn.Module):
     ) -> None:
         super().__init__()
         _check_choice("parameterization", parameterization, available_parameterizations())
-        _check_choice("variance", variance, VARIANCES)
-        _check_choice("loss", loss, LOSSES)
+        self.var, self.loss_fn = get_variance(variance), get_loss(loss)
         _check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
-        if loss == "hybrid" and variance != "learned_range":
+        if self.loss_fn.needs_learned_variance and not self.var.learned:
             raise ValueError(
                 "loss='hybrid' trains the variance through the VLB term and needs variance='learned_range'; "
                 f"got variance={variance!r} (use loss='simple' or 'vlb' with a fixed variance)"
             )
-        if loss_weighting == "elbo" and variance == "learned_range":
+        if loss_weighting == "elbo" and self.var.learned:
             raise ValueError(
                 "loss_weighting='elbo' weights the MSE by 1 / (2 sigma_t^2) of a fixed variance, but "
                 "variance='learned_range' is learned; use loss='vlb' or 'hybrid' to train on the bound"
@@ -146,8 +148,8 @@ class GaussianDiffusion(nn.Module):
             self._buffers[name] = value.to(device=device, dtype=dtype)
         return self
 
-    def _gather(self, name: str, t: Tensor, x: Tensor) -> Tensor:
-        """buffer[t] reshaped to (B, 1, ..., 1) in x's dtype."""
+    def gather(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """The schedule constant ``name`` at integer t, reshaped to (B, 1, ..., 1) in x's dtype."""
         values = self._buffers[name][t.to(self.betas.device)]
         return values.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -158,7 +160,7 @@ class GaussianDiffusion(nn.Module):
     @property
     def output_channels_factor(self) -> int:
         """How many times the data's channels the model must output (2 for learned_range)."""
-        return 2 if self.variance == "learned_range" else 1
+        return self.var.output_factor
 
     def coefficients(self, t: Tensor, x: Tensor) -> StepCoefficients:
         """Schedule constants at integer ``t``; at fractional ``t`` (between two indices) alpha_bar comes
@@ -168,10 +170,10 @@ class GaussianDiffusion(nn.Module):
             nan = torch.full_like(ab, float("nan"))
             return StepCoefficients(ab.sqrt(), (1.0 - ab).sqrt(), nan, nan)
         return StepCoefficients(
-            self._gather("sqrt_alphas_cumprod", t, x),
-            self._gather("sqrt_one_minus_alphas_cumprod", t, x),
-            self._gather("posterior_mean_coef1", t, x),
-            self._gather("posterior_mean_coef2", t, x),
+            self.gather("sqrt_alphas_cumprod", t, x),
+            self.gather("sqrt_one_minus_alphas_cumprod", t, x),
+            self.gather("posterior_mean_coef1", t, x),
+            self.gather("posterior_mean_coef2", t, x),
         )
 
     def alpha_bar_at(self, t: Tensor) -> Tensor:
@@ -197,8 +199,8 @@ class GaussianDiffusion(nn.Module):
 
     def q_mean_variance(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q(x_t | x0) = N(sqrt(alpha_bar) x0, (1 - alpha_bar) I): (mean, variance, log_variance)."""
-        mean = self._gather("sqrt_alphas_cumprod", t, x0) * x0
-        variance = (1.0 - self._gather("alphas_cumprod", t, x0)).expand_as(x0)
+        mean = self.gather("sqrt_alphas_cumprod", t, x0) * x0
+        variance = (1.0 - self.gather("alphas_cumprod", t, x0)).expand_as(x0)
         return mean, variance, variance.log()
 
     def q_sample(
@@ -207,15 +209,15 @@ class GaussianDiffusion(nn.Module):
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4)."""
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return self._gather("sqrt_alphas_cumprod", t, x0) * x0 + self._gather(
+        return self.gather("sqrt_alphas_cumprod", t, x0) * x0 + self.gather(
             "sqrt_one_minus_alphas_cumprod", t, x0
         ) * noise
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q(x_{t-1} | x_t, x0): (mean, variance, clipped log-variance); Ho et al. 2020, eq. 6-7."""
-        mean = self._gather("posterior_mean_coef1", t, x_t) * x0 + self._gather("posterior_mean_coef2", t, x_t) * x_t
-        variance = self._gather("posterior_variance", t, x_t).expand_as(x_t)
-        log_variance = self._gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
+        mean = self.gather("posterior_mean_coef1", t, x_t) * x0 + self.gather("posterior_mean_coef2", t, x_t) * x_t
+        variance = self.gather("posterior_variance", t, x_t).expand_as(x_t)
+        log_variance = self.gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, variance, log_variance
 
     # -- reverse process -------------------------------------------------------------------
@@ -230,7 +232,7 @@ class GaussianDiffusion(nn.Module):
                 f"variance={self.variance!r} ({self.output_channels_factor}x the {channels} data channels on dim 1)"
             )
         model_output = model_output.to(x_t.dtype)
-        if self.variance == "learned_range":
+        if self.var.output_factor == 2:
             mean_out, var_out = model_output.chunk(2, dim=1)
             return mean_out, var_out
         return model_output, None
@@ -273,22 +275,7 @@ class GaussianDiffusion(nn.Module):
     def reverse_variance(self, variance_frac: Tensor | None, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         """sigma_t^2 of p(x_{t-1} | x_t) and its log: fixed, or learned (Nichol & Dhariwal 2021, eq. 15)
         from the prediction's ``variance_frac`` in [0, 1] (1: beta_t, 0: beta_tilde_t)."""
-        if self.variance == "fixed_small":
-            return (
-                self._gather("posterior_variance", t, x_t).expand_as(x_t),
-                self._gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t),
-            )
-        if self.variance == "fixed_large":
-            return (
-                self._gather("large_variance", t, x_t).expand_as(x_t),
-                self._gather("large_log_variance", t, x_t).expand_as(x_t),
-            )
-        if variance_frac is None:
-            raise ValueError("variance='learned_range' needs a prediction with variance_frac (2x output channels)")
-        log_variance = variance_frac * self._gather("log_betas", t, x_t) + (1.0 - variance_frac) * self._gather(
-            "posterior_log_variance_clipped", t, x_t
-        )
-        return log_variance.exp(), log_variance
+        return self.var(self, variance_frac, t, x_t)
 
     def reverse_step(self, prediction: Prediction, x_t: Tensor, t: Tensor) -> ReverseStep:
         """p(x_{t-1} | x_t) = N(mu_tilde(pred_x0, x_t), sigma_t^2) from a prediction (Ho et al. 2020, eq. 11)."""
@@ -348,15 +335,12 @@ class GaussianDiffusion(nn.Module):
         x0_scale_sq = self.param.x0_scale(c).reshape(-1) ** 2
         if self.loss_weighting == "min_snr":
             # Hang et al. 2023: weight the x0-space error by min(snr, gamma).
-            snr = self._gather("snr", t, x).reshape(-1)
+            snr = self.gather("snr", t, x).reshape(-1)
             return snr.clamp(max=self.min_snr_gamma) * x0_scale_sq
         # Ho et al. 2020, eq. 12 generalised: ||mu_tilde - mu_theta||^2 / (2 sigma^2) with
         # d mu / d x0 = coef1; for eps this is beta^2 / (2 sigma^2 alpha (1 - alpha_bar)).
-        name = "large_variance" if self.variance == "fixed_large" else "posterior_log_variance_clipped"
-        sigma_sq = self._gather(name, t, x).reshape(-1)
-        if name == "posterior_log_variance_clipped":
-            sigma_sq = sigma_sq.exp()
-        coef1 = self._gather("posterior_mean_coef1", t, x).reshape(-1)
+        sigma_sq = self.var.elbo_sigma_sq(self, t, x).reshape(-1)
+        coef1 = self.gather("posterior_mean_coef1", t, x).reshape(-1)
         return coef1**2 * x0_scale_sq / (2.0 * sigma_sq)
 
     def training_losses(
@@ -374,24 +358,7 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)
-        model_output = denoise_fn(x_t, t)
-        mean_out, var_out = self.split_output(model_output, x_t)
-        terms: dict[str, Tensor] = {}
-        if self.loss_type in ("simple", "hybrid"):
-            target = self.param.from_x0_eps(x0, noise, x_t, self.coefficients(t, x_t))
-            terms["mse"] = mean_flat((target - mean_out) ** 2)
-            terms["loss"] = self.mse_weight(t, x_t) * terms["mse"]
-        if self.loss_type == "vlb":
-            terms["vlb"] = self.vlb_terms(model_output, x0, x_t, t)
-            terms["loss"] = terms["vlb"]
-        elif self.loss_type == "hybrid":
-            # Nichol & Dhariwal 2021, sec. 3.1: the VLB term only trains the variance.
-            assert var_out is not None
-            frozen = torch.cat([mean_out.detach(), var_out], dim=1)
-            terms["vlb"] = self.vlb_terms(frozen, x0, x_t, t)
-            # L_vlb = T * E_t[L_t], so lambda * L_vlb per example is lambda * T * L_t.
-            terms["loss"] = terms["loss"] + self.hybrid_lambda * self.num_timesteps * terms["vlb"]
-        return terms
+        return self.loss_fn(self, denoise_fn(x_t, t), x0, noise, x_t, t)
 
     # -- likelihood ------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_ddpm import GaussianDiffusion, make_schedule
-from lightning_ddpm.diffusion import VARIANCES
+from lightning_ddpm.variances import available_variances
 from lightning_ddpm.parameterizations import available_parameterizations
 from lightning_ddpm.schedules import available_schedules
 
@@ -34,7 +34,7 @@ def parameterization(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=VARIANCES)
+@pytest.fixture(params=available_variances())
 def variance(request) -> str:
     return request.param
 

@@ -6,16 +6,18 @@ import torch
 from lightning_ddpm.backbones import registry as backbones
 from lightning_ddpm.data.images import IMAGE_DATASETS
 from lightning_ddpm.data.toy2d import TOY_DISTRIBUTIONS
+from lightning_ddpm.losses import LOSSES
 from lightning_ddpm.parameterizations import _PARAMETERIZATIONS
 from lightning_ddpm.registry import Registry
 from lightning_ddpm.samplers import SAMPLERS
 from lightning_ddpm.schedules import _SCHEDULES
 from lightning_ddpm.timestep_sampling import TIMESTEP_SAMPLERS
+from lightning_ddpm.variances import VARIANCES
 
 REGISTRIES = {
     "schedule": _SCHEDULES, "parameterization": _PARAMETERIZATIONS, "sampler": SAMPLERS,
     "timestep_sampler": TIMESTEP_SAMPLERS, "backbone": backbones._REGISTRY, "distribution": TOY_DISTRIBUTIONS,
-    "dataset": IMAGE_DATASETS,
+    "dataset": IMAGE_DATASETS, "variance": VARIANCES, "loss": LOSSES,
 }
 
 
@@ -49,3 +51,61 @@ def test_every_timestep_sampler_draws_valid_timesteps_with_unbiased_weights(name
     assert (weights > 0).all()
     per_t = torch.arange(10, dtype=torch.float32)  # E_p[w * L(t)] must equal the uniform mean of L
     assert (weights * per_t[t]).mean().item() == pytest.approx(per_t.mean().item(), rel=0.03)
+
+
+@pytest.mark.parametrize("name", VARIANCES.names())
+def test_every_variance_lies_between_the_bounds_and_matches_the_posterior_at_its_ends(name):
+    """sigma_t^2 of every variance lies in [beta_tilde_t, beta_t] for t >= 1 (Ho et al.'s two choices are the
+    ends; a learned one interpolates), and is shaped like x_t."""
+    from lightning_ddpm import GaussianDiffusion, make_schedule
+
+    d = GaussianDiffusion(make_schedule("cosine", num_timesteps=20), variance=name)
+    x = torch.zeros(19, 3, dtype=torch.float64)
+    t = torch.arange(1, 20)
+    frac = torch.rand(19, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    variance, log_variance = VARIANCES.get(name)(d, frac if VARIANCES.get(name).learned else None, t, x)
+    assert variance.shape == log_variance.shape == x.shape
+    torch.testing.assert_close(variance.log(), log_variance)
+    low, high = d.schedule.posterior_variance[1:, None], d.schedule.betas[1:, None]
+    assert (variance >= low * (1 - 1e-9)).all() and (variance <= high * (1 + 1e-9)).all()
+
+
+def test_a_registered_variance_and_loss_plug_in_by_name():
+    """A user-registered variance (half-way between the bounds) and loss (L1 on the target) train and sample."""
+    from lightning_ddpm import DDIMSampler, DDPMSampler, GaussianDiffusion, make_schedule
+    from lightning_ddpm.likelihood import mean_flat
+    from lightning_ddpm.losses import Loss
+    from lightning_ddpm.variances import Variance
+
+    class Midway(Variance):
+        name = "midway"
+
+        def __call__(self, diffusion, variance_frac, t, x_t):
+            log_variance = 0.5 * (diffusion.gather("log_betas", t, x_t)
+                                  + diffusion.gather("posterior_log_variance_clipped", t, x_t)).expand_as(x_t)
+            return log_variance.exp(), log_variance
+
+    class L1(Loss):
+        name = "l1"
+
+        def __call__(self, diffusion, output, x0, noise, x_t, t):
+            target = diffusion.param.from_x0_eps(x0, noise, x_t, diffusion.coefficients(t, x_t))
+            return {"loss": mean_flat((output - target).abs())}
+
+    try:
+        VARIANCES.register("midway", Midway())
+        LOSSES.register("l1", L1())
+        d = GaussianDiffusion(make_schedule("linear", num_timesteps=20, beta_end=0.3), variance="midway", loss="l1")
+        x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+        t = torch.randint(0, 20, (8,), generator=torch.Generator().manual_seed(1))
+        noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
+        terms = d.training_losses(lambda x, t: noise, x0, t, noise=noise)  # the exact eps: zero L1
+        assert terms["loss"].abs().max() == 0
+        _, log_var = d.reverse_variance(None, t, x0)
+        torch.testing.assert_close(log_var, 0.5 * (d.schedule.betas.log() + d.schedule.posterior_log_variance_clipped)[t, None].expand(8, 2).float())
+        out = DDPMSampler().sample(lambda x, t: 0.1 * x, d, torch.randn(4, 2))
+        assert torch.isfinite(out).all() and DDIMSampler(num_steps=5).sample(lambda x, t: 0.1 * x, d, out).shape == (4, 2)
+    finally:
+        for registry, name in ((VARIANCES, "midway"), (LOSSES, "l1")):
+            if name in registry:
+                registry.pop(name)

@@ -1,0 +1,86 @@
+"""Training losses: callables from (network output, x0, noise, x_t, t) to per-example terms.
+
+In the manner of EDM's ``training/loss.py``: each loss is a few lines over what the diffusion
+provides (the parameterization's target, the ELBO/Min-SNR weights, the bound's term at t).
+Every loss returns ``loss`` (what to minimise, shape (B,)) and its parts (``mse``, ``vlb``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .likelihood import mean_flat
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .diffusion import GaussianDiffusion
+
+__all__ = ["Loss", "LOSSES", "get_loss", "available_losses"]
+
+
+class Loss:
+    """Base class."""
+
+    name: str = ""
+    needs_learned_variance: bool = False
+
+    def __call__(self, diffusion: GaussianDiffusion, output: Tensor, x0: Tensor, noise: Tensor, x_t: Tensor,
+                 t: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class SimpleLoss(Loss):
+    """L_simple: the (weighted) MSE between the output and the parameterization's target (Ho et al. 2020, eq. 14)."""
+
+    name = "simple"
+
+    def __call__(self, diffusion, output, x0, noise, x_t, t):  # noqa: D102
+        mean_out, _ = diffusion.split_output(output, x_t)
+        target = diffusion.param.from_x0_eps(x0, noise, x_t, diffusion.coefficients(t, x_t))
+        mse = mean_flat((target - mean_out) ** 2)
+        return {"mse": mse, "loss": diffusion.mse_weight(t, x_t) * mse}
+
+
+class VLBLoss(Loss):
+    """L_vlb: the bound's term at t in bits/dim (Ho et al. 2020, eq. 5)."""
+
+    name = "vlb"
+
+    def __call__(self, diffusion, output, x0, noise, x_t, t):  # noqa: D102
+        vlb = diffusion.vlb_terms(output, x0, x_t, t)
+        return {"vlb": vlb, "loss": vlb}
+
+
+class HybridLoss(Loss):
+    """L_hybrid = L_simple + lambda L_vlb with the mean detached in L_vlb (Nichol & Dhariwal 2021, sec. 3.1):
+    the bound trains only the variance channels. L_vlb = T E_t[L_t], so per example it is lambda T L_t."""
+
+    name = "hybrid"
+    needs_learned_variance = True
+
+    def __call__(self, diffusion, output, x0, noise, x_t, t):  # noqa: D102
+        terms = SimpleLoss()(diffusion, output, x0, noise, x_t, t)
+        mean_out, var_out = diffusion.split_output(output, x_t)
+        terms["vlb"] = diffusion.vlb_terms(torch.cat([mean_out.detach(), var_out], dim=1), x0, x_t, t)
+        terms["loss"] = terms["loss"] + diffusion.hybrid_lambda * diffusion.num_timesteps * terms["vlb"]
+        return terms
+
+
+LOSSES: Registry[Loss] = Registry("loss")
+for _loss in (SimpleLoss(), VLBLoss(), HybridLoss()):
+    LOSSES.register(_loss.name, _loss)
+
+
+def available_losses() -> list[str]:
+    return LOSSES.names()
+
+
+def get_loss(name: str) -> Loss:
+    """The loss registered as ``name``."""
+    return LOSSES.get(name)

@@ -1,0 +1,93 @@
+"""The reverse-process variance sigma_t^2 of p(x_{t-1} | x_t): fixed (Ho et al. 2020) or learned (Nichol & Dhariwal 2021).
+
+A variance reads the schedule constants of a :class:`~lightning_ddpm.diffusion.GaussianDiffusion`
+(``diffusion.gather(name, t, x)``), so a respaced diffusion gives the respaced sigma_t^2.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from .diffusion import GaussianDiffusion
+
+__all__ = ["Variance", "VARIANCES", "get_variance", "available_variances"]
+
+
+class Variance:
+    """Base class: ``(variance, log_variance)`` at t, shaped like x_t."""
+
+    name: str = ""
+    output_factor: int = 1  # network output channels per data channel
+    learned: bool = False
+
+    def __call__(self, diffusion: GaussianDiffusion, variance_frac: Tensor | None, t: Tensor, x_t: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def elbo_sigma_sq(self, diffusion: GaussianDiffusion, t: Tensor, x: Tensor) -> Tensor:
+        """sigma_t^2 of the ELBO weight 1 / (2 sigma_t^2) (Ho et al. 2020, eq. 12); fixed variances only."""
+        raise ValueError(f"variance={self.name!r} is learned: the ELBO weight needs a fixed variance")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class FixedSmall(Variance):
+    """sigma_t^2 = beta_tilde_t, the posterior variance (its log clipped at t = 0 as in Ho et al.'s code)."""
+
+    name = "fixed_small"
+
+    def __call__(self, diffusion, variance_frac, t, x_t):  # noqa: D102
+        return (diffusion.gather("posterior_variance", t, x_t).expand_as(x_t),
+                diffusion.gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t))
+
+    def elbo_sigma_sq(self, diffusion, t, x):  # noqa: D102
+        return diffusion.gather("posterior_log_variance_clipped", t, x).exp()
+
+
+class FixedLarge(Variance):
+    """sigma_t^2 = beta_t (beta_tilde_1 at t = 0, for a better decoder, as in Ho et al.'s code)."""
+
+    name = "fixed_large"
+
+    def __call__(self, diffusion, variance_frac, t, x_t):  # noqa: D102
+        return (diffusion.gather("large_variance", t, x_t).expand_as(x_t),
+                diffusion.gather("large_log_variance", t, x_t).expand_as(x_t))
+
+    def elbo_sigma_sq(self, diffusion, t, x):  # noqa: D102
+        return diffusion.gather("large_variance", t, x)
+
+
+class LearnedRange(Variance):
+    """log sigma_t^2 = v log beta_t + (1 - v) log beta_tilde_t with v = (output + 1) / 2 from extra channels
+    (Nichol & Dhariwal 2021, eq. 15); the prediction carries v as ``variance_frac``."""
+
+    name = "learned_range"
+    output_factor = 2
+    learned = True
+
+    def __call__(self, diffusion, variance_frac, t, x_t):  # noqa: D102
+        if variance_frac is None:
+            raise ValueError("variance='learned_range' needs a prediction with variance_frac (2x output channels)")
+        log_variance = variance_frac * diffusion.gather("log_betas", t, x_t) + (1.0 - variance_frac) * diffusion.gather(
+            "posterior_log_variance_clipped", t, x_t)
+        return log_variance.exp(), log_variance
+
+
+VARIANCES: Registry[Variance] = Registry("variance")
+for _v in (FixedSmall(), FixedLarge(), LearnedRange()):
+    VARIANCES.register(_v.name, _v)
+
+
+def available_variances() -> list[str]:
+    return VARIANCES.names()
+
+
+def get_variance(name: str) -> Variance:
+    """The variance registered as ``name``."""
+    return VARIANCES.get(name)
