@@ -13,6 +13,7 @@ it whole), and nothing that breaks under bf16 autocast.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,14 +37,14 @@ class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv -> (+ time embedding) -> GroupNorm -> SiLU -> dropout -> conv, plus skip."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, embed_dim: int, dropout: float, groups: int, scale_shift: bool
+        self, in_ch: int, out_ch: int, embed_dim: int, dropout: float, groups: int, scale_shift: bool, eps: float
     ) -> None:
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(embed_dim, out_ch * (2 if scale_shift else 1))
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -63,12 +64,12 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, residual."""
 
-    def __init__(self, channels: int, num_heads: int, groups: int) -> None:
+    def __init__(self, channels: int, num_heads: int, groups: int, eps: float) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = nn.GroupNorm(groups, channels, eps=eps)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = _zero(nn.Linear(channels, channels))
 
@@ -83,11 +84,16 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    """Strided 3x3 conv; ``bottom_right`` pads one pixel only after each axis (TensorFlow's 'SAME')."""
+
+    def __init__(self, channels: int, padding: str = "symmetric") -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.bottom_right = padding == "bottom_right"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.bottom_right else 1)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        if self.bottom_right:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -119,6 +125,18 @@ class UNet(nn.Module):
         num_classes: class-conditional with this many classes plus one "null" label.
         norm_groups: GroupNorm groups (32 in the paper); every channel count must be divisible.
         gradient_checkpointing: recompute blocks in backward to save memory.
+        norm_eps: epsilon of every GroupNorm (PyTorch's 1e-5 by default; the DDPM reference code
+            and diffusers' DDPM checkpoints use 1e-6).
+        downsample_padding: ``"symmetric"`` pads the strided downsampling conv by one pixel on every
+            side; ``"bottom_right"`` pads one pixel only at the bottom and right, as TensorFlow's
+            'SAME' padding in the DDPM reference code (diffusers' ``downsample_padding=0``).
+        time_embed_cos_first: order the sinusoidal timestep features [cos, sin] instead of the
+            reference code's [sin, cos] (diffusers' ``flip_sin_to_cos``).
+        time_embed_freq_shift: frequencies w_k = 10000^(-k / (ch/2 - shift)); 1 is the reference
+            code's spacing, 0 diffusers' default (its ``freq_shift``).
+
+    The last four only exist to load weights trained with other conventions exactly (see
+    ``lightning_ddpm.interop``); their defaults change nothing in the parameters or their names.
 
     The CIFAR-10 configuration ``UNet()`` (all defaults) has exactly 35,746,307 parameters.
     """
@@ -139,8 +157,14 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         norm_groups: int = 32,
         gradient_checkpointing: bool = False,
+        norm_eps: float = 1e-5,
+        downsample_padding: Literal["symmetric", "bottom_right"] = "symmetric",
+        time_embed_cos_first: bool = False,
+        time_embed_freq_shift: float = 1.0,
     ) -> None:
         super().__init__()
+        if downsample_padding not in ("symmetric", "bottom_right"):
+            raise ValueError(f"downsample_padding {downsample_padding!r} is not one of 'symmetric', 'bottom_right'")
         height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         factor = 2 ** (len(ch_mult) - 1)
         if height % factor or width % factor:
@@ -164,13 +188,16 @@ class UNet(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self._factor = factor
         embed_dim = 4 * ch
-        self.embed = TimestepEmbedding(ch, embed_dim, num_classes)
+        self.embed = TimestepEmbedding(ch, embed_dim, num_classes, time_embed_cos_first, time_embed_freq_shift)
 
         def heads(channels: int) -> int:
             return channels // num_head_channels if num_head_channels else num_heads
 
         def res(i: int, o: int) -> ResBlock:
-            return ResBlock(i, o, embed_dim, dropout, norm_groups, scale_shift_norm)
+            return ResBlock(i, o, embed_dim, dropout, norm_groups, scale_shift_norm, norm_eps)
+
+        def attn(channels: int) -> AttentionBlock:
+            return AttentionBlock(channels, heads(channels), norm_groups, norm_eps)
 
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -181,16 +208,14 @@ class UNet(nn.Module):
                 layers: list[nn.Module] = [res(current, ch * mult)]
                 current = ch * mult
                 if heights[level] in attn_resolutions:
-                    layers.append(AttentionBlock(current, heads(current), norm_groups))
+                    layers.append(attn(current))
                 self.down.append(nn.ModuleList(layers))
                 skip_channels.append(current)
             if level != len(ch_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(current)]))
+                self.down.append(nn.ModuleList([Downsample(current, downsample_padding)]))
                 skip_channels.append(current)
 
-        self.mid = nn.ModuleList(
-            [res(current, current), AttentionBlock(current, heads(current), norm_groups), res(current, current)]
-        )
+        self.mid = nn.ModuleList([res(current, current), attn(current), res(current, current)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
@@ -198,13 +223,15 @@ class UNet(nn.Module):
                 layers = [res(current + skip_channels.pop(), ch * mult)]
                 current = ch * mult
                 if heights[level] in attn_resolutions:
-                    layers.append(AttentionBlock(current, heads(current), norm_groups))
+                    layers.append(attn(current))
                 if level != 0 and block == num_res_blocks:
                     layers.append(Upsample(current))
                 self.up.append(nn.ModuleList(layers))
 
         self.out = nn.Sequential(
-            nn.GroupNorm(norm_groups, current), nn.SiLU(), _zero(nn.Conv2d(current, self.out_channels, 3, padding=1))
+            nn.GroupNorm(norm_groups, current, eps=norm_eps),
+            nn.SiLU(),
+            _zero(nn.Conv2d(current, self.out_channels, 3, padding=1)),
         )
 
     def _run(self, layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
