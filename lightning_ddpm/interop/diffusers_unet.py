@@ -348,7 +348,8 @@ def unet_state_dict_from_diffusers(state_dict: Mapping[str, Tensor], config: Map
 def unet_state_dict_to_diffusers(state_dict: Mapping[str, Tensor], init_args: Mapping[str, Any]) -> dict[str, Tensor]:
     """Our ``UNet(**init_args).state_dict()`` -> the ``UNet2DModel`` state dict for ``unet_config_to_diffusers``.
 
-    Split q/k/v are fresh contiguous tensors (safetensors refuses views of one storage).
+    Every tensor is contiguous and split q/k/v are copies: safetensors refuses channels-last
+    weights and views of one storage.
 
     Raises:
         ValueError: an option ``UNet2DModel`` cannot represent, or a missing or unexpected key or a
@@ -360,6 +361,9 @@ def unet_state_dict_to_diffusers(state_dict: Mapping[str, Tensor], init_args: Ma
     out = {}
     for ours, (keys, shape) in mapping.items():
         _check_shape("unet", ours, state_dict[ours], shape)
-        parts = state_dict[ours].chunk(len(keys)) if len(keys) > 1 else (state_dict[ours],)
-        out.update({k: p.clone() if len(keys) > 1 else p for k, p in zip(keys, parts)})
+        tensor = state_dict[ours]
+        if len(keys) == 1:
+            out[keys[0]] = tensor.contiguous()
+        else:
+            out.update({k: p.clone(memory_format=torch.contiguous_format) for k, p in zip(keys, tensor.chunk(3))})
     return out
