@@ -102,7 +102,8 @@ _LAYER_NAMES = {
 # Our submodule names inside a ResBlock / AttentionBlock -> diffusers'; the rest are equal.
 _LEAF_NAMES = {"emb_proj": "time_emb_proj", "skip": "conv_shortcut", "norm": "group_norm", "proj": "to_out.0"}
 _QKV = ("to_q", "to_k", "to_v")  # our fused qkv rows are [q; k; v], heads contiguous in each
-# Attention names of checkpoints saved before diffusers 0.14 (the published DDPM ones among them).
+# Attention names of weights saved by early diffusers versions (early Hub uploads such as the DDPM ones
+# may still hold them); diffusers renames them on load, and so do we.
 _LEGACY_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
