@@ -273,12 +273,33 @@ def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
     )
 
 
+def export(args: list[str]) -> Path:
+    """``lightning-ddpm export --ckpt_path C --output_dir D``: a checkpoint's weights (the EMA weights when it
+    was trained with EMA, which the checkpoint stores as its state_dict) as a diffusers DDPM folder."""
+    import argparse
+
+    from .module import DiffusionModule
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} export", description=export.__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by lightning-ddpm fit")
+    parser.add_argument("--output_dir", required=True, help="the folder to write (DDPMPipeline.from_pretrained loads it)")
+    options = parser.parse_args(args)
+    module = DiffusionModule.load_from_checkpoint(options.ckpt_path, map_location="cpu")
+    folder = module.to_diffusers(options.output_dir)
+    print(f"wrote {folder} (model_index.json, unet/, scheduler/)")
+    return folder
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the console script ``lightning-ddpm`` and of ``python -m lightning_ddpm``."""
     # As `python -m` does: modules in the working directory (custom backbones, callbacks) import.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    argv = sys.argv[1:] if args is None else args
     try:
+        if argv[:1] == ["export"]:
+            export(argv[1:])
+            return
         run_cli(args)
     except USER_ERRORS as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):

@@ -74,6 +74,10 @@ class DiffusionModule(pl.LightningModule):
         channels_last: keep image batches and the backbone in channels-last memory format (what GPU
             convolutions want). On a CPU under bf16, ``False`` measured 2-8% faster: PyTorch's CPU
             GroupNorm backward is slow on channels-last (see the README's benchmark results).
+        init_from: a diffusers folder (a DDPM pipeline folder or a bare ``UNet2DModel`` folder, e.g.
+            google/ddpm-cifar10-32 downloaded beforehand) whose U-Net weights initialise the ``unet``
+            backbone when fit starts (fine-tuning); its architecture and schedule must be this model's.
+            Nothing is downloaded. A resumed fit continues from its checkpoint instead.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class DiffusionModule(pl.LightningModule):
         max_nonfinite_steps: int = 10,
         compile: bool | dict[str, Any] = False,
         channels_last: bool = True,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
@@ -174,6 +179,85 @@ class DiffusionModule(pl.LightningModule):
         split_spec(self.optimizer_spec, "optimizer")  # fail now, not at fit time
         # The epoch's loss, overall and by timestep quartile; accumulated on the device, logged per epoch.
         self.epoch_losses = nn.ModuleDict({f"{stage}_losses": TimestepLosses(num_timesteps) for stage in STAGES})
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("init_from"):
+            self.load_diffusers_weights(self.hparams.init_from)
+
+    # -- diffusers interop ---------------------------------------------------------------------
+
+    @classmethod
+    def from_diffusers(cls, source: Any, scheduler: Any = None, **settings: Any) -> DiffusionModule:
+        """A module with the weights, schedule and prediction settings of a diffusers DDPM model.
+
+        Args:
+            source: a folder in diffusers' layout (``model_index.json`` with ``unet/`` and ``scheduler/``, or
+                a bare ``UNet2DModel`` folder), or an in-memory ``UNet2DModel``.
+            scheduler: a diffusers scheduler (or its config mapping) for a bare U-Net; default: the folder's,
+                else ``DDPMScheduler()``'s defaults.
+            **settings: other ``DiffusionModule`` arguments (optimizer, sampler, ...), over those derived.
+        """
+        from .interop.diffusers_unet import unet_state_dict_from_diffusers
+
+        derived, unet_config, weights = _diffusers_source(source, scheduler)
+        module = cls(**{**derived, **settings})
+        module.backbone.load_state_dict(unet_state_dict_from_diffusers(weights, unet_config))
+        return module
+
+    def load_diffusers_weights(self, source: Any) -> None:
+        """Load a diffusers U-Net's weights into this module's backbone (``init_from``), after checking that
+        the folder's architecture and schedule settings are this model's."""
+        from .interop.diffusers_unet import unet_state_dict_from_diffusers
+
+        from .interop.diffusers import same_betas
+
+        derived, unet_config, weights = _diffusers_source(source, None)
+        mine = self.backbone_init_args()
+        different = [f"model.backbone.init_args.{key}: given {mine.get(key)!r}, folder {value!r}"
+                     for key, value in derived["backbone"]["init_args"].items() if not settings_agree(key, value, mine.get(key))]
+        different += [f"model.{key}: given {self.hparams.get(key)!r}, folder {derived[key]!r}"
+                      for key in ("data_shape", "num_classes", "parameterization", "variance")
+                      if key in derived and not settings_agree(key, derived[key], self.hparams.get(key))]
+        folder = make_schedule(derived["schedule"], derived["num_timesteps"], **derived["schedule_kwargs"],
+                               rescale_to_zero_terminal_snr=derived["rescale_to_zero_terminal_snr"])
+        if not same_betas(folder.betas, self.diffusion.schedule.betas):
+            different.append(f"model.schedule: the folder's betas ({folder!r}) are not this model's "
+                             f"({self.diffusion.schedule!r})")
+        if different:
+            raise ValueError(f"init_from {source}: the folder's model differs from this config: " + "; ".join(different))
+        self.backbone.load_state_dict(unet_state_dict_from_diffusers(weights, unet_config))
+
+    def backbone_init_args(self) -> dict[str, Any]:
+        """Every argument the backbone was built with: the config's, the linked ones, then the defaults."""
+        import inspect
+
+        name, init_args = split_spec(self.hparams.backbone, "backbone")
+        cls = type(self.backbone)
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if k != "self" and p.default is not inspect.Parameter.empty}
+        shared = {"in_channels": self.data_shape[0], "out_channels": self.data_shape[0] * self.diffusion.output_channels_factor,
+                  "image_size": list(self.data_shape[1:]) if len(self.data_shape) == 3 else None,
+                  "num_classes": self.num_classes}
+        return {**defaults, **{k: v for k, v in shared.items() if k in defaults}, **init_args}
+
+    def to_diffusers(self, output_dir: str | Path) -> Path:
+        """Write a folder that ``diffusers.DDPMPipeline.from_pretrained`` (and ``DDIMPipeline``) loads: the
+        ``unet`` backbone as a ``UNet2DModel`` in safetensors, and a ``DDPMScheduler`` with this schedule."""
+        from .interop.diffusers import require_diffusers, scheduler_config_from_settings
+        from .interop.diffusers_unet import unet_config_to_diffusers, unet_state_dict_to_diffusers
+
+        diffusers = require_diffusers()
+        name, _ = split_spec(self.hparams.backbone, "backbone")
+        if name != "unet":
+            raise ValueError(f"to_diffusers writes a UNet2DModel and needs backbone 'unet', got {name!r}")
+        init_args = self.backbone_init_args()
+        unet = diffusers.UNet2DModel(**unet_config_to_diffusers(init_args))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
+        unet.load_state_dict(unet_state_dict_to_diffusers(state, init_args))
+        scheduler = diffusers.DDPMScheduler(**scheduler_config_from_settings(self.hparams))
+        output_dir = Path(output_dir)
+        diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(output_dir, safe_serialization=True)
+        return output_dir
 
     # -- batches and the denoiser --------------------------------------------------------------
 
@@ -411,6 +495,35 @@ class DiffusionModule(pl.LightningModule):
             torch.set_rng_state(states["torch"])
         if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _diffusers_source(source: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
+    """(DiffusionModule settings, UNet2DModel config, its weights) of a diffusers folder or UNet2DModel."""
+    from .interop.diffusers import load_unet_weights, read_folder, settings_from_scheduler_config
+    from .interop.diffusers_unet import unet_init_args_from_diffusers
+
+    if isinstance(source, (str, Path)):
+        unet_dir, unet_config, folder_scheduler = read_folder(source)
+        weights = load_unet_weights(unet_dir)
+    elif hasattr(source, "config") and hasattr(source, "state_dict"):
+        unet_config, weights, folder_scheduler = dict(source.config), source.state_dict(), None
+    else:
+        raise ValueError(f"from_diffusers takes a folder or a diffusers UNet2DModel, got {type(source).__name__}")
+    if scheduler is not None:
+        config = dict(scheduler) if isinstance(scheduler, Mapping) else dict(scheduler.config)
+        folder_scheduler = (config.get("_class_name") or type(scheduler).__name__, config)
+    class_name, scheduler_config = folder_scheduler or ("DDPMScheduler", {})
+    if class_name == "dict":
+        class_name = "DDPMScheduler"
+    init_args = unet_init_args_from_diffusers(unet_config)
+    size = unet_config.get("sample_size", 32)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    derived = {"backbone": {"name": "unet", "init_args": init_args},
+               "data_shape": [int(unet_config.get("in_channels", 3)), int(height), int(width)],
+               **settings_from_scheduler_config(scheduler_config, class_name)}
+    if "num_classes" in init_args:
+        derived["num_classes"] = init_args["num_classes"]
+    return derived, unet_config, weights
 
 
 def _fused_supported(params: list[Tensor]) -> bool:

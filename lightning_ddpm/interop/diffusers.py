@@ -1,0 +1,194 @@
+"""diffusers folders <-> DiffusionModule settings: the scheduler half of the bridge, and the folder I/O.
+
+A diffusers DDPM folder holds ``model_index.json``, ``unet/`` (``config.json`` and
+``diffusion_pytorch_model.safetensors``) and ``scheduler/scheduler_config.json``. The U-Net half of
+the mapping is :mod:`lightning_ddpm.interop.diffusers_unet`. diffusers is optional: every entry
+point imports it through :func:`require_diffusers`, whose error names the extra to install.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "require_diffusers", "settings_from_scheduler_config", "scheduler_config_from_settings", "read_folder",
+    "SCHEDULER_SAMPLERS",
+]
+
+PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# diffusers' *_log variants are the same variances computed in log space.
+VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+                  "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
+# The scheduler class a folder names -> our sampler of the same method.
+SCHEDULER_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp_2m",
+                      "UniPCMultistepScheduler": "unipc", "EulerDiscreteScheduler": "euler",
+                      "HeunDiscreteScheduler": "heun"}
+# Samplers whose leading/trailing/linspace timesteps are defined as in the diffusers scheduler of the same method.
+_SAME_SPACINGS = ("ddpm", "ddim")
+INSTALL_HINT = "pip install 'lightning-ddpm[diffusers]'"
+
+
+def require_diffusers() -> Any:
+    """The diffusers package, or an ImportError that says which extra installs it."""
+    try:
+        import diffusers
+    except ImportError as err:
+        raise ImportError(f"diffusers interop needs the diffusers package: {INSTALL_HINT}") from err
+    return diffusers
+
+
+def _refuse(field: str, value: Any, supported: Any) -> ValueError:
+    return ValueError(f"scheduler config {field}: {value!r} is not supported; supported: {supported}")
+
+
+def _schedule(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The schedule settings of a scheduler config (betas exactly as diffusers computes them)."""
+    name = config.get("beta_schedule", "linear")
+    start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+    trained = config.get("trained_betas")
+    if trained is not None:
+        return {"schedule": "custom", "schedule_kwargs": {"betas": [float(b) for b in trained]}}
+    if name in ("linear", "scaled_linear"):
+        return {"schedule": name, "schedule_kwargs": {"beta_start": start, "beta_end": end}}
+    if name == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine, s = 0.008, beta capped at 0.999
+        return {"schedule": "cosine", "schedule_kwargs": {}}
+    if name == "sigmoid":  # GeoDiff's sigmoid in beta (not the alpha_bar sigmoid of our `sigmoid`): as custom betas
+        T = int(config.get("num_train_timesteps", 1000))
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (end - start) + start
+        return {"schedule": "custom", "schedule_kwargs": {"betas": betas.tolist()}}
+    raise _refuse("beta_schedule", name, "linear, scaled_linear, squaredcos_cap_v2, sigmoid, or trained_betas")
+
+
+def settings_from_scheduler_config(config: Mapping[str, Any], class_name: str = "DDPMScheduler") -> dict[str, Any]:
+    """DiffusionModule settings equivalent to a diffusers scheduler config.
+
+    Refused, with the field named: a prediction or variance type we do not have, thresholding, a
+    clip range other than 1, a steps offset, and scheduler classes without a sampler of ours.
+    """
+    if class_name not in SCHEDULER_SAMPLERS:
+        raise _refuse("_class_name", class_name, ", ".join(SCHEDULER_SAMPLERS))
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise _refuse("prediction_type", prediction, ", ".join(PREDICTION_TYPES))
+    variance = config.get("variance_type") or "fixed_small"
+    if variance not in VARIANCE_TYPES:
+        raise _refuse("variance_type", variance, ", ".join(VARIANCE_TYPES))
+    if config.get("thresholding"):
+        raise _refuse("thresholding", True, "false (clip_sample clips x0 to [-1, 1])")
+    if config.get("clip_sample") and float(config.get("clip_sample_range", 1.0)) != 1.0:
+        raise _refuse("clip_sample_range", config["clip_sample_range"], "1.0")
+    if int(config.get("steps_offset", 0) or 0) != 0:
+        raise _refuse("steps_offset", config["steps_offset"], "0")
+    sampler = SCHEDULER_SAMPLERS[class_name]
+    spacing = config.get("timestep_spacing", "leading")
+    if config.get("use_karras_sigmas"):
+        spacing = "karras"
+    elif sampler not in _SAME_SPACINGS:
+        spacing = "trailing"  # diffusers' multistep "leading"/"linspace" use N + 1 points; ours start at T - 1
+    return {
+        **_schedule(config),
+        "num_timesteps": int(config.get("num_train_timesteps", 1000)),
+        "rescale_to_zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)),
+        "parameterization": PREDICTION_TYPES[prediction],
+        "variance": VARIANCE_TYPES[variance],
+        # DDPMScheduler clips by default (clip_sample=True), DPM-Solver and friends have no clip_sample at all
+        "clip_denoised": bool(config.get("clip_sample", False)),
+        "sampler": {"name": sampler, "init_args": {"spacing": spacing}} if sampler != "ddpm" or spacing != "leading"
+        else "ddpm",
+    }
+
+
+def _beta_settings(schedule: str, kwargs: Mapping[str, Any], num_timesteps: int) -> dict[str, Any]:
+    if schedule in ("linear", "scaled_linear") and set(kwargs) <= {"beta_start", "beta_end"}:
+        defaults = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}[schedule]
+        return {"beta_schedule": schedule, "beta_start": float(kwargs.get("beta_start", defaults[0])),
+                "beta_end": float(kwargs.get("beta_end", defaults[1]))}
+    if schedule == "cosine" and float(kwargs.get("s", 0.008)) == 0.008 and float(kwargs.get("max_beta", 0.999)) == 0.999:
+        return {"beta_schedule": "squaredcos_cap_v2"}
+    from ..schedules import make_schedule
+
+    # anything else travels as its betas (diffusers has no equivalent name)
+    return {"trained_betas": make_schedule(schedule, num_timesteps, **kwargs).betas.tolist()}
+
+
+def scheduler_config_from_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The DDPMScheduler config that reproduces a DiffusionModule's schedule and sampling settings.
+
+    ``settings`` are the module's hyperparameters (``module.hparams``).
+    """
+    inverse_prediction = {ours: theirs for theirs, ours in PREDICTION_TYPES.items()}
+    num_timesteps = int(settings.get("num_timesteps", 1000))
+    sampler = settings.get("sampler", "ddim")
+    init_args = sampler.get("init_args", {}) if isinstance(sampler, Mapping) else {}
+    spacing = init_args.get("spacing", "leading")
+    return {
+        "num_train_timesteps": num_timesteps,
+        **_beta_settings(settings.get("schedule", "linear"), settings.get("schedule_kwargs") or {}, num_timesteps),
+        "rescale_betas_zero_snr": bool(settings.get("rescale_to_zero_terminal_snr", False)),
+        "prediction_type": inverse_prediction[settings.get("parameterization", "eps")],
+        "variance_type": settings.get("variance", "fixed_small"),
+        "clip_sample": bool(settings.get("clip_denoised", False)),
+        "clip_sample_range": 1.0,
+        "timestep_spacing": spacing if spacing in ("leading", "trailing", "linspace") else "leading",
+    }
+
+
+def _json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def read_folder(path: str | Path) -> tuple[Path, dict[str, Any], tuple[str, dict[str, Any]] | None]:
+    """(unet folder, unet config, (scheduler class name, scheduler config) or None) of a diffusers folder.
+
+    Accepts a pipeline folder (``model_index.json`` with ``unet/`` and ``scheduler/``) or a bare
+    ``UNet2DModel`` folder (``config.json``), whose scheduler then comes from the caller.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist or is not a folder (a diffusers model folder was expected)")
+    if (root / "model_index.json").is_file():
+        index = _json(root / "model_index.json", "")
+        if "unet" not in index:
+            raise ValueError(f"{root / 'model_index.json'} names no 'unet'; components: {sorted(k for k in index if not k.startswith('_'))}")
+        unet_dir = root / "unet"
+        scheduler_entry = index.get("scheduler")
+        scheduler = None
+        if scheduler_entry:
+            scheduler = (scheduler_entry[1], _json(root / "scheduler" / "scheduler_config.json", "the scheduler config"))
+    elif (root / "config.json").is_file():
+        unet_dir, scheduler = root, None
+    else:
+        raise ValueError(f"{root} is not a diffusers model folder: it has neither model_index.json nor config.json")
+    config = _json(unet_dir / "config.json", "the unet config")
+    if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ValueError(f"{unet_dir / 'config.json'} _class_name: {config['_class_name']!r} is not supported; supported: UNet2DModel")
+    return unet_dir, config, scheduler
+
+
+def load_unet_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
+    """The U-Net's weights from ``diffusion_pytorch_model.safetensors`` (or the ``.bin`` of older folders)."""
+    safetensors_file = unet_dir / "diffusion_pytorch_model.safetensors"
+    if safetensors_file.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_file))
+    bin_file = unet_dir / "diffusion_pytorch_model.bin"
+    if bin_file.is_file():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{unet_dir} has no diffusion_pytorch_model.safetensors (or .bin): no U-Net weights")
+
+
+def same_betas(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Betas equal to float32 precision (diffusers keeps them in float32)."""
+    return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-9))
+
