@@ -76,8 +76,9 @@ class DiffusionModule(pl.LightningModule):
             GroupNorm backward is slow on channels-last (see the README's benchmark results).
         init_from: a diffusers folder (a DDPM pipeline folder or a bare ``UNet2DModel`` folder, e.g.
             google/ddpm-cifar10-32 downloaded beforehand) whose U-Net weights initialise the ``unet``
-            backbone when fit starts (fine-tuning); its architecture and schedule must be this model's.
-            Nothing is downloaded. A resumed fit continues from its checkpoint instead.
+            backbone at setup (validate the published model, or fine-tune it); its architecture and schedule
+            must be this model's (dropout aside). Nothing is downloaded. A checkpoint given to the trainer
+            (``--ckpt_path``, a resumed fit) is restored after setup and takes precedence.
     """
 
     def __init__(
@@ -181,8 +182,11 @@ class DiffusionModule(pl.LightningModule):
         self.epoch_losses = nn.ModuleDict({f"{stage}_losses": TimestepLosses(num_timesteps) for stage in STAGES})
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.get("init_from"):
+        # Every stage (validate the published model, or fine-tune it); a checkpoint given to the trainer is
+        # restored after setup and so takes precedence.
+        if self.hparams.get("init_from") and not getattr(self, "_init_loaded", False):
             self.load_diffusers_weights(self.hparams.init_from)
+            self._init_loaded = True
 
     # -- diffusers interop ---------------------------------------------------------------------
 
@@ -213,8 +217,11 @@ class DiffusionModule(pl.LightningModule):
 
         derived, unet_config, weights = _diffusers_source(source, None)
         mine = self.backbone_init_args()
+        # dropout is a training choice, not part of what the weights mean (published configs do not record it)
+        square = lambda v: [v, v] if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731 (image_size)
         different = [f"model.backbone.init_args.{key}: given {mine.get(key)!r}, folder {value!r}"
-                     for key, value in derived["backbone"]["init_args"].items() if not settings_agree(key, value, mine.get(key))]
+                     for key, value in derived["backbone"]["init_args"].items()
+                     if key != "dropout" and not settings_agree(key, square(value), square(mine.get(key)))]
         different += [f"model.{key}: given {self.hparams.get(key)!r}, folder {derived[key]!r}"
                       for key in ("data_shape", "num_classes", "parameterization", "variance")
                       if key in derived and not settings_agree(key, derived[key], self.hparams.get(key))]

@@ -71,6 +71,56 @@ def _corrupt(tmp_path: Path):
     return DiffusionModule.load_from_checkpoint(path)
 
 
+def _diffusers_unet(**config):
+    import diffusers
+
+    tiny = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                norm_num_groups=4)
+    return diffusers.UNet2DModel(**{**tiny, **config})
+
+
+def _diffusers_weights(edit):
+    from lightning_ddpm.interop.diffusers_unet import unet_state_dict_from_diffusers
+
+    unet = _diffusers_unet()
+    state = dict(unet.state_dict())
+    edit(state)
+    return unet_state_dict_from_diffusers(state, unet.config)
+
+
+def _cross_attention_folder(tmp):
+    """A UNet folder whose config.json asks for cross-attention blocks (a text-conditioned U-Net)."""
+    _diffusers_unet().save_pretrained(tmp / "unet")
+    config = json.loads((tmp / "unet" / "config.json").read_text())
+    config["down_block_types"] = ["CrossAttnDownBlock2D", "DownBlock2D"]
+    (tmp / "unet" / "config.json").write_text(json.dumps(config))
+    DiffusionModule.from_diffusers(tmp / "unet")
+
+
+def _without_diffusers(tmp):
+    import sys
+
+    saved = sys.modules.get("diffusers")
+    sys.modules["diffusers"] = None  # what an environment without the package gives on import
+    try:
+        DiffusionModule(backbone={"name": "unet", "init_args": {"ch": 8, "ch_mult": [1], "num_res_blocks": 1,
+                                                                "attn_resolutions": [], "norm_groups": 4}},
+                        data_shape=[1, 8, 8], num_timesteps=20).to_diffusers(tmp / "out")
+    finally:
+        if saved is None:
+            sys.modules.pop("diffusers")
+        else:
+            sys.modules["diffusers"] = saved
+
+
+def _init_from_differs(tmp):
+    source = DiffusionModule.from_diffusers(_diffusers_unet(), scheduler={"num_train_timesteps": 20})
+    folder = source.to_diffusers(tmp / "pretrained")
+    settings = {k: source.hparams[k] for k in ("backbone", "data_shape", "schedule", "num_timesteps", "schedule_kwargs")}
+    DiffusionModule(**settings, parameterization="v", init_from=str(folder)).setup("fit")
+
+
 CASES = {
     "unknown-schedule": lambda tmp: _module(schedule="cosin"),
     "unknown-parameterization": lambda tmp: _module(parameterization="epsilon"),
@@ -119,6 +169,15 @@ CASES = {
     "imports-missing": lambda tmp: _cli(tmp, "--imports", "[no_such_module]"),
     "elbo-learned-variance": lambda tmp: _module(loss_weighting="elbo", variance="learned_range"),
     "backbone-name-taken": lambda tmp: register_backbone("mlp")(UNet),
+    "diffusers-block-type": _cross_attention_folder,
+    "diffusers-missing-weight": lambda tmp: _diffusers_weights(lambda sd: sd.pop("conv_in.bias")),
+    "diffusers-shape-mismatch": lambda tmp: _diffusers_weights(lambda sd: sd.update({"conv_in.weight": torch.zeros(8, 3, 3, 3)})),
+    "diffusers-not-a-folder": lambda tmp: (tmp / "f").mkdir() or DiffusionModule.from_diffusers(tmp / "f"),
+    "diffusers-scheduler-field": lambda tmp: DiffusionModule.from_diffusers(_diffusers_unet(),
+                                                                            scheduler={"variance_type": "learned"}),
+    "diffusers-not-installed": _without_diffusers,
+    "init-from-differs": _init_from_differs,
+    "to-diffusers-backbone": lambda tmp: _module().to_diffusers(tmp / "out"),
 }
 
 
@@ -128,7 +187,7 @@ def test_the_table_and_the_cases_agree():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_documented_error(case, tmp_path):
-    with pytest.raises((ValueError, FileNotFoundError, RuntimeError)) as info:
+    with pytest.raises((ValueError, FileNotFoundError, RuntimeError, ImportError)) as info:
         CASES[case](tmp_path)
     assert ROWS[case] in str(info.value), f"{case}: got {info.value}"
     assert "\n" not in str(info.value).split(" (")[0]  # one line up to any quoted cause

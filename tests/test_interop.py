@@ -235,3 +235,35 @@ def test_missing_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match=r"pip install 'lightning-ddpm\[diffusers\]'"):
         require_diffusers()
+
+
+# google/ddpm-cifar10-32's configs (its unet/config.json and scheduler/scheduler_config.json on the Hub).
+PUBLISHED_CIFAR10_UNET = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, norm_eps=1e-6,
+    norm_num_groups=32, act_fn="silu", time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1,
+    downsample_padding=0, center_input_sample=False, mid_block_scale_factor=1)
+PUBLISHED_CIFAR10_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                   variance_type="fixed_large", clip_sample=True)
+
+
+def test_the_fine_tuning_config_accepts_the_published_cifar10_layout(tmp_path):
+    """configs/cifar10_finetune_diffusers.yaml + a folder laid out like google/ddpm-cifar10-32 (random weights):
+    the config check passes, the weights load, and the published settings come through from_diffusers too."""
+    from lightning_ddpm.cli import run_cli
+
+    folder = tmp_path / "ddpm-cifar10-32"
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**PUBLISHED_CIFAR10_UNET)
+    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**PUBLISHED_CIFAR10_SCHEDULER)).save_pretrained(folder)
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs/cifar10_finetune_diffusers.yaml"
+    cli = run_cli(["--config", str(config), f"--trainer.default_root_dir={tmp_path}", "--model.init_from", str(folder)],
+                  run=False)
+    cli.model.setup("validate")
+    torch.testing.assert_close(cli.model.backbone.conv_in.weight, unet.conv_in.weight, rtol=0, atol=0)
+    module = DiffusionModule.from_diffusers(folder)
+    assert (module.diffusion.variance, module.diffusion.clip_denoised, module.hparams.sampler) == ("fixed_large", True, "ddpm")
+    assert sum(p.numel() for p in module.backbone.parameters()) == 35_746_307
