@@ -201,9 +201,10 @@ class DiffusionModule(pl.LightningModule):
                 else ``DDPMScheduler()``'s defaults.
             **settings: other ``DiffusionModule`` arguments (optimizer, sampler, ...), over those derived.
         """
+        from .interop.diffusers import read_source
         from .interop.diffusers_unet import unet_state_dict_from_diffusers
 
-        derived, unet_config, weights = _diffusers_source(source, scheduler)
+        derived, unet_config, weights = read_source(source, scheduler)
         module = cls(**{**derived, **settings})
         module.backbone.load_state_dict(unet_state_dict_from_diffusers(weights, unet_config))
         return module
@@ -213,9 +214,9 @@ class DiffusionModule(pl.LightningModule):
         the folder's architecture and schedule settings are this model's."""
         from .interop.diffusers_unet import unet_state_dict_from_diffusers
 
-        from .interop.diffusers import same_betas
+        from .interop.diffusers import read_source, same_betas
 
-        derived, unet_config, weights = _diffusers_source(source, None)
+        derived, unet_config, weights = read_source(source, None)
         mine = self.backbone_init_args()
         # dropout is a training choice, not part of what the weights mean (published configs do not record it)
         square = lambda v: [v, v] if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731 (image_size)
@@ -502,35 +503,6 @@ class DiffusionModule(pl.LightningModule):
             torch.set_rng_state(states["torch"])
         if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _diffusers_source(source: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
-    """(DiffusionModule settings, UNet2DModel config, its weights) of a diffusers folder or UNet2DModel."""
-    from .interop.diffusers import load_unet_weights, read_folder, settings_from_scheduler_config
-    from .interop.diffusers_unet import unet_init_args_from_diffusers
-
-    if isinstance(source, (str, Path)):
-        unet_dir, unet_config, folder_scheduler = read_folder(source)
-        weights = load_unet_weights(unet_dir)
-    elif hasattr(source, "config") and hasattr(source, "state_dict"):
-        unet_config, weights, folder_scheduler = dict(source.config), source.state_dict(), None
-    else:
-        raise ValueError(f"from_diffusers takes a folder or a diffusers UNet2DModel, got {type(source).__name__}")
-    if scheduler is not None:
-        config = dict(scheduler) if isinstance(scheduler, Mapping) else dict(scheduler.config)
-        folder_scheduler = (config.get("_class_name") or type(scheduler).__name__, config)
-    class_name, scheduler_config = folder_scheduler or ("DDPMScheduler", {})
-    if class_name == "dict":
-        class_name = "DDPMScheduler"
-    init_args = unet_init_args_from_diffusers(unet_config)
-    size = unet_config.get("sample_size", 32)
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    derived = {"backbone": {"name": "unet", "init_args": init_args},
-               "data_shape": [int(unet_config.get("in_channels", 3)), int(height), int(width)],
-               **settings_from_scheduler_config(scheduler_config, class_name)}
-    if "num_classes" in init_args:
-        derived["num_classes"] = init_args["num_classes"]
-    return derived, unet_config, weights
 
 
 def _fused_supported(params: list[Tensor]) -> bool:

@@ -17,7 +17,7 @@ import torch
 
 __all__ = [
     "require_diffusers", "settings_from_scheduler_config", "scheduler_config_from_settings", "read_folder",
-    "SCHEDULER_SAMPLERS",
+    "read_source", "SCHEDULER_SAMPLERS",
 ]
 
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -192,3 +192,31 @@ def same_betas(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Betas equal to float32 precision (diffusers keeps them in float32)."""
     return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-9))
 
+
+def read_source(source: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(DiffusionModule settings, UNet2DModel config, its weights) of a diffusers folder or UNet2DModel; a
+    ``scheduler`` (object or config mapping) replaces the folder's."""
+    from .diffusers_unet import unet_init_args_from_diffusers
+
+    if isinstance(source, (str, Path)):
+        unet_dir, unet_config, folder_scheduler = read_folder(source)
+        weights = load_unet_weights(unet_dir)
+    elif hasattr(source, "config") and hasattr(source, "state_dict"):
+        unet_config, weights, folder_scheduler = dict(source.config), source.state_dict(), None
+    else:
+        raise ValueError(f"from_diffusers takes a folder or a diffusers UNet2DModel, got {type(source).__name__}")
+    if scheduler is not None:
+        config = dict(scheduler) if isinstance(scheduler, Mapping) else dict(scheduler.config)
+        folder_scheduler = (config.get("_class_name") or type(scheduler).__name__, config)
+    class_name, scheduler_config = folder_scheduler or ("DDPMScheduler", {})
+    if class_name == "dict":
+        class_name = "DDPMScheduler"
+    init_args = unet_init_args_from_diffusers(unet_config)
+    size = unet_config.get("sample_size", 32)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    derived = {"backbone": {"name": "unet", "init_args": init_args},
+               "data_shape": [int(unet_config.get("in_channels", 3)), int(height), int(width)],
+               **settings_from_scheduler_config(scheduler_config, class_name)}
+    if "num_classes" in init_args:
+        derived["num_classes"] = init_args["num_classes"]
+    return derived, unet_config, weights
