@@ -131,10 +131,12 @@ def test_the_math_layer_imports_without_lightning():
 
     code = ("import sys, lightning_ddpm.schedules, lightning_ddpm.parameterizations, lightning_ddpm.diffusion, "
             "lightning_ddpm.samplers, lightning_ddpm.guidance, lightning_ddpm.likelihood, "
-            "lightning_ddpm.timestep_sampling, lightning_ddpm.backbones, lightning_ddpm.registry\n"
+            "lightning_ddpm.timestep_sampling, lightning_ddpm.backbones, lightning_ddpm.registry, "
+            "lightning_ddpm.denoiser, lightning_ddpm.variances, lightning_ddpm.losses, "
+            "lightning_ddpm.interop.diffusers, lightning_ddpm.interop.diffusers_unet\n"
             "from lightning_ddpm import GaussianDiffusion, DDIMSampler, make_schedule, build_backbone\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
-            "'torchmetrics', 'jsonargparse')))")
+            "'torchmetrics', 'jsonargparse', 'diffusers')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", result.stdout
