@@ -66,7 +66,8 @@ def train_toy(args: argparse.Namespace) -> tuple[DiffusionModule, pl.Trainer | N
     module = DiffusionModule(data_shape=[2], **settings)
     trainer = pl.Trainer(accelerator="cpu", max_steps=config["trainer"]["max_steps"], logger=False,
                          enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                         gradient_clip_val=config["trainer"].get("gradient_clip_val"), callbacks=[EMA(decay=0.999)])
+                         enable_progress_bar=False, gradient_clip_val=config["trainer"].get("gradient_clip_val"),
+                         callbacks=[EMA(decay=0.999)])
     trainer.fit(module, datamodule=Toy2DDataModule("two_moons", num_train=100_000, batch_size=256))
     return module, trainer
 
@@ -80,7 +81,7 @@ def train_digits(args: argparse.Namespace) -> tuple[DiffusionModule, pl.Trainer 
                              **DIGITS_CONFIGS["v_cosine"][1])
     trainer = pl.Trainer(accelerator="cpu", max_steps=args.digits_steps, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
-                         callbacks=[EMA(decay=0.999)])
+                         enable_progress_bar=False, callbacks=[EMA(decay=0.999)])
     trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=64, val_fraction=0.1))
     return module, trainer
 

@@ -33,7 +33,8 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import SampleWriter
 from .checkpoints import SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
-from .module import DiffusionModule, settings_agree
+from .imports import settings_agree
+from .module import DiffusionModule
 
 PROG = "lightning-ddpm"
 DEBUG_ENV = "LIGHTNING_DDPM_DEBUG"

@@ -31,3 +31,22 @@ def split_spec(spec: str | Mapping[str, Any], field: str) -> tuple[str, dict[str
             return str(spec[name_keys.pop()]), dict(spec.get("init_args") or {})
         raise ValueError(f"{field} mapping needs 'name' and optional 'init_args'; got keys {sorted(spec)}")
     raise ValueError(f"{field} must be a name or a class_path mapping, got {type(spec).__name__}")
+
+
+def settings_agree(key: str, a: Any, b: Any) -> bool:
+    """Whether two values of the hyperparameter ``key`` mean the same (YAML and Python spellings alike)."""
+    if key == "backbone":
+        try:
+            return split_spec(a, "backbone") == split_spec(b, "backbone")  # "mlp" == {"name": "mlp"}
+        except ValueError:
+            return False
+    return _plain(a) == _plain(b)
+
+
+def _plain(value: Any) -> Any:
+    """Compare config values across YAML/Python spellings: tuples as lists, mappings recursively."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
