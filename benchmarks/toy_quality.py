@@ -228,7 +228,8 @@ def compare(args: argparse.Namespace, cache: RunCache) -> None:
     table, ablation, panels = [], [], {}
     for distribution in args.distributions:
         for seed in args.seeds:
-            for label, recipe in (steps if args.ablation else [steps[0], steps[-1]]):
+            ablate = args.ablation and distribution in (args.ablation_distributions or args.distributions)
+            for label, recipe in (steps if ablate else [steps[0], steps[-1]]):
                 row = cache.run(distribution, recipe, seed, args.num_samples)
                 ablation.append({"distribution": distribution, "seed": seed, "recipe": label, **_public(row)})
                 print_table(ablation[-1:], ["distribution", "seed", "recipe", "ratio", "within_3sd", "train_s"])
@@ -330,6 +331,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=4000)
     parser.add_argument("--no-ablation", dest="ablation", action="store_false",
                         help="compare: only before and after")
+    parser.add_argument("--ablation-distributions", nargs="+", help="compare: ablate these only (default: all)")
     parser.add_argument("--set", nargs="*", default=[], help="overrides of the config's recipe, key=value")
     parser.add_argument("--steps", type=int, help="override max_steps (every mode)")
     parser.add_argument("--schedules", nargs="+", default=["linear", "cosine"], help="grid")

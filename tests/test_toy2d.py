@@ -63,3 +63,4 @@ def test_benchmark_reads_the_toy_configs_recipe_and_ablates_one_change_at_a_time
     assert steps[0] == ("before", BEFORE) and steps[-1][1] == after
     for (_, a), (_, b) in zip(steps, steps[1:]):
         assert sum(a[k] != b[k] for k in a) == 1
+    assert after["fourier_features"] > 0 and BEFORE["fourier_features"] == 0  # the change that matters (README)
