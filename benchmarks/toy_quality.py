@@ -170,20 +170,20 @@ class RunCache:
 
 def save_overview(panels: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, str]], path: str | Path,
                   title: str) -> Path:
-    """One figure: a row per distribution, a column per model; each panel scatters samples (blue) over
-    data (grey) with a caption (e.g. SW2 / floor)."""
+    """One figure: a row per first key (model), a column per second key (distribution); each panel scatters
+    samples (blue) over data (grey) with a caption (e.g. SW2 / floor)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(dict.fromkeys(d for d, _ in panels))
-    cols = list(dict.fromkeys(m for _, m in panels))
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.3 * len(cols), 2.3 * len(rows)), squeeze=False)
-    for (distribution, model), (samples, reference, caption) in panels.items():
-        ax = axes[rows.index(distribution)][cols.index(model)]
-        ax.scatter(reference[:, 0], reference[:, 1], s=0.3, c="lightgray", rasterized=True)
-        ax.scatter(samples[:, 0], samples[:, 1], s=0.3, c="tab:blue", alpha=0.6, rasterized=True)
+    rows = list(dict.fromkeys(r for r, _ in panels))
+    cols = list(dict.fromkeys(c for _, c in panels))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.1 * len(cols), 2.2 * len(rows) + 0.3), squeeze=False)
+    for (row, col), (samples, reference, caption) in panels.items():
+        ax = axes[rows.index(row)][cols.index(col)]
+        ax.scatter(reference[:1500, 0], reference[:1500, 1], s=0.3, c="lightgray", rasterized=True)
+        ax.scatter(samples[:1500, 0], samples[:1500, 1], s=0.3, c="tab:blue", alpha=0.6, rasterized=True)
         lim = float(reference.abs().max()) * 1.25
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
@@ -191,10 +191,10 @@ def save_overview(panels: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor
         ax.set_xticks([])
         ax.set_yticks([])
         ax.text(0.03, 0.03, caption, transform=ax.transAxes, fontsize=7, va="bottom")
-        if distribution == rows[0]:
-            ax.set_title(model, fontsize=9)
-        if model == cols[0]:
-            ax.set_ylabel(distribution, fontsize=9)
+        if row == rows[0]:
+            ax.set_title(col, fontsize=9)
+        if col == cols[0]:
+            ax.set_ylabel(row, fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
@@ -240,7 +240,7 @@ def compare(args: argparse.Namespace, cache: RunCache) -> None:
                           **{k: sum(r[k] for r in rows) / len(rows) for k in _metrics(rows[0])},
                           "ratio_max": max(r["ratio"] for r in rows)})
             reference = reference_and_floor(distribution, args.num_samples)[0][:2000]
-            panels[distribution, f"{name} ({args.seeds[0]})"] = cache.samples(rows[0]), reference, _caption(rows[0])
+            panels[f"{name}, seed {args.seeds[0]}", distribution] = cache.samples(rows[0]), reference, _caption(rows[0])
     device = device_name(torch.device("cpu"))
     print(f"\ndevice: {device}; {after['max_steps']} training steps per model; DDPM 1000 sampling, "
           f"{args.num_samples} samples vs {args.num_samples} fresh data points; seeds {args.seeds}")
@@ -255,7 +255,7 @@ def compare(args: argparse.Namespace, cache: RunCache) -> None:
     if args.figure:
         figure = save_overview(panels, args.figure,
                                f"DDPM samples (blue) over data (grey), {after['max_steps']} training steps; "
-                               "left: before, right: configs/toy2d.yaml")
+                               "top: before, bottom: configs/toy2d.yaml")
         print(f"wrote {figure} ({figure.stat().st_size // 1024} KB)")
 
 
