@@ -12,7 +12,7 @@ before/after figure (``--figure``, e.g. docs/toy_quality.png).
 ``run``: one recipe (the config's, with ``--set key=value`` overrides) on chosen distributions and
 seeds: the sweep that chose the recipe.
 
-``grid``: schedule x parameterization x sampler with the config's recipe otherwise.
+``grid``: schedule x parameterization x sampler with the config's recipe (and ``--set``) otherwise.
 
 Every training run is cached in ``--cache`` (a JSON line per distribution, recipe, seed and sample
 count), so an interrupted ``compare`` resumes and ``run`` sweeps are reused.
@@ -297,7 +297,7 @@ def run(args: argparse.Namespace, cache: RunCache) -> None:
 
 
 def grid(args: argparse.Namespace, cache: RunCache) -> None:
-    base = recipe_from_config(args.config)
+    base = {**recipe_from_config(args.config), **_parse_set(args.set)}
     rows = []
     for distribution in args.distributions:
         reference, _, floor_w2, floor_mmd = reference_and_floor(distribution, args.num_samples)
