@@ -79,6 +79,28 @@ def rings(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     return points + 0.025 * _randn(n, g), labels
 
 
+@_register("spiral_arms", 3)
+def spiral_arms(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Three thin arms winding 1.5 turns out of the centre, 0.22 apart (radially) at the rim: fine structure."""
+    labels = torch.randint(0, 3, (n,), generator=g)
+    # sqrt: uniform along the arc (arc length grows with turn^2 on an Archimedean spiral)
+    turn = 3 * math.pi * torch.rand(n, generator=g).sqrt()
+    angle = turn + labels.float() * (2 * math.pi / 3)
+    points = (turn / (3 * math.pi))[:, None] * torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+    return points + 0.015 * _randn(n, g), labels
+
+
+@_register("pentagram", 5)
+def pentagram(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Points jittered (sd 0.01) along a line drawing: the five strokes of a star, crossing each other."""
+    labels = torch.randint(0, 5, (n,), generator=g)
+    vertex = (torch.arange(5) * 2 * math.pi / 5 + math.pi / 2)  # the pentagon's corners, one at the top
+    corners = torch.stack([torch.cos(vertex), torch.sin(vertex)], dim=1)
+    start, end = corners[labels], corners[(labels + 2) % 5]  # stroke k joins corner k to corner k + 2
+    along = torch.rand(n, 1, generator=g)
+    return start + along * (end - start) + 0.01 * _randn(n, g), labels
+
+
 def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``n`` points of a named distribution and their class labels (mixture component / segment)."""
     return TOY_DISTRIBUTIONS.get(name)[0](n, generator or torch.Generator().manual_seed(0))
@@ -88,7 +110,8 @@ class Toy2DDataModule(pl.LightningDataModule):
     """A 2-D toy distribution, drawn once from ``seed`` into memory.
 
     Args:
-        distribution: ``two_moons``, ``eight_gaussians``, ``swiss_roll``, ``checkerboard`` or ``rings``.
+        distribution: ``two_moons``, ``eight_gaussians``, ``swiss_roll``, ``checkerboard``, ``rings``,
+            ``spiral_arms`` or ``pentagram`` (``TOY_DISTRIBUTIONS`` lists them).
         num_train: training points (one epoch).
         num_val: validation points.
         batch_size: per-device batch size.
