@@ -12,6 +12,8 @@ target of issue 13: at 10 network evaluations the best sampler within 10% of DDP
 
     python -m benchmarks.sampler_quality
     python -m benchmarks.sampler_quality --steps 5 10 --toy-ckpt outputs/toy2d/checkpoints/last.ckpt
+
+The trained models are saved beside ``--out`` (EMA weights) for reuse with ``--toy-ckpt``/``--digits-ckpt``.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def train_toy(args: argparse.Namespace) -> tuple[DiffusionModule, pl.Trainer | N
                          enable_progress_bar=False, gradient_clip_val=config["trainer"].get("gradient_clip_val"),
                          callbacks=[EMA(decay=0.999)])
     trainer.fit(module, datamodule=Toy2DDataModule("two_moons", num_train=100_000, batch_size=256))
+    trainer.save_checkpoint(Path(args.out).with_name("sampler_quality_two_moons.ckpt"))  # EMA weights as state_dict
     return module, trainer
 
 
@@ -83,6 +86,7 @@ def train_digits(args: argparse.Namespace) -> tuple[DiffusionModule, pl.Trainer 
                          enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
                          enable_progress_bar=False, callbacks=[EMA(decay=0.999)])
     trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=64, val_fraction=0.1))
+    trainer.save_checkpoint(Path(args.out).with_name("sampler_quality_digits.ckpt"))  # EMA weights as state_dict
     return module, trainer
 
 
@@ -156,9 +160,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["two_moons", "digits"], choices=["two_moons", "digits"])
     parser.add_argument("--toy-ckpt", help="a toy2d.yaml checkpoint instead of training one")
     parser.add_argument("--digits-ckpt", help="a digits checkpoint instead of training one")
-    parser.add_argument("--digits-steps", type=int, default=2000, help="training steps of the digits model")
+    parser.add_argument("--digits-steps", type=int, default=1500, help="training steps of the digits model")
     parser.add_argument("--toy-samples", type=int, default=4000)
-    parser.add_argument("--digits-samples", type=int, default=1000)
+    parser.add_argument("--digits-samples", type=int, default=400)
     parser.add_argument("--out", default="benchmarks/results/sampler_quality.json")
     parser.add_argument("--figure", default="benchmarks/results/sampler_quality.png")
     args = parser.parse_args()
