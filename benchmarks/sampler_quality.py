@@ -140,18 +140,31 @@ def plot(rows: list[dict[str, Any]], floors: dict[str, float], metrics: dict[str
         ax.axhline(floors[model], color="gray", linewidth=1, linestyle="-.", label="data vs data (floor)")
         ax.axvline(10, color="lightgray", linewidth=0.8)
         ax.set_xscale("log")
-        # unbiased MMD estimates can be negative; a log axis only where every value is positive
-        ax.set_yscale("log" if all(r["vs_data"] > 0 for r in mine) and floors[model] > 0 else "linear")
+        # unbiased MMD estimates can be negative: a symmetric log axis, linear within the metric's noise
+        if all(r["vs_data"] > 0 for r in mine) and floors[model] > 0:
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=max(abs(floors[model]), 1e-5))
         ax.set_xlabel("network evaluations")
         ax.set_ylabel(f"{metrics[model]} vs data (lower is better)")
         ax.set_title(model, fontsize=10)
-    axes[0][-1].legend(fontsize=7, loc="upper right", ncol=2)
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def replot(path: str, figure: str) -> Path:
+    """Redraw the figure from a saved JSON (``--replot``)."""
+    import json
+
+    saved = json.loads(Path(path).read_text())
+    return plot(saved["rows"], saved["floors"], {"two moons": "sliced W2", "digits": "pixel MMD"}, Path(figure),
+                f"sample quality against network evaluations (EMA weights; {saved['device']})")
 
 
 def main() -> None:
@@ -165,7 +178,11 @@ def main() -> None:
     parser.add_argument("--digits-samples", type=int, default=400)
     parser.add_argument("--out", default="benchmarks/results/sampler_quality.json")
     parser.add_argument("--figure", default="benchmarks/results/sampler_quality.png")
+    parser.add_argument("--replot", action="store_true", help="only redraw the figure from --out")
     args = parser.parse_args()
+    if args.replot:
+        print(f"wrote {replot(args.out, args.figure)}")
+        return
     rows: list[dict[str, Any]] = []
     floors: dict[str, float] = {}
     metrics = {"two moons": "sliced W2", "digits": "pixel MMD"}
