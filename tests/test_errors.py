@@ -148,6 +148,7 @@ CASES = {
     "spacing-karras-integer": lambda tmp: _module(sampler={"name": "ddpm", "init_args": {"spacing": "karras"}}),
     "karras-zero-snr": lambda tmp: _module(parameterization="v", rescale_to_zero_terminal_snr=True,
                                            sampler={"name": "heun", "init_args": {"spacing": "karras"}}),
+    "sigma-max-spacing": lambda tmp: _module(sampler={"name": "heun", "init_args": {"sigma_max": 80}}),
     "mu-fractional": lambda tmp: _module(data_shape=[2], parameterization="mu").sample(
         2, sampler={"name": "euler", "init_args": {"num_steps": 3, "spacing": "karras"}}),
     "missing-folder": lambda tmp: ImageDataModule("imagefolder", root=str(tmp / "no/such/folder")),

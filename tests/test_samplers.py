@@ -265,3 +265,22 @@ def test_denoiser_and_raw_network_give_the_same_samples():
         wrapped = sampler.sample(Denoiser(net, d), d, x_T, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(raw, wrapped, rtol=0, atol=0)
     assert isinstance(Denoiser(net, d)(x_T, torch.zeros(4, dtype=torch.long)), Prediction)
+
+
+def test_sigma_max_caps_karras_and_lets_zero_terminal_snr_use_it():
+    d = GaussianDiffusion(make_schedule("cosine", num_timesteps=100))
+    grid = make_sampler({"name": "dpmpp_2m", "init_args": {"num_steps": 6, "spacing": "karras", "sigma_max": 80.0}}).grid(d)
+    sigmas = ((1 - grid.alpha_bar[:-1]) / grid.alpha_bar[:-1]).sqrt()
+    ab = d.schedule.alphas_cumprod
+    torch.testing.assert_close(sigmas, karras_sigmas(float(((1 - ab[0]) / ab[0]).sqrt()), 80.0, 6), rtol=1e-10, atol=0)
+    assert 0 < float(grid.t[0]) < 99  # a fractional timestep below the schedule's last
+    with pytest.raises(ValueError, match="sigma_max caps Karras sigmas and needs spacing='karras', got spacing='trailing'"):
+        make_sampler({"name": "heun", "init_args": {"sigma_max": 80.0}})
+    with pytest.raises(ValueError, match="sigma_max=0.001 must exceed the schedule's first sigma"):
+        make_sampler({"name": "heun", "init_args": {"spacing": "karras", "sigma_max": 1e-3}}).grid(d)
+    ztsnr = GaussianDiffusion(make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True),
+                              parameterization="v")
+    x0 = torch.tensor([[0.3, -0.8]], dtype=torch.float64)
+    out = make_sampler({"name": "unipc", "init_args": {"num_steps": 5, "spacing": "karras", "sigma_max": 50.0}}).sample(
+        oracle(ztsnr, x0), ztsnr, torch.randn(4, 2, dtype=torch.float64))
+    torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)

@@ -180,3 +180,19 @@ def test_ddpm_matches_ddpm_scheduler_given_the_same_generator(model_name):
     scheduler = _scheduler(diffusers.DDPMScheduler, d, clip_sample=False, variance_type="fixed_small")
     theirs = _run_diffusers(scheduler, model, _x_T(), T, generator=torch.Generator().manual_seed(3))
     _close(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun"])
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_capped_karras_sigmas_match_diffusers_sigma_max(name, model_name):
+    """sigma_max caps the Karras grid as diffusers' ``sigma_max`` config does (EDM's 80), x_T scaled alike."""
+    parameterization, make_model = MODELS[model_name]
+    d = _diffusion(parameterization, schedule="cosine")  # sigma_max 2e4 uncapped
+    model = make_model(d)
+    sampler, ours = _ours(name, d, model, 10, "karras", sigma_max=80.0)
+    grid = sampler.grid(d)
+    assert ((1 - grid.alpha_bar[0]) / grid.alpha_bar[0]).sqrt().item() == pytest.approx(80.0)
+    cls = diffusers.EulerDiscreteScheduler if name == "euler" else diffusers.HeunDiscreteScheduler
+    scheduler = _scheduler(cls, d, use_karras_sigmas=True, timestep_spacing="linspace")
+    scheduler.register_to_config(sigma_max=80.0)  # Heun's constructor lacks the option its Karras code reads
+    _close(ours, _run_diffusers(scheduler, model, _x_T(), 10))

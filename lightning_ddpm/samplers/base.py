@@ -109,17 +109,27 @@ class Sampler:
         spacing: ``leading``, ``trailing``, ``linspace`` (see :func:`timestep_schedule`), or ``karras``
             (rho = 7 sigmas between the schedule's first and last, for the samplers that allow it).
         clip_denoised: clip pred_x0 to [-1, 1] at each step; ``None`` uses the diffusion's default.
+        sigma_max: cap of the Karras sigmas (``spacing="karras"`` only; EDM uses 80). ``None`` starts at
+            the schedule's own last sigma, which the cosine schedule puts at 2e4: a short grid then spends
+            most of its steps at sigmas where the sample is still pure noise. The sampler starts from x_T as
+            if it were drawn at sigma_max (the approximation EDM and Stable Diffusion samplers make).
     """
 
     spacings: tuple[str, ...] = INTEGER_SPACINGS
 
-    def __init__(self, num_steps: int | None = None, spacing: str = "leading", clip_denoised: bool | None = None):
+    def __init__(self, num_steps: int | None = None, spacing: str = "leading", clip_denoised: bool | None = None,
+                 sigma_max: float | None = None):
         _check_spacing(spacing, self.spacings)
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if sigma_max is not None and spacing != "karras":
+            raise ValueError(f"sigma_max caps Karras sigmas and needs spacing='karras', got spacing={spacing!r}")
+        if sigma_max is not None and sigma_max <= 0:
+            raise ValueError(f"sigma_max must be > 0, got {sigma_max}")
         self.num_steps = num_steps
         self.spacing = spacing
         self.clip_denoised = clip_denoised
+        self.sigma_max = sigma_max
 
     def timesteps(self, num_timesteps: int) -> Tensor:
         """The integer timesteps of an integer spacing (``grid`` gives every spacing's)."""
@@ -134,11 +144,16 @@ class Sampler:
         if self.spacing != "karras":
             ts = self.timesteps(diffusion.num_timesteps)
             return Grid(ts, torch.cat([ab[ts], one]))
-        if diffusion.schedule.has_zero_terminal_snr:
+        if diffusion.schedule.has_zero_terminal_snr and self.sigma_max is None:
             raise ValueError("spacing='karras' needs a finite sigma_max; a zero-terminal-SNR schedule has "
-                             "sigma_max = inf (use spacing='trailing')")
+                             "sigma_max = inf (set sigma_max, or use spacing='trailing')")
         log_sigmas = 0.5 * ((1.0 - ab).log() - ab.log())
-        sigmas = karras_sigmas(float(log_sigmas[0].exp()), float(log_sigmas[-1].exp()), self.num_steps or diffusion.num_timesteps)
+        sigma_min, sigma_max = float(log_sigmas[0].exp()), float(log_sigmas[-1].exp())
+        if self.sigma_max is not None:
+            if self.sigma_max <= sigma_min:
+                raise ValueError(f"sigma_max={self.sigma_max} must exceed the schedule's first sigma {sigma_min:.4g}")
+            sigma_max = min(sigma_max, self.sigma_max)
+        sigmas = karras_sigmas(sigma_min, sigma_max, self.num_steps or diffusion.num_timesteps)
         return Grid(sigma_to_t(sigmas, log_sigmas), torch.cat([1.0 / (1.0 + sigmas**2), one]))
 
     @torch.no_grad()
@@ -186,7 +201,8 @@ class Sampler:
         return ""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_steps={self.num_steps}, spacing={self.spacing!r}{self._options()})"
+        cap = "" if self.sigma_max is None else f", sigma_max={self.sigma_max}"
+        return f"{type(self).__name__}(num_steps={self.num_steps}, spacing={self.spacing!r}{cap}{self._options()})"
 
 
 def solver_alpha_bar(grid: Grid) -> list[float]:

@@ -34,8 +34,9 @@ class DPMSolverPP2MSampler(Sampler):
     spacings = SPACINGS
     stochastic = False
 
-    def __init__(self, num_steps: int | None = 20, spacing: str = "trailing", clip_denoised: bool | None = None):
-        super().__init__(num_steps, spacing, clip_denoised)
+    def __init__(self, num_steps: int | None = 20, spacing: str = "trailing", clip_denoised: bool | None = None,
+                 sigma_max: float | None = None):
+        super().__init__(num_steps, spacing, clip_denoised, sigma_max)
 
     def solve(self, denoise: Denoise, diffusion: GaussianDiffusion, grid: Grid, x: Tensor,
               generator: Generators, callback: StepCallback | None) -> Tensor:  # noqa: D102

@@ -59,8 +59,8 @@ class UniPCSampler(Sampler):
     spacings = SPACINGS
 
     def __init__(self, num_steps: int | None = 20, order: int = 2, spacing: str = "trailing",
-                 clip_denoised: bool | None = None, corrector: bool = True):
-        super().__init__(num_steps, spacing, clip_denoised)
+                 clip_denoised: bool | None = None, corrector: bool = True, sigma_max: float | None = None):
+        super().__init__(num_steps, spacing, clip_denoised, sigma_max)
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {order}")
         self.order = order
