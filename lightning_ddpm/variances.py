@@ -37,30 +37,23 @@ class Variance:
         return f"{type(self).__name__}()"
 
 
-class FixedSmall(Variance):
-    """sigma_t^2 = beta_tilde_t, the posterior variance (its log clipped at t = 0 as in Ho et al.'s code)."""
+class FixedVariance(Variance):
+    """sigma_t^2 read from the diffusion's constants: ``fixed_small`` is beta_tilde_t, the posterior variance
+    (its log clipped at t = 0), ``fixed_large`` is beta_t (beta_tilde_1 at t = 0, for a better decoder);
+    both as in Ho et al.'s code."""
 
-    name = "fixed_small"
-
-    def __call__(self, diffusion, variance_frac, t, x_t):  # noqa: D102
-        return (diffusion.gather("posterior_variance", t, x_t).expand_as(x_t),
-                diffusion.gather("posterior_log_variance_clipped", t, x_t).expand_as(x_t))
-
-    def elbo_sigma_sq(self, diffusion, t, x):  # noqa: D102
-        return diffusion.gather("posterior_log_variance_clipped", t, x).exp()
-
-
-class FixedLarge(Variance):
-    """sigma_t^2 = beta_t (beta_tilde_1 at t = 0, for a better decoder, as in Ho et al.'s code)."""
-
-    name = "fixed_large"
+    def __init__(self, name: str, variance: str, log_variance: str) -> None:
+        self.name, self._variance, self._log_variance = name, variance, log_variance
 
     def __call__(self, diffusion, variance_frac, t, x_t):  # noqa: D102
-        return (diffusion.gather("large_variance", t, x_t).expand_as(x_t),
-                diffusion.gather("large_log_variance", t, x_t).expand_as(x_t))
+        return (diffusion.gather(self._variance, t, x_t).expand_as(x_t),
+                diffusion.gather(self._log_variance, t, x_t).expand_as(x_t))
 
     def elbo_sigma_sq(self, diffusion, t, x):  # noqa: D102
-        return diffusion.gather("large_variance", t, x)
+        return diffusion.gather(self._log_variance, t, x).exp()
+
+    def __repr__(self) -> str:
+        return f"FixedVariance({self.name!r})"
 
 
 class LearnedRange(Variance):
@@ -80,7 +73,8 @@ class LearnedRange(Variance):
 
 
 VARIANCES: Registry[Variance] = Registry("variance")
-for _v in (FixedSmall(), FixedLarge(), LearnedRange()):
+for _v in (FixedVariance("fixed_small", "posterior_variance", "posterior_log_variance_clipped"),
+           FixedVariance("fixed_large", "large_variance", "large_log_variance"), LearnedRange()):
     VARIANCES.register(_v.name, _v)
 
 
