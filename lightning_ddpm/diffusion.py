@@ -246,8 +246,7 @@ class GaussianDiffusion(nn.Module):
                 "integer timesteps only; use a spacing other than 'karras' (or a sampler on integer timesteps)"
             )
         pred_x0, pred_eps = self.param.to_x0_eps(mean_out, x_t, self.coefficients(t, x_t))
-        frac = None if var_out is None else (var_out + 1.0) / 2.0  # model output in [-1, 1] -> weight
-        prediction = Prediction(pred_x0, pred_eps, frac)
+        prediction = Prediction(pred_x0, pred_eps, self.var.fraction(var_out))
         return self.clip(prediction, x_t, t) if clip_denoised else prediction
 
     def as_prediction(self, value: Prediction | Tensor, x_t: Tensor, t: Tensor) -> Prediction:
@@ -262,15 +261,6 @@ class GaussianDiffusion(nn.Module):
         c = self.coefficients(t, x_t)
         x0 = prediction.x0.clamp(-1.0, 1.0)
         return prediction._replace(x0=x0, eps=(x_t - c.sqrt_alpha_bar * x0) / c.sqrt_one_minus_alpha_bar)
-
-    def predict_x0_eps(
-        self, mean_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False
-    ) -> tuple[Tensor, Tensor]:
-        """The parameterization's (pred_x0, pred_eps) from the mean part of an output (see :meth:`predict`)."""
-        pred_x0, pred_eps = self.param.to_x0_eps(mean_output, x_t, self.coefficients(t, x_t))
-        if clip_denoised:
-            pred_x0, pred_eps, _ = self.clip(Prediction(pred_x0, pred_eps), x_t, t)
-        return pred_x0, pred_eps
 
     def reverse_variance(self, variance_frac: Tensor | None, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         """sigma_t^2 of p(x_{t-1} | x_t) and its log: fixed, or learned (Nichol & Dhariwal 2021, eq. 15)

@@ -163,6 +163,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             "image_size": list(self.data_shape[1:]) if len(self.data_shape) == 3 else None,
             "num_classes": num_classes,
         }
+        self.linked_backbone_args = shared  # what the data and the diffusion decide (also for diffusers export)
         self.backbone = build_backbone(backbone, defaults=shared)
         check_backbone(self.backbone, self.data_shape, shared["out_channels"], num_classes, self.diffusion.variance)
         if self.use_channels_last:
@@ -173,6 +174,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         # Every rank computes the same schedule constants: DDP need not broadcast them before each forward.
         self._ddp_params_and_buffers_to_ignore = [f"diffusion.{name}" for name, _ in self.diffusion.named_buffers()]
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, num_timesteps)
+        self._init_loaded = False  # init_from is applied at the first setup only
         # A sampler's default num_steps is capped at T (a bare "ddim" means 50 steps, or all T when T is
         # smaller); an explicit num_steps > T is an error, raised here rather than after training.
         self.default_sampler: Sampler = make_sampler(sampler, num_timesteps=num_timesteps)
@@ -185,7 +187,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Every stage (validate the published model, or fine-tune it); a checkpoint given to the trainer is
         # restored after setup and so takes precedence.
-        if self.hparams.get("init_from") and not getattr(self, "_init_loaded", False):
+        if self.hparams.get("init_from") and not self._init_loaded:
             self.load_diffusers_weights(self.hparams.init_from)
             self._init_loaded = True
 

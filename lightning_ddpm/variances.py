@@ -29,6 +29,10 @@ class Variance:
                  ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def fraction(self, output: Tensor | None) -> Tensor | None:
+        """The network's variance channels as the prediction's ``variance_frac`` (None: no such channels)."""
+        return None
+
     def elbo_sigma_sq(self, diffusion: GaussianDiffusion, t: Tensor, x: Tensor) -> Tensor:
         """sigma_t^2 of the ELBO weight 1 / (2 sigma_t^2) (Ho et al. 2020, eq. 12); fixed variances only."""
         raise ValueError(f"variance={self.name!r} is learned: the ELBO weight needs a fixed variance")
@@ -63,6 +67,9 @@ class LearnedRange(Variance):
     name = "learned_range"
     output_factor = 2
     learned = True
+
+    def fraction(self, output):  # noqa: D102
+        return (output + 1.0) / 2.0  # the network's [-1, 1] -> the interpolation weight v
 
     def __call__(self, diffusion, variance_frac, t, x_t):  # noqa: D102
         if variance_frac is None:

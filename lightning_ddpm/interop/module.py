@@ -35,17 +35,18 @@ class DiffusersInterop:
     def load_diffusers_weights(self, source: Any) -> None:
         """Load a diffusers U-Net's weights into this module's backbone (``init_from``), after checking that
         the folder's architecture and schedule settings are this model's."""
+        from .diffusers import read_source, same_betas
         from .diffusers_unet import unet_state_dict_from_diffusers
 
-        from .diffusers import read_source, same_betas
-
         derived, unet_config, weights = read_source(source, None)
-        mine = self.backbone_init_args()
+        mine, folder_args = self.backbone_init_args(), dict(derived["backbone"]["init_args"])
+        for args in (mine, folder_args):
+            if isinstance(args.get("image_size"), int):  # 32 and [32, 32] are the same size
+                args["image_size"] = [args["image_size"]] * 2
         # dropout is a training choice, not part of what the weights mean (published configs do not record it)
-        square = lambda v: [v, v] if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731 (image_size)
         different = [f"model.backbone.init_args.{key}: given {mine.get(key)!r}, folder {value!r}"
-                     for key, value in derived["backbone"]["init_args"].items()
-                     if key != "dropout" and not settings_agree(key, square(value), square(mine.get(key)))]
+                     for key, value in folder_args.items()
+                     if key != "dropout" and not settings_agree(key, value, mine.get(key))]
         different += [f"model.{key}: given {self.hparams.get(key)!r}, folder {derived[key]!r}"
                       for key in ("data_shape", "num_classes", "parameterization", "variance")
                       if key in derived and not settings_agree(key, derived[key], self.hparams.get(key))]
@@ -60,14 +61,11 @@ class DiffusersInterop:
 
     def backbone_init_args(self) -> dict[str, Any]:
         """Every argument the backbone was built with: the config's, the linked ones, then the defaults."""
-        name, init_args = split_spec(self.hparams.backbone, "backbone")
-        cls = type(self.backbone)
-        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+        _, init_args = split_spec(self.hparams.backbone, "backbone")
+        defaults = {k: p.default for k, p in inspect.signature(type(self.backbone).__init__).parameters.items()
                     if k != "self" and p.default is not inspect.Parameter.empty}
-        shared = {"in_channels": self.data_shape[0], "out_channels": self.data_shape[0] * self.diffusion.output_channels_factor,
-                  "image_size": list(self.data_shape[1:]) if len(self.data_shape) == 3 else None,
-                  "num_classes": self.num_classes}
-        return {**defaults, **{k: v for k, v in shared.items() if k in defaults}, **init_args}
+        linked = {k: v for k, v in self.linked_backbone_args.items() if k in defaults}
+        return {**defaults, **linked, **init_args}
 
     def to_diffusers(self, output_dir: str | Path) -> Path:
         """Write a folder that ``diffusers.DDPMPipeline.from_pretrained`` (and ``DDIMPipeline``) loads: the

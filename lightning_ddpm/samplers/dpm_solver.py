@@ -32,7 +32,6 @@ class DPMSolverPP2MSampler(Sampler):
     """
 
     spacings = SPACINGS
-    stochastic = False
 
     def __init__(self, num_steps: int | None = 20, spacing: str = "trailing", clip_denoised: bool | None = None,
                  sigma_max: float | None = None):
@@ -67,8 +66,6 @@ class DPMSolverPP2MSDESampler(DPMSolverPP2MSampler):
 
     x_{i+1} = (sigma_{i+1} / sigma_i) e^{-h} x_i + alpha_{i+1} (1 - e^{-2h}) D + sigma_{i+1} sqrt(1 - e^{-2h}) z.
     """
-
-    stochastic = True
 
     def _update(self, x: Tensor, d: Tensor, a_next: float, s_i: float, s_next: float, h: float,
                 generator: Generators) -> Tensor:
