@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -13,36 +15,65 @@ class TimestepLosses(Metric):
     """Mean loss (and VLB term) over an epoch, and the mean loss in each of ``num_bins`` equal ranges of t.
 
     improved-diffusion logs the loss by timestep quartile: it shows which noise levels the model
-    still gets wrong. Each update adds into one ``(2, num_bins + 2)`` tensor of [sums; counts] on
-    the device (one-hot products: deterministic on CUDA, unlike ``bincount`` with weights, and no
-    host synchronisation); torchmetrics sums it over ranks once, in :meth:`compute`.
+    still gets wrong. The sums and counts live in one ``(2, num_bins + 2)`` tensor on the device
+    (one-hot products: deterministic on CUDA, unlike ``bincount`` with weights, and no host
+    synchronisation); torchmetrics sums it over ranks once, in :meth:`compute`.
+
+    ``update`` only keeps references to the step's tensors: every ``flush_every`` updates (and before
+    a sync, ``compute`` or a device move) they are folded into the sums in one batch of ops. Folding
+    every step cost ~0.17 ms, about 1% of a toy-MLP training step on a CPU.
     """
 
     full_state_update = False
 
-    def __init__(self, num_timesteps: int, num_bins: int = 4) -> None:
+    def __init__(self, num_timesteps: int, num_bins: int = 4, flush_every: int = 32) -> None:
         super().__init__()
-        self.num_timesteps, self.num_bins = num_timesteps, num_bins
+        self.num_timesteps, self.num_bins, self.flush_every = num_timesteps, num_bins, flush_every
         # columns: the bins, then the batch loss, then the VLB term
         self.add_state("totals", default=torch.zeros(2, num_bins + 2), dist_reduce_fx="sum")
+        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
 
     def update(self, losses: Tensor, t: Tensor, loss: Tensor, vlb: Tensor | None = None) -> None:
         """``losses`` (B,) per example at timesteps ``t`` (B,); ``loss`` the batch's (weighted) loss."""
-        # A skipped non-finite step must not turn the epoch's means into NaN: non-finite examples count 0.
+        # The batch loss counts once per example: the epoch's loss is the mean over examples.
+        batch_loss = loss.detach().float().expand(losses.shape[0])
+        self._pending.append((losses.detach(), t, batch_loss, None if vlb is None else vlb.detach()))
+        if len(self._pending) >= self.flush_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        columns = list(zip(*self._pending))
+        self._pending = []
+        losses, t, batch_loss = (torch.cat(c) for c in columns[:3])
+        vlb = None if columns[3][0] is None else torch.cat(columns[3])
+        # A skipped non-finite step must not turn the epoch's means into NaN: non-finite values count 0.
         finite = torch.isfinite(losses)
-        losses = torch.where(finite, losses.detach(), 0.0).float()
-        weights = torch.nn.functional.one_hot((t * self.num_bins) // self.num_timesteps, self.num_bins + 2).float()
-        weights = weights * finite[:, None]
-        weights[:, self.num_bins] = torch.isfinite(loss).float()  # the batch loss counts once per example
-        values = losses[:, None].expand(-1, self.num_bins + 2).clone()
-        values[:, self.num_bins] = torch.nan_to_num(loss.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+        bins = torch.nn.functional.one_hot((t * self.num_bins) // self.num_timesteps, self.num_bins).float()
+        weights = [bins * finite[:, None], torch.isfinite(batch_loss)[:, None]]
+        values = [torch.where(finite, losses, 0.0).float()[:, None].expand_as(bins), batch_loss[:, None]]
         if vlb is not None:
-            weights[:, self.num_bins + 1] = torch.isfinite(vlb).float()
-            values[:, self.num_bins + 1] = torch.nan_to_num(vlb.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
-        self.totals += torch.stack([(values * weights).sum(0), weights.sum(0)])
+            weights.append(torch.isfinite(vlb)[:, None])
+            values.append(vlb.float()[:, None])
+        weights, values = torch.cat(weights, 1).float(), torch.nan_to_num(torch.cat(values, 1), 0.0, 0.0, 0.0)
+        self.totals[:, : weights.shape[1]] += torch.stack([(values * weights).sum(0), weights.sum(0)])
+
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        self._flush()  # before the sums cross ranks
+        super().sync(*args, **kwargs)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Metric:
+        self._flush()  # pending tensors would stay on the old device
+        return super()._apply(fn, *args, **kwargs)
+
+    def reset(self) -> None:
+        self._pending = []
+        super().reset()
 
     def compute(self) -> dict[str, Tensor]:
         """``loss``, ``vlb`` (if updated with it) and ``loss_q0``... for the bins that saw examples."""
+        self._flush()
         sums, counts = self.totals
         means = sums / counts.clamp(min=1)
         seen = (counts > 0).tolist()  # once per epoch, after the sync: reading it back is the point

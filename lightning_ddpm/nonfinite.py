@@ -1,11 +1,13 @@
 """Skip optimizer steps with NaN/inf gradients without a host-device synchronisation per step.
 
-GradScaler's way: a ``found_inf`` flag computed on the device and handed to an optimizer that
-can skip on the device (torch's fused Adam, AdamW and SGD read ``optimizer.found_inf``; the
+GradScaler's way: a ``found_inf`` flag computed on the device (by the same fused check GradScaler
+uses, ``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1) and handed to an optimizer
+that can skip on the device (torch's fused Adam, AdamW and SGD read ``optimizer.found_inf``; the
 module makes Adam and AdamW fused by default). The flag comes from the gradients, which DDP has
-already averaged, so every rank skips together. The module calls :meth:`NonFiniteGuard.check`, which
-reads the counts back, every ``log_every_n_steps`` steps and at the end of fit: a warning reports
-the skipped steps and a streak of ``max_in_a_row`` stops training.
+already averaged, so every rank skips together. Each step's flag and timestep range go into a
+buffer on the device; the module calls :meth:`NonFiniteGuard.check`, which reads the buffer back,
+every ``log_every_n_steps`` steps and at the end of fit: a warning reports the skipped steps and
+a streak of ``max_in_a_row`` stops training.
 
 Optimizers that cannot skip on the device fall back to :meth:`NonFiniteGuard.host_skip` (one
 synchronisation per step). Under 16-mixed, Lightning's GradScaler already skips overflowing
@@ -16,7 +18,7 @@ steps (overflow is routine while it calibrates its scale), so the guard counts n
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -31,82 +33,89 @@ class NonFiniteGuard:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_in_a_row}")
         self.max_in_a_row = max_in_a_row
         self.on_device = False  # decided at the start of fit from the optimizer and precision
-        # [in a row, longest streak, skipped since the last check, last bad step, its t min, its t max]
-        self.counts: Tensor | None = None
         self.scaler = False
+        self.in_a_row = 0  # consecutive non-finite steps, as of the last check
+        self._steps: list[int] = []  # the optimizer steps flagged in the buffers since the last check
+        self._flags = self._t_ranges = self._one = None
 
     def start(self, optimizer: Any, scaler: bool, device: torch.device) -> None:
         """Choose the device path where the optimizer can skip on the device, or a scaler skips."""
         # torch's fused Adam, AdamW and SGD read optimizer.found_inf and skip the step on the device
         self.on_device = scaler or bool(getattr(optimizer, "defaults", {}).get("fused"))
         self.scaler = scaler
-        self.counts = torch.zeros(6, dtype=torch.long, device=device)
+        self.in_a_row, self._steps = 0, []
+        self._flags = torch.zeros(64, device=device)  # per step: 1.0 if skipped (found_inf's dtype)
+        self._t_ranges = torch.zeros(64, 2, dtype=torch.long, device=device)  # per step: its t min and max
+        self._one = torch.ones((), device=device)
 
     def remember(self, loss: Tensor, t: Tensor) -> None:
         """Called in the training step: the loss and timesteps, for the flag and the warning."""
-        self._loss, self._t_range = loss.detach(), torch.stack([t.min(), t.max()])
+        self._loss, self._t = loss.detach(), t
 
     def before_optimizer_step(self, optimizer: Any, parameters: Iterable[Tensor], step: int) -> None:
         """Flag this step on the device; the optimizer skips it (fused found_inf, or GradScaler).
 
         ``parameters``: a list (not a generator: walking the modules costs ~0.5 ms a step on a CPU).
         """
-        if not self.on_device or self.counts is None:
+        if not self.on_device or self._flags is None:
             return
-        if self.scaler:
-            bad = ~torch.isfinite(self._loss)
-        else:
-            grads = [p.grad for p in parameters if p.grad is not None]
-            bad = _nonfinite(grads) if grads else ~torch.isfinite(self._loss)
-            optimizer.found_inf = bad.float()
-        bad = bad.long()
-        c = self.counts
-        in_a_row = (c[0] + 1) * bad
-        update = torch.stack([in_a_row, torch.maximum(c[1], in_a_row), c[2] + bad,
-                              torch.where(bad.bool(), step, c[3]), *torch.where(bad.bool(), self._t_range, c[4:])])
-        c.copy_(update)
+        i = len(self._steps)
+        if i == len(self._flags):  # checked less often than the buffers hold: grow them
+            self._flags = torch.cat([self._flags, torch.zeros_like(self._flags)])
+            self._t_ranges = torch.cat([self._t_ranges, torch.zeros_like(self._t_ranges)])
+        flag = self._flags[i]  # zero until now; a view, written in place
+        # GradScaler checks the gradients itself (16-mixed): then the guard counts non-finite losses
+        grads = [] if self.scaler else [p.grad for p in parameters if p.grad is not None]
+        for same_dtype in _by_dtype(grads):  # sets the flag to 1 if any value is NaN/inf (and scales by 1)
+            torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, flag, self._one)
+        if not grads:
+            flag.copy_(~torch.isfinite(self._loss))
+        if not self.scaler:
+            optimizer.found_inf = flag
+        torch.aminmax(self._t, out=(self._t_ranges[i, 0], self._t_ranges[i, 1]))
+        self._steps.append(step)
 
     def host_skip(self, loss: Tensor, t: Tensor, step: int, trainer: Any) -> bool:
         """The fallback: decide now (a synchronisation), on every rank together; True means skip."""
         finite = bool(torch.isfinite(loss.detach()))
         if trainer is not None and trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if self.counts is None:
-            self.counts = torch.zeros(6, dtype=torch.long)
-        c = self.counts
-        if finite:
-            c[0] = 0
-            return False
-        c[0] += 1
-        c[1] = max(int(c[1]), int(c[0]))
-        c[2] += 1
-        c[3], c[4], c[5] = step, int(t.min()), int(t.max())
-        self.check(trainer)
-        return True
+        self._tally([step], [(0, 0, 0)] if finite else [(1, int(t.min()), int(t.max()))])
+        return not finite
 
     def check(self, trainer: Any = None) -> None:
-        """Read the counts back (a synchronisation): warn about skipped steps, stop after a long streak."""
-        if self.counts is None:
+        """Read the buffers back (a synchronisation): warn about skipped steps, stop after a long streak."""
+        n = len(self._steps)
+        if self._flags is None or n == 0:
             return
-        counts = self.counts
+        rows = torch.cat([self._flags[:n, None].long(), self._t_ranges[:n]], 1)
         if trainer is not None and trainer.world_size > 1:
-            counts = trainer.strategy.reduce(counts.clone(), reduce_op="max")  # every rank decides the same
-        in_a_row, longest, skipped, step, t_min, t_max = (int(v) for v in counts.tolist())
-        where = f"at step {step} (timesteps {t_min}..{t_max})"
-        if longest >= self.max_in_a_row:
-            raise RuntimeError(
-                f"training stopped: {longest} non-finite losses in a row, the last {where}; the skipped steps left "
-                "the weights as they were before them. Lower the learning rate, check the data for NaN/inf, or "
-                "use bf16-mixed instead of 16-mixed"
-            )
+            rows = trainer.strategy.reduce(rows, reduce_op="max")  # every rank decides the same
+        steps, values = self._steps, rows.tolist()
+        self._flags[:n] = 0
+        self._steps = []
+        self._tally(steps, values)
+
+    def _tally(self, steps: Sequence[int], rows: Sequence[Sequence[int]]) -> None:
+        """Count the steps' flags (``rows``: [skipped, t min, t max] per step) into the streak; warn or stop."""
+        skipped, where = 0, ""
+        for step, (bad, t_min, t_max) in zip(steps, rows):
+            if not bad:
+                self.in_a_row = 0
+                continue
+            self.in_a_row, skipped, where = self.in_a_row + 1, skipped + 1, f"at step {step} (timesteps {t_min}..{t_max})"
+            if self.in_a_row >= self.max_in_a_row:
+                raise RuntimeError(
+                    f"training stopped: {self.in_a_row} non-finite losses in a row, the last {where}; the skipped "
+                    "steps left the weights as they were before them. Lower the learning rate, check the data for "
+                    "NaN/inf, or use bf16-mixed instead of 16-mixed"
+                )
         if skipped:
             warnings.warn(f"non-finite loss {where}: step skipped ({skipped} skipped since the last check, "
-                          f"{in_a_row}/{self.max_in_a_row} in a row)", stacklevel=2)
-            self.counts[2] = 0
+                          f"{self.in_a_row}/{self.max_in_a_row} in a row)", stacklevel=3)
 
 
-def _nonfinite(grads: list[Tensor]) -> Tensor:
-    """True (a 0-dim bool on the device) if any gradient holds NaN or inf (or overflows the 2-norm)."""
-    # The 2-norm, not the max-norm: NaN/inf propagate into both, and torch's CPU max-norm is ~8x slower.
-    norms = torch._foreach_norm(grads, 2.0)
-    return ~torch.isfinite(torch.stack([n.float() for n in norms]).sum())
+def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """The tensors in groups of one dtype (a foreach kernel's fast path wants one)."""
+    dtypes = {x.dtype for x in tensors}
+    return [tensors] if len(dtypes) <= 1 else [[x for x in tensors if x.dtype == d] for d in dtypes]

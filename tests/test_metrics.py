@@ -1,12 +1,15 @@
 import math
 
+import pytest
 import torch
 
 from lightning_ddpm.metrics import TimestepLosses
 
 
-def test_timestep_losses_pool_batches_and_ignore_non_finite_examples():
-    metric = TimestepLosses(num_timesteps=8)
+# flush_every: update folds the pending batches into the sums every so many calls; the result cannot depend on it
+@pytest.mark.parametrize("flush_every", [1, 2, 32])
+def test_timestep_losses_pool_batches_and_ignore_non_finite_examples(flush_every):
+    metric = TimestepLosses(num_timesteps=8, flush_every=flush_every)
     batches = [
         # (per-example losses, t, weighted batch loss, vlb)
         (torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 2, 4, 6]), torch.tensor(2.5), torch.tensor([1.0, 1, 1, 1])),
@@ -29,3 +32,13 @@ def test_timestep_losses_leave_out_empty_bins_and_vlb_when_not_given():
     metric = TimestepLosses(num_timesteps=100)
     metric.update(torch.tensor([1.0, 3.0]), torch.tensor([10, 20]), torch.tensor(2.0))
     assert set(metric.compute()) == {"loss_q0", "loss"}
+
+
+def test_timestep_losses_reset_drops_pending_batches_and_device_moves_keep_them():
+    metric = TimestepLosses(num_timesteps=100)
+    metric.update(torch.tensor([1.0]), torch.tensor([10]), torch.tensor(1.0))
+    metric.reset()
+    metric.update(torch.tensor([3.0]), torch.tensor([10]), torch.tensor(3.0))
+    metric.to("cpu")  # a move folds what is pending into the state first (on a GPU it would stay behind)
+    assert metric.totals[:, 4].tolist() == [3.0, 1.0]  # the batch loss column: [sum, count]
+    assert metric.compute()["loss"].item() == 3.0

@@ -58,7 +58,7 @@ def test_nonfinite_steps_are_skipped(tmp_path, path):
     for a, b in zip(record.after_step[1], record.after_step[3]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not all(torch.equal(a, b) for a, b in zip(record.after_step[3], record.after_step[4]))
-    assert len(record.after_step) == 5 and int(module.nonfinite.counts[0]) == 0
+    assert len(record.after_step) == 5 and module.nonfinite.in_a_row == 0
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
@@ -142,3 +142,47 @@ def test_cli_checkpoints_load_with_weights_only(tmp_path):
     checkpoint = torch.load(path, weights_only=True)  # no pickled objects: plain data and tensors only
     assert "current_model_state" in checkpoint and checkpoint["hyper_parameters"]["backbone"]["name"] == "unet"
     assert isinstance(DiffusionModule.load_from_checkpoint(path, weights_only=True), DiffusionModule)
+
+
+def test_nonfinite_guard_keeps_streaks_across_checks_and_outgrows_its_buffer():
+    from lightning_ddpm.nonfinite import NonFiniteGuard
+
+    guard, p = NonFiniteGuard(max_in_a_row=3), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.Adam([p], fused=True)
+    guard.start(optimizer, scaler=False, device=torch.device("cpu"))
+
+    def step(i, bad):
+        p.grad = torch.tensor([float("nan") if bad else 1.0, 2.0])
+        guard.remember(torch.tensor(0.0), torch.tensor([i, i + 5, i + 1]))
+        guard.before_optimizer_step(optimizer, [p], i)
+        return float(optimizer.found_inf)
+
+    # 100 steps between two checks: more than the buffer first holds (64)
+    assert [step(i, bad=i == 70) for i in range(100)] == [float(i == 70) for i in range(100)]
+    assert p.grad.tolist() == [1.0, 2.0]  # the check scales by 1: gradients unchanged
+    with pytest.warns(UserWarning, match=r"at step 70 \(timesteps 70\.\.75\): step skipped \(1 skipped since the last "
+                                         r"check, 0/3 in a row\)"):
+        guard.check()
+    step(100, bad=True)
+    with pytest.warns(UserWarning, match=r"1/3 in a row"):
+        guard.check()
+    assert step(101, bad=True) == 1.0 and step(102, bad=True) == 1.0
+    with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row, the last at step 102 \(timesteps 102\.\.107\)"):
+        guard.check()
+
+
+def test_nonfinite_guard_checks_gradients_of_every_dtype():
+    from lightning_ddpm.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_in_a_row=5)
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]
+    optimizer = torch.optim.Adam(params, fused=True)
+    guard.start(optimizer, scaler=False, device=torch.device("cpu"))
+    flags = []
+    for i, bad in enumerate([None, 0, 1]):  # which parameter's gradient holds an inf
+        for j, p in enumerate(params):
+            p.grad = torch.tensor([float("inf") if j == bad else 1.0, 1.0], dtype=p.dtype)
+        guard.remember(torch.tensor(0.0), torch.tensor([i]))
+        guard.before_optimizer_step(optimizer, params, i)
+        flags.append(float(optimizer.found_inf))
+    assert flags == [0.0, 1.0, 1.0]
