@@ -110,3 +110,26 @@ class DumpSamples(pl.Callback):
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         torch.save({"eval_calls": self.eval_calls, "samples": logger.last_samples},
                    Path(self.dirpath) / f"samples_rank{trainer.global_rank}.pt")
+
+
+class NaNOutputOnRank(pl.Callback):
+    """Makes the backbone's output NaN on one rank at the given training steps: that rank's loss, and
+    through DDP's gradient all-reduce every rank's gradients, become non-finite. When fit fails, each rank
+    saves its backbone weights and the error to ``<dirpath>/rank<r>.pt`` / ``.txt``."""
+
+    def __init__(self, rank: int, steps: list[int], dirpath: str) -> None:
+        self.rank, self.steps, self.dirpath, self.handle = rank, set(steps), dirpath, None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step in self.steps:
+            self.handle = pl_module.backbone.register_forward_hook(lambda module, args, out: out * float("nan"))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        torch.save(pl_module.backbone.state_dict(), Path(self.dirpath) / f"rank{trainer.global_rank}.pt")
+        (Path(self.dirpath) / f"rank{trainer.global_rank}.txt").write_text(str(exception))

@@ -186,3 +186,31 @@ def test_nonfinite_guard_checks_gradients_of_every_dtype():
         guard.before_optimizer_step(optimizer, params, i)
         flags.append(float(optimizer.found_inf))
     assert flags == [0.0, 1.0, 1.0]
+
+
+def test_ddp_ranks_skip_and_stop_together_when_one_rank_goes_non_finite(tmp_path):
+    """Two gloo processes; rank 0's loss is NaN at step 2 (one skipped step), then from step 5 on: with
+    max_nonfinite_steps=2 both ranks stop at step 6, with the same weights, untouched by the NaN steps."""
+    import os
+    import subprocess
+    import sys
+
+    dump = tmp_path / "dump"
+    callbacks = [{"class_path": "tests.helpers.NaNOutputOnRank",
+                  "init_args": {"rank": 0, "steps": [2, *range(5, 20)], "dirpath": str(dump)}}]
+    cmd = [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/toy2d.yaml"),
+           "--model.backbone", json.dumps(MLP), "--model.num_timesteps=20", "--model.max_nonfinite_steps=2",
+           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=20",
+           "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+           "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+           "--data.init_args.num_train=2048", "--trainer.callbacks", json.dumps(callbacks)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "non-finite loss at step 2" in result.stderr, result.stderr[-3000:]
+    for rank in (0, 1):  # rank 1's own loss stayed finite: its stop comes from the shared gradients
+        assert "training stopped: 2 non-finite losses in a row, the last at step 6" in (dump / f"rank{rank}.txt").read_text()
+    rank0, rank1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
+        assert torch.isfinite(rank0[key]).all(), key
