@@ -165,3 +165,19 @@ def test_resume_on_cuda_is_bit_exact(tmp_path):
     resumed = fit(tmp_path / "b", 6, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_the_progress_bar_refresh_reads_nothing_back_from_the_gpu(tmp_path):
+    """Lightning's progress bar converts the logged step values to numbers at every refresh (until the
+    epoch ends); the module logs the step loss as a host copy, so a refresh never waits for the GPU."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    bar = TQDMProgressBar(refresh_rate=1)
+    bar.on_train_batch_end = _SyncFreeSteps._strict(bar.on_train_batch_end)
+    module = DiffusionModule(backbone=TINY["mlp"], data_shape=[2], num_timesteps=100)
+    loader = torch.utils.data.DataLoader(torch.randn(12 * 16, 2), batch_size=16)
+    trainer = Trainer(accelerator="cuda", devices=1, max_steps=12, logger=False, enable_checkpointing=False,
+                      log_every_n_steps=5, callbacks=[bar], default_root_dir=tmp_path)
+    trainer.fit(module, loader)
+    assert trainer.global_step == 12 and "train/loss_step" in trainer.progress_bar_metrics

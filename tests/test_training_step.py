@@ -206,3 +206,20 @@ def test_adam_is_fused_and_ddp_skips_the_schedule_buffers(tmp_path):
     trainer.fit(user, _loader())
     assert not trainer.optimizers[0].defaults["fused"]  # the user's choice stands
     assert not user.nonfinite.on_device  # and the guard falls back to the host
+
+
+def test_the_step_loss_is_logged_as_a_host_copy_on_logging_steps_only(tmp_path):
+    """With a progress bar too: the bar re-reads a logged step value at every refresh, which for a device
+    tensor is a host sync every step on a GPU (tests/test_cuda.py checks that on CUDA)."""
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20)
+    logged, log = [], module.log
+
+    def spy(name, value, *args, **kwargs):
+        if name == "train/loss_step":
+            logged.append((module.global_step, value.device.type, value.requires_grad))
+        return log(name, value, *args, **kwargs)
+
+    module.log = spy
+    Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+            log_every_n_steps=4, default_root_dir=tmp_path).fit(module, _loader(n=12))
+    assert logged == [(step, "cpu", False) for step in (0, 3, 7, 11)]
