@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -284,3 +285,20 @@ def test_sigma_max_caps_karras_and_lets_zero_terminal_snr_use_it():
     out = make_sampler({"name": "unipc", "init_args": {"num_steps": 5, "spacing": "karras", "sigma_max": 50.0}}).sample(
         oracle(ztsnr, x0), ztsnr, torch.randn(4, 2, dtype=torch.float64))
     torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)
+
+
+def test_heun_warns_when_its_first_step_spans_decades_of_sigma():
+    """On the cosine schedule the trailing grid starts at sigma ~2e4 and its next sigma is ~6 at 10 steps:
+    the trapezoid correction multiplies the network's error by about their ratio."""
+    x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    denoise = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    cosine = GaussianDiffusion(make_schedule("cosine", 1000), parameterization="v")
+    with pytest.warns(UserWarning, match=r"heun: the first step goes from sigma 2\.03e\+04 to 6\.36; .*ratio \(3188\)"):
+        make_sampler({"name": "heun", "init_args": {"num_steps": 10}}).sample(denoise, cosine, x_T)
+    linear = GaussianDiffusion(make_schedule("linear", 1000), parameterization="v")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning where the grid is fine: capped, or the linear schedule
+        make_sampler({"name": "heun", "init_args": {"num_steps": 10, "spacing": "karras", "sigma_max": 80.0}}).sample(
+            denoise, cosine, x_T)
+        make_sampler({"name": "heun", "init_args": {"num_steps": 10}}).sample(denoise, linear, x_T)
+        make_sampler({"name": "euler", "init_args": {"num_steps": 10}}).sample(denoise, cosine, x_T)  # no corrector
