@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 from lightning_ddpm import DDIMSampler, DDPMSampler, DiffusionModule, make_schedule  # noqa: E402
 from lightning_ddpm.interop.diffusers import (  # noqa: E402
-    require_diffusers, scheduler_config_from_settings, settings_from_scheduler_config,
+    SCHEDULER_SAMPLERS, require_diffusers, scheduler_config_from_settings, settings_from_scheduler_config,
 )
 
 # A small UNet2DModel laid out like the published DDPM ones (attention at one level, positional time
@@ -73,6 +73,22 @@ def test_prediction_variance_and_clipping_map_both_ways(theirs, ours, variance):
     ({"clip_sample": True, "clip_sample_range": 2.0}, "DDPMScheduler", "clip_sample_range: 2.0 is not supported"),
     ({"beta_schedule": "exp"}, "DDPMScheduler", "beta_schedule: 'exp' is not supported"),
     ({}, "PNDMScheduler", "_class_name: 'PNDMScheduler' is not supported; supported: DDPMScheduler, DDIMScheduler"),
+    ({"algorithm_type": "dpmsolver"}, "DPMSolverMultistepScheduler", "algorithm_type: 'dpmsolver' is not supported"),
+    ({"solver_order": 3}, "DPMSolverMultistepScheduler", "solver_order: 3 is not supported; supported: 2"),
+    ({"solver_type": "heun"}, "DPMSolverMultistepScheduler", "solver_type: 'heun' is not supported"),
+    ({"euler_at_final": True}, "DPMSolverMultistepScheduler", "euler_at_final: True is not supported"),
+    ({"final_sigmas_type": "sigma_min"}, "DPMSolverMultistepScheduler", "final_sigmas_type: 'sigma_min' is not"),
+    ({"lower_order_final": False}, "UniPCMultistepScheduler", "lower_order_final: False is not supported"),
+    ({"solver_type": "bh1"}, "UniPCMultistepScheduler", "solver_type: 'bh1' is not supported; supported: bh2"),
+    ({"predict_x0": False}, "UniPCMultistepScheduler", "predict_x0: False is not supported"),
+    ({"solver_order": 4}, "UniPCMultistepScheduler", "solver_order: 4 is not supported"),
+    ({"disable_corrector": [0]}, "UniPCMultistepScheduler", r"disable_corrector: \[0\] is not supported"),
+    ({"use_exponential_sigmas": True}, "EulerDiscreteScheduler", "use_exponential_sigmas: True is not supported"),
+    ({"use_lu_lambdas": True}, "DPMSolverMultistepScheduler", "use_lu_lambdas: True is not supported"),
+    ({"interpolation_type": "log_linear"}, "EulerDiscreteScheduler", "interpolation_type: 'log_linear' is not"),
+    ({"timestep_type": "continuous"}, "EulerDiscreteScheduler", "timestep_type: 'continuous' is not supported"),
+    ({"sigma_min": 0.01}, "HeunDiscreteScheduler", "sigma_min: 0.01 is not supported; supported: null"),
+    ({"lambda_min_clipped": -5.1}, "DPMSolverMultistepScheduler", "lambda_min_clipped: -5.1 is not supported"),
 ])
 def test_scheduler_configs_we_cannot_represent_are_refused_by_field(config, class_name, message):
     with pytest.raises(ValueError, match=message):
@@ -84,7 +100,18 @@ def test_scheduler_classes_choose_our_sampler_of_the_same_method():
     assert pick("DDPMScheduler") == "ddpm"
     assert pick("DDIMScheduler", timestep_spacing="trailing") == {"name": "ddim", "init_args": {"spacing": "trailing"}}
     assert pick("DPMSolverMultistepScheduler", use_karras_sigmas=True) == {"name": "dpmpp_2m", "init_args": {"spacing": "karras"}}
-    assert pick("UniPCMultistepScheduler")["name"] == "unipc"
+    assert pick("UniPCMultistepScheduler") == {"name": "unipc", "init_args": {"spacing": "trailing"}}
+    assert pick("UniPCMultistepScheduler", solver_order=3) == {"name": "unipc", "init_args": {"spacing": "trailing",
+                                                                                              "order": 3}}
+    assert pick("EulerDiscreteScheduler", use_karras_sigmas=True, sigma_max=80.0) == {
+        "name": "euler", "init_args": {"spacing": "karras", "sigma_max": 80.0}}
+    assert pick("EulerDiscreteScheduler", sigma_max=80.0) == {"name": "euler", "init_args": {"spacing": "trailing"}}
+    for cls in ("DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                "EulerDiscreteScheduler", "HeunDiscreteScheduler"):  # every default config is accepted
+        sampler = pick(cls, **getattr(diffusers, cls)().config)
+        assert (sampler if isinstance(sampler, str) else sampler["name"]) == SCHEDULER_SAMPLERS[cls]
+    assert pick("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++") == {
+        "name": "dpmpp_2m_sde", "init_args": {"spacing": "trailing"}}
 
 
 def test_from_diffusers_objects_gives_the_same_network_and_settings():

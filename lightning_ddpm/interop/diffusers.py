@@ -8,6 +8,8 @@ point imports it through :func:`require_diffusers`, whose error names the extra 
 
 from __future__ import annotations
 
+import math
+
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -68,7 +70,8 @@ def settings_from_scheduler_config(config: Mapping[str, Any], class_name: str = 
     """DiffusionModule settings equivalent to a diffusers scheduler config.
 
     Refused, with the field named: a prediction or variance type we do not have, thresholding, a
-    clip range other than 1, a steps offset, and scheduler classes without a sampler of ours.
+    clip range other than 1, a steps offset, scheduler classes without a sampler of ours, and solver
+    variants we do not implement (see ``_solver``).
     """
     if class_name not in SCHEDULER_SAMPLERS:
         raise _refuse("_class_name", class_name, ", ".join(SCHEDULER_SAMPLERS))
@@ -84,7 +87,7 @@ def settings_from_scheduler_config(config: Mapping[str, Any], class_name: str = 
         raise _refuse("clip_sample_range", config["clip_sample_range"], "1.0")
     if int(config.get("steps_offset", 0) or 0) != 0:
         raise _refuse("steps_offset", config["steps_offset"], "0")
-    sampler = SCHEDULER_SAMPLERS[class_name]
+    sampler, options = _solver(config, SCHEDULER_SAMPLERS[class_name])
     spacing = config.get("timestep_spacing", "leading")
     if config.get("use_karras_sigmas"):
         spacing = "karras"
@@ -98,9 +101,59 @@ def settings_from_scheduler_config(config: Mapping[str, Any], class_name: str = 
         "variance": VARIANCE_TYPES[variance],
         # DDPMScheduler clips by default (clip_sample=True), DPM-Solver and friends have no clip_sample at all
         "clip_denoised": bool(config.get("clip_sample", False)),
-        "sampler": {"name": sampler, "init_args": {"spacing": spacing}} if sampler != "ddpm" or spacing != "leading"
-        else "ddpm",
+        "sampler": {"name": sampler, "init_args": {"spacing": spacing, **options}}
+        if sampler != "ddpm" or spacing != "leading" else "ddpm",
     }
+
+
+def _solver(config: Mapping[str, Any], sampler: str) -> tuple[str, dict[str, Any]]:
+    """A scheduler's grid and method fields -> our sampler's name and options; what we lack is refused.
+
+    Ours: DPM-Solver++(2M) with the midpoint rule (ODE or SDE) and UniPC-bh2 in data prediction, both
+    stepping down to first order at the end onto sigma = 0.
+    """
+    for field in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_lu_lambdas",
+                  "use_dynamic_shifting"):  # other sigma grids than ours
+        if config.get(field):
+            raise _refuse(field, config[field], "false")
+    for field, ours in (("interpolation_type", "linear"), ("timestep_type", "discrete")):
+        if config.get(field, ours) != ours:
+            raise _refuse(field, config[field], ours)
+    for field in ("sigma_min", "solver_p"):
+        if config.get(field) is not None:
+            raise _refuse(field, config[field], "null")
+    if float(config.get("lambda_min_clipped", -math.inf)) != -math.inf:
+        raise _refuse("lambda_min_clipped", config["lambda_min_clipped"], "-inf")
+    # diffusers caps only Karras (and exponential / beta) sigmas with sigma_max, as ours does
+    options = {"sigma_max": float(config["sigma_max"])} if config.get("sigma_max") is not None and config.get(
+        "use_karras_sigmas") else {}
+    if sampler not in ("dpmpp_2m", "unipc"):
+        return sampler, options
+    if not config.get("lower_order_final", True):
+        raise _refuse("lower_order_final", False, "true")
+    if config.get("final_sigmas_type", "zero") != "zero":
+        raise _refuse("final_sigmas_type", config["final_sigmas_type"], "zero")
+    order = int(config.get("solver_order", 2))
+    if sampler == "dpmpp_2m":
+        algorithm = config.get("algorithm_type", "dpmsolver++")
+        if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):
+            raise _refuse("algorithm_type", algorithm, "dpmsolver++, sde-dpmsolver++")
+        if order != 2:
+            raise _refuse("solver_order", order, "2")
+        if config.get("solver_type", "midpoint") != "midpoint":
+            raise _refuse("solver_type", config["solver_type"], "midpoint")
+        if config.get("euler_at_final"):
+            raise _refuse("euler_at_final", True, "false")
+        return ("dpmpp_2m_sde" if algorithm == "sde-dpmsolver++" else "dpmpp_2m"), options
+    if not config.get("predict_x0", True):
+        raise _refuse("predict_x0", False, "true")
+    if config.get("solver_type", "bh2") != "bh2":
+        raise _refuse("solver_type", config["solver_type"], "bh2")
+    if order not in (1, 2, 3):
+        raise _refuse("solver_order", order, "1, 2, 3")
+    if config.get("disable_corrector"):
+        raise _refuse("disable_corrector", config["disable_corrector"], "[] (the corrector after every step)")
+    return "unipc", options if order == 2 else {**options, "order": order}
 
 
 def _beta_settings(schedule: str, kwargs: Mapping[str, Any], num_timesteps: int) -> dict[str, Any]:
