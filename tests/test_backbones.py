@@ -195,7 +195,7 @@ def test_custom_backbone_example_runs_as_a_script_and_as_a_module(how):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, *how], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-W", "error", *how], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "built TinyConv output (2, 3, 8, 8)" in result.stdout
 
