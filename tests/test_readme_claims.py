@@ -1,0 +1,139 @@
+"""README statements that an audit found untested: defaults in its tables, what a checkpoint holds,
+sampler identities it states, batch forms, guidance's single forward pass, the loss choices."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from lightning_ddpm import DiffusionModule, GaussianDiffusion, make_schedule
+from lightning_ddpm.callbacks import EMA
+from lightning_ddpm.checkpoints import DIGEST_KEY
+from lightning_ddpm.data.batches import unpack_batch
+from lightning_ddpm.denoiser import Denoiser
+from lightning_ddpm.guidance import guided_denoiser
+from lightning_ddpm.samplers import DDIMSampler, make_sampler
+
+MLP = {"name": "mlp", "init_args": {"hidden_dim": 8, "num_blocks": 1}}
+UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4]}}
+
+
+def _default(callable_, name):
+    return inspect.signature(callable_).parameters[name].default
+
+
+def test_the_sampler_table_defaults():
+    """README "Samplers" table: default steps, spacing and options of every registered sampler."""
+    table = {"ddpm": (None, "leading"), "ddim": (50, "leading"), "euler": (20, "trailing"), "heun": (20, "trailing"),
+             "dpmpp_2m": (20, "trailing"), "dpmpp_2m_sde": (20, "trailing"), "unipc": (20, "trailing")}
+    for name, (steps, spacing) in table.items():
+        sampler = make_sampler(name)
+        assert (sampler.num_steps, sampler.spacing) == (steps, spacing), name
+    assert make_sampler("ddim").eta == 0.0
+    unipc = make_sampler("unipc")
+    assert (unipc.order, unipc.corrector) == (2, True)
+
+
+def test_documented_option_defaults():
+    assert _default(EMA, "decay") == 0.9999
+    assert _default(DiffusionModule, "cond_drop_prob") == 0.1
+    assert _default(DiffusionModule, "max_nonfinite_steps") == 10
+    assert _default(DiffusionModule, "sampler") == "ddim"
+
+
+def test_the_backbone_holds_every_weight_and_the_schedule_stays_float64_when_cast():
+    """README: schedule constants are non-persistent float64 buffers, never sharded into the optimizer;
+    the backbone is the only module with parameters; a cast module keeps them float64."""
+    module = DiffusionModule(backbone=UNET, data_shape=[1, 8, 8], num_timesteps=20)
+    assert all(key.startswith("backbone.") for key in module.state_dict())
+    assert all(name.startswith("backbone.") for name, _ in module.named_parameters())
+    buffers = dict(module.diffusion.named_buffers())
+    assert buffers and all(b.dtype == torch.float64 for b in buffers.values())
+    for dtype in (torch.float16, torch.bfloat16):
+        cast = DiffusionModule(backbone=UNET, data_shape=[1, 8, 8], num_timesteps=20).to(dtype)
+        assert next(cast.backbone.parameters()).dtype == dtype
+        assert all(b.dtype == torch.float64 for _, b in cast.diffusion.named_buffers()), dtype
+
+
+def test_euler_is_ddim_on_the_trailing_grid_and_unip2_is_dpm_solver_pp_2m():
+    """README: euler (= ddim trailing); UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M)."""
+    d = GaussianDiffusion(make_schedule("cosine", 50), parameterization="v")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+    model = Denoiser(lambda x, t: net(torch.cat([x, t[:, None].double() / 50], 1)), d)
+    x_T = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def run(spec):
+        return make_sampler(spec).sample(model, d, x_T)
+
+    for n in (5, 10):
+        torch.testing.assert_close(run({"name": "euler", "init_args": {"num_steps": n}}),
+                                   DDIMSampler(num_steps=n, spacing="trailing").sample(model, d, x_T),
+                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(run({"name": "unipc", "init_args": {"num_steps": n, "corrector": False}}),
+                                   run({"name": "dpmpp_2m", "init_args": {"num_steps": n}}), rtol=0, atol=1e-12)
+    # the identities are not trivial: the corrector and the second order change the result
+    assert not torch.allclose(run({"name": "unipc", "init_args": {"num_steps": 5}}),
+                              run({"name": "dpmpp_2m", "init_args": {"num_steps": 5}}), atol=1e-6)
+    assert not torch.allclose(run({"name": "euler", "init_args": {"num_steps": 5}}),
+                              run({"name": "dpmpp_2m", "init_args": {"num_steps": 5}}), atol=1e-6)
+
+
+@pytest.mark.parametrize("keys", [("x", "y"), ("image", "label"), ("images", "labels")])
+def test_dict_batches_take_every_documented_key(keys):
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    got_x, got_y = unpack_batch({keys[0]: x, keys[1]: y}, (1, 8, 8))
+    assert got_x is x and got_y is y
+
+
+@pytest.mark.parametrize("scale, batches", [(0.0, [3]), (1.0, [3]), (2.5, [6])])
+def test_guidance_makes_one_batched_forward_pass(scale, batches):
+    """README: conditional and unconditional predictions come from one forward pass of 2B examples
+    (w = 0 and w = 1 need one of the two, B examples)."""
+    d = GaussianDiffusion(make_schedule("linear", 20), parameterization="eps")
+    calls = []
+
+    def backbone(x, t, cond):
+        calls.append(x.shape[0])
+        return torch.zeros_like(x) + cond[:, None].float()
+
+    model = guided_denoiser(Denoiser(backbone, d), torch.tensor([0, 1, 2]), null_label=3, guidance_scale=scale)
+    model(torch.randn(3, 2), torch.tensor([5, 5, 5]))
+    assert calls == batches
+
+
+def test_vlb_loss_is_the_bounds_term_at_the_sampled_t():
+    """README: loss="vlb" minimises the bound's term at the sampled t (bits/dim); hybrid adds it to L_simple."""
+    kw = {"parameterization": "eps", "variance": "learned_range"}
+    vlb = GaussianDiffusion(make_schedule("linear", 20, beta_end=0.3), loss="vlb", **kw)
+    x0 = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 3, 7, 12, 19])
+    out = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    losses = vlb.training_losses(lambda x_t, t_: out, x0, t, noise=noise)
+    x_t = vlb.q_sample(x0, t, noise)
+    torch.testing.assert_close(losses["loss"], vlb.vlb_terms(out, x0, x_t, t), rtol=1e-12, atol=0)
+    losses["loss"].sum().backward()
+    assert out.grad[:, :2].abs().sum() > 0 and out.grad[:, 2:].abs().sum() > 0  # mean and variance both learn
+
+
+def test_checkpoints_without_a_digest_load_unchecked(tmp_path):
+    """README: checkpoints written by other code (no digest) load without the integrity check."""
+    from lightning.pytorch import Trainer
+
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20)
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, torch.utils.data.DataLoader(torch.randn(16, 2), batch_size=8))
+    trainer.save_checkpoint(tmp_path / "with.ckpt")
+    checkpoint = torch.load(tmp_path / "with.ckpt", weights_only=False)
+    key = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][key] = checkpoint["state_dict"][key] + 1.0  # a change the digest would catch
+    torch.save(checkpoint, tmp_path / "tampered.ckpt")
+    with pytest.raises(ValueError):
+        DiffusionModule.load_from_checkpoint(tmp_path / "tampered.ckpt")
+    del checkpoint[DIGEST_KEY]
+    torch.save(checkpoint, tmp_path / "foreign.ckpt")
+    loaded = DiffusionModule.load_from_checkpoint(tmp_path / "foreign.ckpt")
+    torch.testing.assert_close(loaded.state_dict()[key], checkpoint["state_dict"][key], rtol=0, atol=0)
