@@ -53,6 +53,13 @@ def test_every_config_parses_and_instantiates(config, tmp_path):
     cli = run_cli(args, run=False)
     assert isinstance(cli.model, DiffusionModule)
     assert list(cli.model.data_shape) == cli.datamodule.data_shape  # linked, not repeated
+    # README: every shipped config checkpoints every N steps into a fixed checkpoints/ folder, keeps the
+    # last few and a last.ckpt (so --ckpt_path last resumes a killed run)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
+    assert Path(ckpt.dirpath).name == "checkpoints" and Path(ckpt.dirpath).parent.parent.name == "outputs"
+    assert ckpt._every_n_train_steps > 0 and ckpt.save_last and ckpt.save_top_k >= 2
     if config.name == "cifar10_ddpm.yaml":
         assert sum(p.numel() for p in cli.model.backbone.parameters()) == 35_746_307
         assert cli.model.diffusion.variance == "fixed_large" and cli.trainer.gradient_clip_val == 1.0

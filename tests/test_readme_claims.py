@@ -137,3 +137,17 @@ def test_checkpoints_without_a_digest_load_unchecked(tmp_path):
     torch.save(checkpoint, tmp_path / "foreign.ckpt")
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "foreign.ckpt")
     torch.testing.assert_close(loaded.state_dict()[key], checkpoint["state_dict"][key], rtol=0, atol=0)
+
+
+def test_a_checkpoint_must_agree_on_classes_and_data_shape(tmp_path):
+    """README: the model settings that give the weights their meaning (classes, data shape, ...) must
+    agree with a checkpoint given to --ckpt_path; the check names each one that differs."""
+    cond = DiffusionModule(backbone=MLP, data_shape=[2], num_classes=3, num_timesteps=20)
+    checkpoint = {"state_dict": cond.state_dict(), "hyper_parameters": dict(cond.hparams)}
+    plain = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20)
+    with pytest.raises(ValueError, match=r"incompatible config: num_classes: checkpoint 3 vs this model None"):
+        plain.on_load_checkpoint(checkpoint)
+    wide = DiffusionModule(backbone=MLP, data_shape=[3], num_classes=3, num_timesteps=20)
+    with pytest.raises(ValueError, match=r"data_shape: checkpoint \[2\] vs this model \[3\]"):
+        wide.on_load_checkpoint(checkpoint)
+    DiffusionModule(backbone=MLP, data_shape=[2], num_classes=3, num_timesteps=20).on_load_checkpoint(checkpoint)
