@@ -134,9 +134,10 @@ def test_export_loads_in_diffusers_pipelines_and_round_trips_bit_exactly(tmp_pat
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "DDPMPipeline" and index["unet"] == ["diffusers", "UNet2DModel"]
     assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
-    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert (folder / "scheduler" / "scheduler_config.json").is_file()
     pipe = diffusers.DDPMPipeline.from_pretrained(folder)
+    pipe.save_pretrained(tmp_path / "theirs")  # the README: exactly the files save_pretrained writes
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == sorted(
+        p.relative_to(tmp_path / "theirs") for p in (tmp_path / "theirs").rglob("*"))
     torch.testing.assert_close(pipe.unet.state_dict(), unet.state_dict(), rtol=0, atol=0)
     back = DiffusionModule.from_diffusers(folder)
     torch.testing.assert_close(back.backbone.state_dict(), module.backbone.state_dict(), rtol=0, atol=0)
@@ -294,3 +295,14 @@ def test_the_fine_tuning_config_accepts_the_published_cifar10_layout(tmp_path):
     module = DiffusionModule.from_diffusers(folder)
     assert (module.diffusion.variance, module.diffusion.clip_denoised, module.hparams.sampler) == ("fixed_large", True, "ddpm")
     assert sum(p.numel() for p in module.backbone.parameters()) == 35_746_307
+
+
+def test_trained_betas_and_the_log_variances_map_to_our_settings():
+    betas = torch.linspace(1e-4, 0.05, 30, dtype=torch.float64).tolist()
+    settings = settings_from_scheduler_config({"trained_betas": betas, "num_train_timesteps": 30})
+    assert settings["schedule"] == "custom" and settings["schedule_kwargs"]["betas"] == pytest.approx(betas, rel=1e-12)
+    module = DiffusionModule(backbone={"name": "mlp", "init_args": {"hidden_dim": 8, "num_blocks": 1}}, data_shape=[2],
+                             **{k: v for k, v in settings.items() if k != "sampler"})
+    torch.testing.assert_close(module.diffusion.schedule.betas, torch.tensor(betas, dtype=torch.float64))
+    for theirs, ours in (("fixed_small_log", "fixed_small"), ("fixed_large_log", "fixed_large")):
+        assert settings_from_scheduler_config({"variance_type": theirs})["variance"] == ours

@@ -82,8 +82,11 @@ def test_diffusers_to_ours_and_back(config):
     theirs = diffusers.UNet2DModel(**config).eval()
     _perturb(theirs, 1)
     args = unet_init_args_from_diffusers(theirs.config)
+    assert args["dropout"] == config.get("dropout", 0.0)  # published configs have none: diffusers' default 0.0
     ours = UNet(**args).eval()
     ours.load_state_dict(unet_state_dict_from_diffusers(theirs.state_dict(), theirs.config))
+    if config is LSUN256:  # the README's figure for the 256x256 configuration (built at 32 px)
+        assert sum(p.numel() for p in ours.parameters()) == 113_673_219
     _assert_same_outputs(theirs, ours, config)
     # and back: the very same tensors, and the config diffusers was built from
     back = unet_state_dict_to_diffusers(ours.state_dict(), args)
