@@ -197,13 +197,18 @@ def _project_folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("backbone", ["user_mlp", "my_nets.UserMLP"])
+@pytest.mark.parametrize("backbone", ["user_mlp", "my_nets.UserMLP", "user_mlp in the config"])
 def test_a_backbone_from_the_working_directory_through_the_console_script(tmp_path, backbone):
     folder = _project_folder(tmp_path)
-    args = [CONSOLE, "fit", "--config", TOY, *_quiet(folder), "--model.backbone", backbone, "--trainer.max_steps=2",
+    args = [CONSOLE, "fit", "--config", TOY, *_quiet(folder), "--trainer.max_steps=2",
             "--trainer.limit_val_batches=0", "--data.init_args.num_train=512", "--trainer.callbacks=[]"]
     if backbone == "user_mlp":
-        args += ["--imports", "[my_nets]"]  # a registered short name: import the file that registers it
+        args += ["--model.backbone", backbone, "--imports", "[my_nets]"]  # import the file that registers it
+    elif backbone == "my_nets.UserMLP":
+        args += ["--model.backbone", backbone]
+    else:  # the README's other spelling: `imports: [my_nets]` at the top of the config
+        (folder / "mine.yaml").write_text("imports: [my_nets]\nmodel:\n  backbone: user_mlp\n")
+        args += ["--config", "mine.yaml"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -256,3 +261,17 @@ def test_the_console_is_quiet(toy_ckpt, tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "lightning_ddpm", "--help"], capture_output=True, text=True,
                                timeout=120).stdout
     assert help_text.startswith("usage: lightning-ddpm ")
+
+
+def test_print_config_output_reads_back_and_reproduces_the_run(tmp_path, capsys):
+    args = ["--config", TOY, "--model.backbone", TINY_MLP, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+            "--data.init_args.num_train=512", "--trainer.callbacks=[]", "--model.schedule=sigmoid"]
+    with pytest.raises(SystemExit):
+        run_cli(["fit", *args, "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    first = run_cli(["fit", *args, *_quiet(tmp_path / "first")])
+    again = run_cli(["fit", "--config", str(printed), *_quiet(tmp_path / "again")])
+    assert again.model.hparams.schedule == "sigmoid" and again.trainer.global_step == 2
+    for (name, a), b in zip(first.model.state_dict().items(), again.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)  # the same run, bit for bit
