@@ -306,3 +306,27 @@ def test_trained_betas_and_the_log_variances_map_to_our_settings():
     torch.testing.assert_close(module.diffusion.schedule.betas, torch.tensor(betas, dtype=torch.float64))
     for theirs, ours in (("fixed_small_log", "fixed_small"), ("fixed_large_log", "fixed_large")):
         assert settings_from_scheduler_config({"variance_type": theirs})["variance"] == ours
+
+
+def test_a_checkpoint_given_to_the_trainer_takes_precedence_over_init_from(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from lightning_ddpm.data import ImageDataModule
+
+    source = DiffusionModule.from_diffusers(_unet(), scheduler=_scheduler(clip_sample=True))
+    folder = source.to_diffusers(tmp_path / "pretrained")
+    settings = {k: v for k, v in source.hparams.items() if k in ("backbone", "data_shape", "schedule", "num_timesteps",
+                                                                  "schedule_kwargs", "parameterization", "variance")}
+    other = DiffusionModule(**settings)  # fresh random weights: what the checkpoint holds
+    trainer = Trainer(max_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(other)
+    trainer.save_checkpoint(tmp_path / "other.ckpt")
+    module = DiffusionModule(**settings, init_from=str(folder))
+    Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1).validate(
+        module, ImageDataModule("digits", batch_size=16), ckpt_path=tmp_path / "other.ckpt")
+    torch.testing.assert_close(module.backbone.state_dict(), other.backbone.state_dict(), rtol=0, atol=0)
+    assert not torch.equal(module.backbone.conv_in.weight, source.backbone.conv_in.weight)
+    fresh = DiffusionModule(**settings, init_from=str(folder))  # without a checkpoint: the folder's weights
+    Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1).validate(
+        fresh, ImageDataModule("digits", batch_size=16))
+    torch.testing.assert_close(fresh.backbone.state_dict(), source.backbone.state_dict(), rtol=0, atol=0)
