@@ -196,3 +196,20 @@ def test_capped_karras_sigmas_match_diffusers_sigma_max(name, model_name):
     scheduler = _scheduler(cls, d, use_karras_sigmas=True, timestep_spacing="linspace")
     scheduler.register_to_config(sigma_max=80.0)  # Heun's constructor lacks the option its Karras code reads
     _close(ours, _run_diffusers(scheduler, model, _x_T(), 10))
+
+
+@pytest.mark.parametrize("name, cls, config", [
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    ("unipc", "UniPCMultistepScheduler", {"solver_order": 2}),
+    ("euler", "EulerDiscreteScheduler", {}),
+])
+def test_zero_terminal_snr_starts_where_diffusers_does(name, cls, config):
+    """README: on a zero-terminal-SNR schedule the solvers start at alpha_bar = 2^-24, as diffusers does."""
+    d = GaussianDiffusion(make_schedule("linear", num_timesteps=T, rescale_to_zero_terminal_snr=True),
+                          parameterization="v")
+    assert float(d.schedule.alphas_cumprod[-1]) == 0.0
+    model = _random_net()
+    _, ours = _ours(name, d, model, 10, "trailing")
+    scheduler = _scheduler(getattr(diffusers, cls), d, timestep_spacing="trailing", rescale_betas_zero_snr=True,
+                           **config)
+    _close(ours, _run_diffusers(scheduler, model, _x_T(), 10))
