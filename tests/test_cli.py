@@ -44,12 +44,18 @@ def _faces(folder: Path, n: int = 4, size: int = 20) -> Path:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses_and_instantiates(config, tmp_path):
+def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
     header = config.read_text().splitlines()[0]
     assert header.startswith("#"), "every config starts with a comment header saying what it reproduces"
     args = ["--config", str(config), f"--trainer.default_root_dir={tmp_path}"]
     if "imagefolder" in config.name:
         args += ["--data.init_args.root", str(_faces(tmp_path))]
+    import socket
+
+    def offline(*_args, **_kwargs):
+        raise AssertionError("parsing a config must not touch the network (datasets, Inception weights)")
+
+    monkeypatch.setattr(socket.socket, "connect", offline)
     cli = run_cli(args, run=False)
     assert isinstance(cli.model, DiffusionModule)
     assert list(cli.model.data_shape) == cli.datamodule.data_shape  # linked, not repeated

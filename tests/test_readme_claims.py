@@ -151,3 +151,28 @@ def test_a_checkpoint_must_agree_on_classes_and_data_shape(tmp_path):
     with pytest.raises(ValueError, match=r"data_shape: checkpoint \[2\] vs this model \[3\]"):
         wide.on_load_checkpoint(checkpoint)
     DiffusionModule(backbone=MLP, data_shape=[2], num_classes=3, num_timesteps=20).on_load_checkpoint(checkpoint)
+
+
+@pytest.mark.filterwarnings("ignore:Metric .* will save all extracted features")
+def test_fid_passes_the_offline_inception_weights_path_to_every_metric(monkeypatch):
+    """README: FID offline with `inception_weights_path` (torch-fidelity's file, downloaded beforehand)."""
+    import torchmetrics.image.fid
+
+    from lightning_ddpm.callbacks import FIDCallback
+
+    built = []
+
+    class FakeInception(torch.nn.Module):
+        num_features = 8
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None):
+            super().__init__()
+            built.append((name, features_list, feature_extractor_weights_path))
+
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 8)
+
+    monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", FakeInception)
+    FIDCallback(num_samples=10, inception_weights_path="/weights/inception.pth", kid=True,
+                inception_score=True).build_metrics()
+    assert built == [("inception-v3-compat", [f], "/weights/inception.pth") for f in ("2048", "2048", "logits_unbiased")]
