@@ -243,7 +243,8 @@ def test_fid_at_train_end_evaluates_final_num_samples_with_the_final_sampler(tmp
     assert set(final) == {"final/fid", "final/fid_time_s"}
     assert final["final/fid"] == (fid.last["val/fid"], 2) and fid.last["val/fid"] > 0  # at the last step
     with pytest.raises(RuntimeError, match="needs at least one validation epoch"):
-        fid = FIDCallback(num_samples=6, at_train_end=True, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2))
+        fid = FIDCallback(num_samples=6, at_train_end=True, feature_extractor=TinyFeatures(),
+                          sampler=DDIMSampler(num_steps=2))
         _trainer(tmp_path, [fid], max_steps=1, limit_val_batches=0).fit(
             module, datamodule=ImageDataModule("digits", batch_size=32))
 
