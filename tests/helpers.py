@@ -19,6 +19,39 @@ class DumpWeights(pl.Callback):
         torch.save(pl_module.backbone.state_dict(), Path(self.dirpath) / f"rank{trainer.global_rank}.pt")
 
 
+class DumpStartWeights(pl.Callback):
+    """At the start of training (after DDP's broadcast), every rank saves its backbone weights to
+    ``<dirpath>/start_rank<r>.pt``: what "training changed the weights" must be compared with."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        torch.save(pl_module.backbone.state_dict(), Path(self.dirpath) / f"start_rank{trainer.global_rank}.pt")
+
+
+class DumpFirstTrainingDraws(pl.Callback):
+    """Every rank saves the timesteps and noise its first training step drew (what ``q_sample`` was
+    given) to ``<dirpath>/draws_rank<r>.pt``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        diffusion = pl_module.diffusion
+        q_sample = diffusion.q_sample
+
+        def recording(x0, t, noise=None, *args, **kwargs):
+            del diffusion.q_sample  # record once: back to the class's method
+            Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+            torch.save({"t": t.detach().cpu(), "noise": noise.detach().cpu()},
+                       Path(self.dirpath) / f"draws_rank{trainer.global_rank}.pt")
+            return q_sample(x0, t, noise, *args, **kwargs)
+
+        diffusion.q_sample = recording
+
+
 class RecordStartStep(pl.Callback):
     """Remembers the global step at which training (re)started."""
 

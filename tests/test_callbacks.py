@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from torch.utils.data import DataLoader
 
 from lightning_ddpm import DDIMSampler, DiffusionModule
 from lightning_ddpm.backbones import MLP
@@ -35,6 +36,22 @@ def _toy(**kw):
 def _toy_module():
     return DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20, lr_warmup_steps=0,
                            optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.5}})
+
+
+class RecordingLogger(Logger):
+    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    name, version = "recording", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int | None, dict]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
 
 
 def _expected_ema(history, decay, warmup=True):
@@ -161,6 +178,75 @@ def test_fid_callback_logs_during_training(tmp_path):
     assert "val/fid_time_s" in metrics
     assert torch.isfinite(metrics["val/bpd"]) and metrics["val/bpd"] > 0
     assert fid.fid.real_features_num_samples == 64  # cached from the 2 validation batches
+
+
+class ChangingImages(torch.utils.data.Dataset):
+    """Random 8x8 images in [-1, 1] that differ at every access: a second validation pass sees new ones."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.reads = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        self.reads += 1
+        return (torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(self.reads)) * 2 - 1,)
+
+
+class RecordFID(Callback):
+    """After the FIDCallback (listed before it) at every validation: its real and fake counts and real sums."""
+
+    def __init__(self, fid: FIDCallback) -> None:
+        self.fid, self.real, self.real_sums, self.fake = fid, [], [], []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.real.append(int(self.fid.fid.real_features_num_samples))
+        self.real_sums.append(self.fid.fid.real_features_sum.clone())
+        self.fake.append(self.fid.counted_fake)
+
+
+def test_fid_keeps_the_real_statistics_of_the_first_validation(tmp_path):
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
+    fid = FIDCallback(num_samples=6, batch_size=4, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2))
+    record, val = RecordFID(fid), ChangingImages(64)
+    _trainer(tmp_path, [fid, record], max_steps=2, val_check_interval=1, limit_val_batches=2,
+             num_sanity_val_steps=0).fit(module, train_dataloaders=DataLoader(ChangingImages(64), batch_size=32),
+                                         val_dataloaders=DataLoader(val, batch_size=32))
+    assert val.reads == 128, "two validation passes over new images"
+    assert record.real == [64, 64]  # the first pass's 2 batches of 32: not doubled by the second, not reset
+    torch.testing.assert_close(record.real_sums[1], record.real_sums[0], rtol=0, atol=0)  # the first pass's images
+    assert record.fake == [6, 6]  # num_samples each time: the fake statistics restart
+
+
+def test_fid_at_train_end_evaluates_final_num_samples_with_the_final_sampler(tmp_path):
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
+    final_sampler, calls = DDIMSampler(num_steps=3), []
+    sample = final_sampler.sample
+
+    def counting(model, diffusion, x_T, **kwargs):
+        calls.append(x_T.shape[0])
+        return sample(model, diffusion, x_T, **kwargs)
+
+    final_sampler.sample = counting
+    fid = FIDCallback(num_samples=6, every_n_validations=None, at_train_end=True, final_num_samples=11, batch_size=4,
+                      feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2), final_sampler=final_sampler)
+    logger = RecordingLogger()
+    trainer = _trainer(tmp_path, [fid], max_steps=2, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=0,
+                       logger=logger)
+    trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=32))
+    assert calls == [4, 4, 3] and fid.counted_fake == 11  # final_num_samples, all drawn by final_sampler
+    assert "val/fid" not in trainer.callback_metrics  # every_n_validations=None: no evaluation during training
+    final = {k: (v, step) for step, metrics in logger.logged for k, v in metrics.items() if k.startswith("final/")}
+    assert set(final) == {"final/fid", "final/fid_time_s"}
+    assert final["final/fid"] == (fid.last["val/fid"], 2) and fid.last["val/fid"] > 0  # at the last step
+    with pytest.raises(RuntimeError, match="needs at least one validation epoch"):
+        fid = FIDCallback(num_samples=6, at_train_end=True, feature_extractor=TinyFeatures(),
+                          sampler=DDIMSampler(num_steps=2))
+        _trainer(tmp_path, [fid], max_steps=1, limit_val_batches=0).fit(
+            module, datamodule=ImageDataModule("digits", batch_size=32))
 
 
 def test_sample_logger_writes_and_logs_to_tensorboard(tmp_path):

@@ -117,17 +117,24 @@ def test_fit_digits_bf16_mixed(tmp_path):
 
 def test_ddp_two_cpu_processes_agree_on_weights(tmp_path):
     dump = tmp_path / "weights"
-    callbacks = _callbacks(tmp_path, 5, {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(dump)}})
+    callbacks = _callbacks(tmp_path, 5, *({"class_path": f"tests.helpers.{name}", "init_args": {"dirpath": str(dump)}}
+                                          for name in ("DumpWeights", "DumpStartWeights", "DumpFirstTrainingDraws")))
     cmd = [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/toy2d.yaml"), *_quiet(tmp_path),
            "--model.backbone", TINY_MLP, "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
            "--trainer.max_steps=5", "--trainer.val_check_interval=5", "--trainer.limit_val_batches=2",
            "--data.init_args.num_train=5120", "--trainer.callbacks", callbacks]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
-    initial = DiffusionModule(backbone=json.loads(TINY_MLP), data_shape=[2]).backbone.state_dict()
-    assert any(not torch.equal(initial[k], rank0[k]) for k in rank0), "training changed the weights"
+    start0, start1 = torch.load(dump / "start_rank0.pt"), torch.load(dump / "start_rank1.pt")
+    for key in start0:  # DDP's broadcast: both ranks start from the same weights ...
+        torch.testing.assert_close(start0[key], start1[key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(start0[k], rank0[k]) for k in rank0), "training changed the weights"
+    # ... and draw their own timesteps and noise: the training generator is keyed by the rank too
+    draws0, draws1 = torch.load(dump / "draws_rank0.pt"), torch.load(dump / "draws_rank1.pt")
+    assert draws0["t"].shape == draws1["t"].shape == (256,) and draws0["noise"].shape == (256, 2)
+    assert not torch.equal(draws0["t"], draws1["t"]) and not torch.equal(draws0["noise"], draws1["noise"])

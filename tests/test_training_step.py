@@ -75,13 +75,47 @@ def test_a_predict_request_depends_on_its_seed_alone(tmp_path):
     assert not torch.allclose(one_by_one[0], one_by_one[1])  # and different seeds differ
 
 
+def test_predict_request_i_is_sampled_from_predict_seed_plus_i(tmp_path):
+    from lightning_ddpm.callbacks import SampleWriter
+    from lightning_ddpm.data import Toy2DDataModule
+
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v",
+                             sampler={"name": "ddpm", "init_args": {"num_steps": 5}})  # noise at every step
+    data = Toy2DDataModule(num_train=64, batch_size=2, num_predict_samples=5, predict_seed=7)
+    writer = SampleWriter(output_dir=str(tmp_path / "out"))
+    _trainer(tmp_path, callbacks=[writer]).predict(module, datamodule=data)
+    written = torch.load(tmp_path / "out" / "samples.pt", weights_only=True)["samples"]
+    alone = torch.cat([module.sample(1, generator=[torch.Generator().manual_seed(7 + i)]) for i in range(5)])
+    torch.testing.assert_close(written, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(written, module.sample(5, generator=[torch.Generator().manual_seed(i) for i in range(5)]))
+
+
+def test_predict_merge_keeps_each_padded_request_once_in_request_order(tmp_path):
+    """Lightning shares predict requests out without repeats, but a DistributedSampler of the user's own
+    pads the ranks evenly (9 requests: rank 1 repeats request 0): the merge keeps each request once."""
+    from types import SimpleNamespace
+
+    from lightning_ddpm.callbacks import SampleWriter
+
+    samples = torch.arange(9.0).unsqueeze(1).repeat(1, 2)  # request i's sample is (i, i)
+    for rank, indices in enumerate([[0, 2, 4, 6, 8], [1, 3, 5, 7, 0]]):
+        torch.save({"indices": torch.tensor(indices), "samples": samples[indices]}, tmp_path / f".shard_rank{rank}.pt")
+    trainer = SimpleNamespace(world_size=2, predict_dataloaders=None, datamodule=None)
+    SampleWriter(output_dir=str(tmp_path))._merge(trainer, tmp_path)
+    merged = torch.load(tmp_path / "samples.pt", weights_only=True)
+    torch.testing.assert_close(merged["samples"], samples, rtol=0, atol=0)
+    assert not list(tmp_path.glob(".shard_rank*.pt"))
+
+
 def test_predict_with_two_processes_gives_the_one_process_samples(tmp_path):
     def run(devices: int) -> torch.Tensor:
         out = tmp_path / f"p{devices}"
         cmd = [sys.executable, "-m", "lightning_ddpm", "predict", "--config", str(ROOT / "configs/toy2d.yaml"),
                "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50", "--untrained",
                "--model.sampler", '{"name": "ddpm", "init_args": {"num_steps": 5}}',
-               "--data.init_args.num_predict_samples=10", "--data.init_args.batch_size=4",
+               "--data.init_args.num_predict_samples=9", "--data.init_args.batch_size=4",  # odd: uneven ranks
+               "--data.init_args.predict_seed=7",
                f"--trainer.devices={devices}", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
                "--trainer.logger=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={out}",
                "--predict_writer.output_dir", str(out)]
@@ -90,7 +124,9 @@ def test_predict_with_two_processes_gives_the_one_process_samples(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         return torch.load(out / "samples.pt", weights_only=True)["samples"]
 
-    torch.testing.assert_close(run(2), run(1), rtol=1e-5, atol=1e-5)
+    two, one = run(2), run(1)
+    assert two.shape == one.shape == (9, 2)  # each request exactly once ...
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)  # ... in request order
 
 
 def test_load_from_checkpoint_leaves_the_callers_global_rng_alone(tmp_path):
