@@ -242,11 +242,15 @@ def test_fid_at_train_end_evaluates_final_num_samples_with_the_final_sampler(tmp
     final = {k: (v, step) for step, metrics in logger.logged for k, v in metrics.items() if k.startswith("final/")}
     assert set(final) == {"final/fid", "final/fid_time_s"}
     assert final["final/fid"] == (fid.last["val/fid"], 2) and fid.last["val/fid"] > 0  # at the last step
-    with pytest.raises(RuntimeError, match="needs at least one validation epoch"):
-        fid = FIDCallback(num_samples=6, at_train_end=True, feature_extractor=TinyFeatures(),
-                          sampler=DDIMSampler(num_steps=2))
-        _trainer(tmp_path, [fid], max_steps=1, limit_val_batches=0).fit(
-            module, datamodule=ImageDataModule("digits", batch_size=32))
+    fid = FIDCallback(num_samples=6, at_train_end=True, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2))
+    trainer = _trainer(tmp_path, [fid], max_steps=1, limit_val_batches=0)
+    with pytest.raises(ValueError, match="needs validation batches for its real statistics; trainer.limit_val_batches is 0"):
+        trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=32))
+    assert trainer.global_step == 0  # refused before training, not after it
+    images = ImageDataModule("digits", batch_size=32)
+    images.setup("fit")
+    with pytest.raises(RuntimeError, match="needs at least one validation epoch"):  # no validation data at all
+        _trainer(tmp_path, [fid], max_steps=1).fit(module, train_dataloaders=images.train_dataloader())
 
 
 def test_sample_logger_writes_and_logs_to_tensorboard(tmp_path):

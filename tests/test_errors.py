@@ -71,6 +71,18 @@ def _corrupt(tmp_path: Path):
     return DiffusionModule.load_from_checkpoint(path)
 
 
+def _final_fid_without_validation(tmp_path: Path):
+    from lightning.pytorch import Trainer
+
+    from lightning_ddpm.callbacks import FIDCallback
+    from tests.helpers import TinyFeatures
+
+    fid = FIDCallback(num_samples=4, at_train_end=True, feature_extractor=TinyFeatures(channels=2))
+    Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            callbacks=[fid], default_root_dir=tmp_path).fit(
+        _module(), torch.utils.data.DataLoader([torch.randn(4, 2)] * 4, batch_size=None))
+
+
 def _diffusers_unet(**config):
     import diffusers
 
@@ -179,6 +191,7 @@ CASES = {
     "diffusers-not-installed": _without_diffusers,
     "init-from-differs": _init_from_differs,
     "to-diffusers-backbone": lambda tmp: _module().to_diffusers(tmp / "out"),
+    "fid-final-without-validation": lambda tmp: _final_fid_without_validation(tmp),
 }
 
 

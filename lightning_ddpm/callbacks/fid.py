@@ -117,6 +117,10 @@ class FIDCallback(pl.Callback):
         return [m for m in (self.fid, self.kid, self.inception) if m is not None]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.at_train_end and trainer.limit_val_batches == 0:
+            # the real statistics come from validation: say so now rather than after the whole run
+            raise ValueError("FIDCallback(at_train_end=True) needs validation batches for its real statistics; "
+                             "trainer.limit_val_batches is 0")
         if hasattr(pl_module, "diffusion") and self._default_sampler:
             # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
             self.sampler = DDIMSampler(num_steps=min(100, pl_module.diffusion.num_timesteps))
