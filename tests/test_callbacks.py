@@ -126,6 +126,32 @@ def test_checkpoint_keeps_ema_and_resume_continues_it(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_checkpoints_written_when_fit_ends_keep_the_raw_weights(tmp_path):
+    # ModelCheckpoint(save_last=True) writes last.ckpt in its on_train_end when no save fell on the last step, and
+    # that runs after EMA's on_train_end has copied the average into the module; so may a save after fit.
+    torch.manual_seed(0)
+    record, ema = RecordWeights(), EMA(decay=0.9)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=False)
+    trainer = _trainer(tmp_path, [record, ema, ckpt], max_steps=3, limit_val_batches=0, enable_checkpointing=True)
+    trainer.fit(_toy_module(), datamodule=_toy())
+    trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+    names = [n for n, _ in _toy_module().backbone.named_parameters()]
+    expected = _expected_ema(record.after_step, 0.9)
+    assert not all(torch.equal(a, b) for a, b in zip(record.after_step[-1], expected))
+    for path in (tmp_path / "ckpt" / "last.ckpt", tmp_path / "after_fit.ckpt"):
+        saved = torch.load(path, weights_only=True)
+        assert saved["global_step"] == 3
+        for name, raw, ema_value in zip(names, record.after_step[-1], expected):
+            torch.testing.assert_close(saved["current_model_state"][f"backbone.{name}"], raw, rtol=0, atol=0)
+            torch.testing.assert_close(saved["state_dict"][f"backbone.{name}"], ema_value, rtol=1e-5, atol=1e-6)
+    # so a resume continues training from the raw weights, not from their average
+    record2 = RecordWeights()
+    _trainer(tmp_path, [record2, EMA(decay=0.9)], max_steps=4, limit_val_batches=0).fit(
+        _toy_module(), datamodule=_toy(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for got, want in zip(record2.at_train_batch_start[0], record.after_step[-1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def _digits_batch(n=180):
     dm = ImageDataModule("digits", batch_size=n)
     dm.setup()
