@@ -125,6 +125,10 @@ def ema_weights(trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> It
     if ema is None or ema._average_model is None or ema.swapped:
         yield
         return
+    if trainer.training and trainer.global_step > ema._latest_update_step:
+        # A callback listed before EMA (SampleLogger every N steps) runs its on_train_batch_end before EMA's
+        # has folded this step into the average: do that update now (EMA's own call then skips this step).
+        ema.on_train_batch_end(trainer, pl_module, None, None, 0)
     ema._swap_models(pl_module)
     try:
         yield
