@@ -229,6 +229,42 @@ def test_sample_pictures_are_drawn_with_the_ema_weights(tmp_path, ema_first):
     assert (samples.last_samples - with_raw).abs().max() > 1e-2, "the picture must not come from the raw weights"
 
 
+def _spy_weights(module, owner, name, seen):
+    """Record the backbone's parameters whenever ``owner.name`` is called."""
+    original = getattr(owner, name)
+
+    def spied(*args, **kwargs):
+        seen.append([p.detach().clone() for p in module.backbone.parameters()])
+        return original(*args, **kwargs)
+
+    setattr(owner, name, spied)
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_fid_and_bits_per_dim_are_computed_with_the_ema_weights(tmp_path, ema_first):
+    # EMA listed first swaps its weights back at the end of validation before the metric callbacks run, so they
+    # must swap them in themselves; listed last, they run while validation's swap is still in place.
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True,
+                             lr_warmup_steps=0, optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-2}})
+    fid_seen, bpd_seen = [], []
+    _spy_weights(module, module, "sample", fid_seen)  # FID draws its images with module.sample
+    _spy_weights(module, module.diffusion, "bits_per_dim", bpd_seen)
+    record, ema = RecordWeights(), EMA(decay=0.5)
+    fid = FIDCallback(num_samples=8, batch_size=8, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2),
+                      at_train_end=True)
+    bpd = BitsPerDimCallback(num_examples=4, batch_size=4)
+    callbacks = [record, ema, fid, bpd] if ema_first else [record, fid, bpd, ema]
+    _trainer(tmp_path, callbacks, max_steps=3, val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0).fit(
+        module, datamodule=ImageDataModule("digits", batch_size=32))
+    assert len(fid_seen) == 2 and len(bpd_seen) == 1  # FID at the validation and at the end of fit, bits/dim once
+    expected = _expected_ema(record.after_step, 0.5)
+    assert not all(torch.equal(a, b) for a, b in zip(record.after_step[-1], expected))
+    for seen in fid_seen + bpd_seen:
+        for got, want in zip(seen, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_ddp_ema_identical_and_fid_counts_exactly(tmp_path):
     dump = tmp_path / "dump"
     callbacks = json.dumps([
