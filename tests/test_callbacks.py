@@ -214,7 +214,8 @@ def _with_weights(module, weights):
 def test_sample_pictures_are_drawn_with_the_ema_weights(tmp_path, ema_first):
     torch.manual_seed(0)
     record, ema = RecordWeights(), EMA(decay=0.5)
-    samples = SampleLogger(every_n_steps=3, every_n_epochs=None, num_samples=16, seed=5, sampler=DDIMSampler(num_steps=4),
+    ddim = DDIMSampler(num_steps=4)
+    samples = SampleLogger(every_n_steps=3, every_n_epochs=None, num_samples=16, seed=5, sampler=ddim,
                            output_dir=str(tmp_path / "pictures"))
     callbacks = [record, ema, samples] if ema_first else [record, samples, ema]
     _trainer(tmp_path, callbacks, max_steps=3, limit_val_batches=0).fit(_toy_module(), datamodule=_toy())
@@ -222,9 +223,8 @@ def test_sample_pictures_are_drawn_with_the_ema_weights(tmp_path, ema_first):
     assert ema.num_updates == 3  # one update per step, whichever callback brought the average up to date
     expected = _expected_ema(record.after_step, 0.5)  # the average after all 3 steps
     generators = lambda: [torch.Generator().manual_seed(5 + i) for i in range(16)]  # noqa: E731
-    with_ema = _with_weights(_toy_module(), expected).sample(16, sampler=DDIMSampler(num_steps=4), generator=generators())
-    with_raw = _with_weights(_toy_module(), record.after_step[-1]).sample(16, sampler=DDIMSampler(num_steps=4),
-                                                                          generator=generators())
+    with_ema = _with_weights(_toy_module(), expected).sample(16, sampler=ddim, generator=generators())
+    with_raw = _with_weights(_toy_module(), record.after_step[-1]).sample(16, sampler=ddim, generator=generators())
     torch.testing.assert_close(samples.last_samples, with_ema, rtol=1e-4, atol=1e-5)
     assert (samples.last_samples - with_raw).abs().max() > 1e-2, "the picture must not come from the raw weights"
 
