@@ -143,6 +143,32 @@ def test_checkpoint_keeps_ema_and_resume_continues_it(tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_checkpoints_written_when_fit_ends_keep_the_raw_weights(tmp_path):
+    # ModelCheckpoint(save_last=True) writes last.ckpt in its on_train_end when no save fell on the last step, and
+    # that runs after EMA's on_train_end has copied the average into the module; so may a save after fit.
+    torch.manual_seed(0)
+    record, ema = RecordWeights(), EMA(decay=0.9)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=False)
+    trainer = _trainer(tmp_path, [record, ema, ckpt], max_steps=3, limit_val_batches=0, enable_checkpointing=True)
+    trainer.fit(_toy_module(), datamodule=_toy())
+    trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+    names = [n for n, _ in _toy_module().backbone.named_parameters()]
+    expected = _expected_ema(record.after_step, 0.9)
+    assert not all(torch.equal(a, b) for a, b in zip(record.after_step[-1], expected))
+    for path in (tmp_path / "ckpt" / "last.ckpt", tmp_path / "after_fit.ckpt"):
+        saved = torch.load(path, weights_only=True)
+        assert saved["global_step"] == 3
+        for name, raw, ema_value in zip(names, record.after_step[-1], expected):
+            torch.testing.assert_close(saved["current_model_state"][f"backbone.{name}"], raw, rtol=0, atol=0)
+            torch.testing.assert_close(saved["state_dict"][f"backbone.{name}"], ema_value, rtol=1e-5, atol=1e-6)
+    # so a resume continues training from the raw weights, not from their average
+    record2 = RecordWeights()
+    _trainer(tmp_path, [record2, EMA(decay=0.9)], max_steps=4, limit_val_batches=0).fit(
+        _toy_module(), datamodule=_toy(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for got, want in zip(record2.at_train_batch_start[0], record.after_step[-1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def _digits_batch(n=180):
     dm = ImageDataModule("digits", batch_size=n)
     dm.setup()
@@ -265,6 +291,68 @@ def test_sample_logger_writes_and_logs_to_tensorboard(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("samples")] == [2, 4]
+
+
+def _with_weights(module, weights):
+    with torch.no_grad():
+        for p, w in zip(module.backbone.parameters(), weights):
+            p.copy_(w)
+    return module
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_sample_pictures_are_drawn_with_the_ema_weights(tmp_path, ema_first):
+    torch.manual_seed(0)
+    record, ema = RecordWeights(), EMA(decay=0.5)
+    ddim = DDIMSampler(num_steps=4)
+    samples = SampleLogger(every_n_steps=3, every_n_epochs=None, num_samples=16, seed=5, sampler=ddim,
+                           output_dir=str(tmp_path / "pictures"))
+    callbacks = [record, ema, samples] if ema_first else [record, samples, ema]
+    _trainer(tmp_path, callbacks, max_steps=3, limit_val_batches=0).fit(_toy_module(), datamodule=_toy())
+    assert (tmp_path / "pictures" / "step_0000003.png").exists()
+    assert ema.num_updates == 3  # one update per step, whichever callback brought the average up to date
+    expected = _expected_ema(record.after_step, 0.5)  # the average after all 3 steps
+    generators = lambda: [torch.Generator().manual_seed(5 + i) for i in range(16)]  # noqa: E731
+    with_ema = _with_weights(_toy_module(), expected).sample(16, sampler=ddim, generator=generators())
+    with_raw = _with_weights(_toy_module(), record.after_step[-1]).sample(16, sampler=ddim, generator=generators())
+    torch.testing.assert_close(samples.last_samples, with_ema, rtol=1e-4, atol=1e-5)
+    assert (samples.last_samples - with_raw).abs().max() > 1e-2, "the picture must not come from the raw weights"
+
+
+def _spy_weights(module, owner, name, seen):
+    """Record the backbone's parameters whenever ``owner.name`` is called."""
+    original = getattr(owner, name)
+
+    def spied(*args, **kwargs):
+        seen.append([p.detach().clone() for p in module.backbone.parameters()])
+        return original(*args, **kwargs)
+
+    setattr(owner, name, spied)
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_fid_and_bits_per_dim_are_computed_with_the_ema_weights(tmp_path, ema_first):
+    # EMA listed first swaps its weights back at the end of validation before the metric callbacks run, so they
+    # must swap them in themselves; listed last, they run while validation's swap is still in place.
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True,
+                             lr_warmup_steps=0, optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-2}})
+    fid_seen, bpd_seen = [], []
+    _spy_weights(module, module, "sample", fid_seen)  # FID draws its images with module.sample
+    _spy_weights(module, module.diffusion, "bits_per_dim", bpd_seen)
+    record, ema = RecordWeights(), EMA(decay=0.5)
+    fid = FIDCallback(num_samples=8, batch_size=8, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2),
+                      at_train_end=True)
+    bpd = BitsPerDimCallback(num_examples=4, batch_size=4)
+    callbacks = [record, ema, fid, bpd] if ema_first else [record, fid, bpd, ema]
+    _trainer(tmp_path, callbacks, max_steps=3, val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0).fit(
+        module, datamodule=ImageDataModule("digits", batch_size=32))
+    assert len(fid_seen) == 2 and len(bpd_seen) == 1  # FID at the validation and at the end of fit, bits/dim once
+    expected = _expected_ema(record.after_step, 0.5)
+    assert not all(torch.equal(a, b) for a, b in zip(record.after_step[-1], expected))
+    for seen in fid_seen + bpd_seen:
+        for got, want in zip(seen, expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_ddp_ema_identical_and_fid_counts_exactly(tmp_path):

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from lightning_ddpm import DiffusionModule
+from lightning_ddpm.callbacks import EMA
 from lightning_ddpm.checkpoints import DIGEST_KEY, SafeCheckpointIO
 from lightning_ddpm.cli import CLIError, run_cli
 
@@ -65,6 +66,35 @@ def test_sampling_settings_given_with_a_checkpoint_apply(toy_ckpt, tmp_path):
     assert not torch.allclose(a, b), "guidance scale 3 and 0 must give different samples"
     # what the user did not write comes from the checkpoint
     assert guided.model.hparams.max_nonfinite_steps == 7
+
+
+def test_predict_from_a_checkpoint_samples_with_the_ema_weights(tmp_path):
+    """README: the checkpoint's state_dict holds the EMA weights, so `predict --ckpt_path` samples with them."""
+    callbacks = json.dumps([{"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.5}},
+                            json.loads(_checkpointing(tmp_path))[0]])
+    # Adam at 0.05 with no warm-up: 3 steps move the raw weights well away from their average
+    run_cli(["fit", "--config", TOY_COND, *_quiet(tmp_path), "--model.backbone", TINY_MLP, "--trainer.max_steps=3",
+             "--trainer.limit_val_batches=0", "--data.init_args.num_train=1024", "--model.lr_warmup_steps=0",
+             "--model.optimizer", '{"name": "torch.optim.Adam", "init_args": {"lr": 0.05}}',
+             "--trainer.callbacks", callbacks])
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    predict = _predict(ckpt, tmp_path / "p", "--data.init_args.predict_seed=100")
+    assert any(isinstance(c, EMA) for c in predict.trainer.callbacks), "the predict config includes the EMA callback"
+    written = torch.load(tmp_path / "p/samples.pt", weights_only=True)
+    checkpoint = torch.load(ckpt, weights_only=True)
+
+    def sample_with(state_dict):
+        module = DiffusionModule.load_from_checkpoint(ckpt)
+        module.load_state_dict(state_dict)
+        # as predict_step: request i has its own generator seeded predict_seed + i
+        generators = [torch.Generator().manual_seed(100 + i) for i in range(64)]
+        return module.sample(64, sampler={"name": "ddim", "init_args": {"num_steps": 4}}, generator=generators,
+                             labels=written["labels"])
+
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert not all(torch.equal(ema[k], raw[k]) for k in ema if k.startswith("backbone."))
+    torch.testing.assert_close(written["samples"], sample_with(ema), rtol=0, atol=0)
+    assert (written["samples"] - sample_with(raw)).abs().max() > 1e-2, "predict must not sample the raw weights"
 
 
 def test_settings_that_change_the_weights_must_agree_with_the_checkpoint(toy_ckpt, tmp_path):

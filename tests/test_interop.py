@@ -213,6 +213,33 @@ def test_cli_export_writes_the_checkpoints_weights(tmp_path):
     assert pipe.scheduler.config.num_train_timesteps == T
 
 
+def test_cli_export_writes_the_ema_weights_of_a_checkpoint_trained_with_ema(tmp_path):
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_ddpm.callbacks import EMA
+    from lightning_ddpm.cli import main
+    from lightning_ddpm.data import ImageDataModule
+
+    module = DiffusionModule.from_diffusers(_unet(), scheduler=_scheduler(), lr_warmup_steps=0,
+                                            optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-2}})
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True)
+    Trainer(max_steps=2, callbacks=[EMA(decay=0.5), ckpt], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(
+        module, ImageDataModule("digits", batch_size=16))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+
+    def backbone(state):
+        return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+
+    ema, raw = backbone(checkpoint["state_dict"]), backbone(checkpoint["current_model_state"])
+    assert max((ema[k] - raw[k]).abs().max() for k in ema) > 1e-3, "2 steps at lr 1e-2 move the raw weights"
+    main(["export", "--ckpt_path", str(path), "--output_dir", str(tmp_path / "out")])
+    back = DiffusionModule.from_diffusers(tmp_path / "out").backbone.state_dict()
+    torch.testing.assert_close(back, ema, rtol=0, atol=0)
+
+
 def test_init_from_a_folder_fine_tunes_from_its_weights_and_checks_the_config(tmp_path):
     from lightning.pytorch import Trainer
 

@@ -106,25 +106,51 @@ def test_truncated_checkpoint_is_named_and_the_previous_one_still_loads(tmp_path
     assert isinstance(DiffusionModule.load_from_checkpoint(previous), DiffusionModule)
 
 
-def test_a_crash_while_writing_a_checkpoint_keeps_the_old_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("crash_in", ["serialising", "writing"])
+def test_a_crash_while_writing_a_checkpoint_keeps_the_old_file(tmp_path, monkeypatch, crash_in):
+    import io
+
+    from fsspec.implementations.local import LocalFileOpener
+
     module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20)
     trainer = _trainer(tmp_path, [], max_steps=1)
     trainer.fit(module, _loader())
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
     before = path.read_bytes()
-    real_save = torch.save
+    with torch.no_grad():  # the checkpoint being written differs from the one on disk
+        for p in module.parameters():
+            p.add_(1)
 
-    def crashing_save(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        raise OSError("disk full (simulated) in the middle of writing")
+    def half(data: bytes) -> bytes:
+        return data[: len(data) // 2]
 
-    monkeypatch.setattr(torch, "save", crashing_save)
+    if crash_in == "serialising":  # torch.save gets half way, into whatever it writes to, then fails
+        real_save = torch.save
+
+        def crashing_save(obj, f, *args, **kwargs):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            if isinstance(f, (str, Path)):
+                Path(f).write_bytes(half(buffer.getvalue()))
+            else:
+                f.write(half(buffer.getvalue()))
+            raise OSError("disk full (simulated) in the middle of writing")
+
+        monkeypatch.setattr(torch, "save", crashing_save)
+    else:  # the file write itself gets half way (Lightning writes local files through fsspec)
+        def crashing_write(self, data, *args, **kwargs):
+            self.f.write(half(bytes(data)))
+            raise OSError("disk full (simulated) in the middle of writing")
+
+        monkeypatch.setattr(LocalFileOpener, "write", crashing_write)
     with pytest.raises(OSError, match="simulated"):
         trainer.save_checkpoint(path)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert isinstance(DiffusionModule.load_from_checkpoint(path), DiffusionModule)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")  # what the crashed save would have written
+    assert (tmp_path / "new.ckpt").read_bytes() != before
 
 
 def test_cli_checkpoints_load_with_weights_only(tmp_path):

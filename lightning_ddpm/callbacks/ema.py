@@ -49,6 +49,7 @@ class EMA(WeightAveraging):
         self.num_updates = 0  # updates done so far, n in the warm-up formula
         self._current_decay = decay
         self.swapped = False
+        self._raw_at_end: list[torch.Tensor] | None = None  # the raw parameters when fit ended
 
     def current_decay(self, n: int) -> float:
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
@@ -81,6 +82,27 @@ class EMA(WeightAveraging):
         for average, current in self._pairs(pl_module):
             current.data.copy_(average.data)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._raw_at_end = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning copies the average over the raw weights here, and ModelCheckpoint(save_last=True) may write
+        # last.ckpt in its own on_train_end, after this one (checkpoint callbacks run last), as may a user's
+        # trainer.save_checkpoint after fit. Without the raw weights kept, such a checkpoint's current_model_state
+        # would hold the EMA weights and a resume would continue training from them, not from the raw ones.
+        assert self._average_model is not None
+        self._raw_at_end = [p.detach().clone() for _, p in self._pairs(pl_module)]
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_model is not None and self._raw_at_end is not None and "current_model_state" in checkpoint:
+            # after fit the module holds the EMA weights: put back the raw ones kept in on_train_end
+            raw = dict(zip((name for name, _ in pl_module.named_parameters()), self._raw_at_end))
+            checkpoint["current_model_state"] = {k: raw.get(k, v) for k, v in checkpoint["current_model_state"].items()}
+
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Outside fit (predict, validate) there is no average to restore: the checkpoint's state_dict already
         # holds the EMA weights, which is what those stages should use. Lightning would warn every time.
@@ -103,6 +125,10 @@ def ema_weights(trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> It
     if ema is None or ema._average_model is None or ema.swapped:
         yield
         return
+    if trainer.training and trainer.global_step > ema._latest_update_step:
+        # A callback listed before EMA (SampleLogger every N steps) runs its on_train_batch_end before EMA's
+        # has folded this step into the average: do that update now (EMA's own call then skips this step).
+        ema.on_train_batch_end(trainer, pl_module, None, None, 0)
     ema._swap_models(pl_module)
     try:
         yield
