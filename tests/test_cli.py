@@ -66,6 +66,12 @@ def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
     ckpt = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
     assert Path(ckpt.dirpath).name == "checkpoints" and Path(ckpt.dirpath).parent.parent.name == "outputs"
     assert ckpt._every_n_train_steps > 0 and ckpt.save_last and ckpt.save_top_k >= 2
+    if config.name == "toy2d.yaml":  # the quick start's promise: outputs/toy2d/samples/step_0003000.png
+        from lightning_ddpm.callbacks import SampleLogger
+
+        pictures = next(c for c in cli.trainer.callbacks if isinstance(c, SampleLogger))
+        assert Path(pictures.output_dir).parts[-3:] == ("outputs", "toy2d", "samples")
+        assert cli.trainer.max_steps == 3000 and 3000 % pictures.every_n_steps == 0
     if config.name == "cifar10_ddpm.yaml":
         assert sum(p.numel() for p in cli.model.backbone.parameters()) == 35_746_307
         assert cli.model.diffusion.variance == "fixed_large" and cli.trainer.gradient_clip_val == 1.0
