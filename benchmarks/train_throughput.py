@@ -4,9 +4,9 @@ Ours runs the full Lightning training step (forward, loss, backward, optimizer, 
 ``Trainer.fit``; the peer runs the same work in a minimal PyTorch loop. Rounds alternate between
 the two in one process, and the median round is reported, so both see the same machine state.
 
-    python benchmarks/train_throughput.py --precision 32-true bf16-mixed --batch-size 16
-    python benchmarks/train_throughput.py --accelerator cuda --precision bf16-mixed --compile --batch-size 128
-    python benchmarks/train_throughput.py --devices 2 --no-peer        # DDP, with scaling efficiency vs 1 device
+    python -m benchmarks.train_throughput --precision 32-true bf16-mixed --batch-size 16
+    python -m benchmarks.train_throughput --accelerator cuda --precision bf16-mixed --compile --batch-size 128
+    python -m benchmarks.train_throughput --devices 2 --no-peer        # DDP, with scaling efficiency vs 1 device
 
 Needs the bench extra for the peer: pip install -e ".[bench]".
 """

@@ -2,7 +2,7 @@
 
 The public names load on first use (PEP 562), so ``import lightning_ddpm.schedules`` (or
 diffusion, samplers, backbones, ...) needs torch alone; only ``DiffusionModule``, the data
-modules, the callbacks and the CLI import Lightning.
+modules, the callbacks, the CLI, checkpoints and metrics import Lightning (or torchmetrics).
 """
 
 import importlib
@@ -21,6 +21,9 @@ _PUBLIC = {
     "GaussianDiffusion": "diffusion",
     "DDPMSampler": "samplers",
     "DDIMSampler": "samplers",
+    "make_sampler": "samplers",
+    "Denoiser": "denoiser",
+    "Prediction": "denoiser",
     "DiffusionModule": "module",
     "register_backbone": "backbones",
     "build_backbone": "backbones",
@@ -33,7 +36,8 @@ if TYPE_CHECKING:  # static tools see the names as ordinary imports
     from .backbones import available_backbones, build_backbone, register_backbone
     from .diffusion import GaussianDiffusion
     from .module import DiffusionModule
-    from .samplers import DDIMSampler, DDPMSampler
+    from .denoiser import Denoiser, Prediction
+    from .samplers import DDIMSampler, DDPMSampler, make_sampler
     from .schedules import NoiseSchedule, available_schedules, make_schedule, register_schedule
 
 

@@ -150,7 +150,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         )
         amplification = float(1.0 / (1.0 - self.diffusion.schedule.betas[-1]).sqrt())
         if parameterization == "eps" and not clip_denoised and amplification > 10:
-            # benchmarks/toy_quality.py: sliced-W2 639 (eps) vs 0.087 (v) on two moons with the cosine schedule.
+            # README "Sample quality": sliced W2 633 (eps) vs 0.080 (v) on two moons with the cosine schedule.
             warnings.warn(
                 f"parameterization='eps' with beta_T={self.diffusion.schedule.betas[-1].item():.3g} and clip_denoised=False: "
                 f"the first reverse step multiplies eps errors by {amplification:.0f}x, which gives far outliers on "
@@ -342,7 +342,9 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             x_T: starting noise; drawn from ``generator`` when not given.
             callback: ``callback(step, num_steps, x, pred_x0)`` after every step (progress bars).
         """
-        sampler = self.default_sampler if sampler is None else make_sampler(sampler)
+        # a bare name caps its default steps at T, as everywhere else a sampler is named
+        sampler = (self.default_sampler if sampler is None
+                   else make_sampler(sampler, num_timesteps=self.diffusion.num_timesteps))
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         if scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {scale}")

@@ -176,3 +176,20 @@ def test_fid_passes_the_offline_inception_weights_path_to_every_metric(monkeypat
     FIDCallback(num_samples=10, inception_weights_path="/weights/inception.pth", kid=True,
                 inception_score=True).build_metrics()
     assert built == [("inception-v3-compat", [f], "/weights/inception.pth") for f in ("2048", "2048", "logits_unbiased")]
+
+
+def test_a_bare_sampler_name_works_in_sample_on_a_short_schedule():
+    """README: a sampler name is usable wherever a sampler is accepted; its default steps are capped at T."""
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20)
+    for name in ("ddim", "dpmpp_2m", "unipc"):  # defaults 50 / 20 / 20 steps
+        assert module.sample(3, sampler=name, generator=torch.Generator().manual_seed(0)).shape == (3, 2)
+
+
+def test_the_model_contract_is_public_and_loads_without_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_ddpm as L; L.Denoiser, L.Prediction, L.make_sampler; "
+            "assert not any(m.startswith('lightning.') or m == 'lightning' for m in sys.modules), 'Lightning loaded'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -126,7 +126,7 @@ class ImageDataModule(pl.LightningDataModule):
         root: where torchvision datasets live (or are downloaded to), or the image folder.
         image_size: resize (shorter side) and centre-crop to this size; required for ``imagefolder``
             unless every image has the same size.
-        channels: channels of an image folder (1 grey, 3 RGB); the other datasets fix their own.
+        channels: channels of an image folder (1 grey, 3 RGB, 4 RGBA); the other datasets fix their own.
         batch_size: per-device batch size.
         val_fraction: held-out fraction for datasets without a test split (digits, imagefolder).
         num_workers: dataloader worker processes.
