@@ -152,17 +152,19 @@ def test_resume_on_cuda_is_bit_exact(tmp_path):
         seed_everything(0)
         module = DiffusionModule(backbone=TINY["unet"], data_shape=[1, 8, 8], num_timesteps=100, clip_denoised=True)
         g = torch.Generator().manual_seed(0)
-        loader = torch.utils.data.DataLoader([torch.randn(16, 1, 8, 8, generator=g) for _ in range(8)],
+        # 4 batches an epoch and a checkpoint every 4 steps: the resume starts a fresh epoch (a plain
+        # DataLoader cannot resume mid-epoch; the library's data modules can, tests/test_resume.py)
+        loader = torch.utils.data.DataLoader([torch.randn(16, 1, 8, 8, generator=g) for _ in range(4)],
                                              batch_size=None)
         Trainer(accelerator="cuda", devices=1, max_steps=max_steps, deterministic=True, logger=False,
                 enable_progress_bar=False, default_root_dir=root,
-                callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=3)]).fit(
+                callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=4)]).fit(
             module, loader, ckpt_path=ckpt_path)
         return module
 
-    straight = fit(tmp_path / "a", 6)
-    fit(tmp_path / "b", 3)
-    resumed = fit(tmp_path / "b", 6, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
+    straight = fit(tmp_path / "a", 8)
+    fit(tmp_path / "b", 4)
+    resumed = fit(tmp_path / "b", 8, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
