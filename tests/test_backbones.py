@@ -38,18 +38,25 @@ def test_backbone_contract(name, learned):
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
+def _perturbed(net: torch.nn.Module) -> torch.nn.Module:
+    """The output layers start at zero (Ho et al.): perturb every weight so that outputs carry information."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
 @pytest.mark.parametrize("name", ["unet", "mlp"])
 def test_class_conditioning_and_null_label(name):
-    net = _build_tiny(name, num_classes=3).eval()
+    net = _perturbed(_build_tiny(name, num_classes=3).eval())
     x, t = torch.randn(3, *SHAPES[name]), torch.tensor([5, 5, 5])
     a, b = net(x, t, torch.tensor([0, 1, 2])), net(x, t)
     null = net(x, t, torch.full((3,), 3))  # cond=None is the extra "null" label
+    assert b.abs().max() > 1e-3  # a zero output would make the next check vacuous
     torch.testing.assert_close(b, null)
-    # the class embedding is live: a label changes the output once the zero-init layers are perturbed
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    assert not torch.allclose(net(x, t, torch.tensor([0, 1, 2])), net(x, t))
+    # the class embedding is live: a label changes the output
+    assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="one class label per example"):
         net(x, t, torch.tensor([[0], [1], [2]]))
     with pytest.raises(ValueError, match="without num_classes"):
@@ -107,9 +114,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_unet_channels_last_and_bf16_autocast():
-    net = _build_tiny("unet").to(memory_format=torch.channels_last)
+    net = _perturbed(_build_tiny("unet")).eval().to(memory_format=torch.channels_last)  # eval: no dropout
     x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
     ref = net(x, torch.tensor([10, 20]))
+    assert ref.abs().max() > 1e-2  # not the zero output of a fresh U-Net
+    torch.testing.assert_close(ref, net(x.contiguous(), torch.tensor([10, 20])), rtol=1e-5, atol=1e-5)  # layout-free
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(x, torch.tensor([10, 20]))
     out.float().square().mean().backward()
@@ -119,8 +128,9 @@ def test_unet_channels_last_and_bf16_autocast():
 
 @pytest.mark.slow
 def test_unet_compiles_without_graph_breaks():
-    net = _build_tiny("unet")
+    net = _perturbed(_build_tiny("unet")).eval()  # eval: no dropout, so compiled and eager outputs compare
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    assert net(x, t).abs().max() > 1e-2  # not the zero output of a fresh U-Net
     explanation = torch._dynamo.explain(net)(x, t)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     compiled = torch.compile(net)

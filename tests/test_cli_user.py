@@ -205,7 +205,7 @@ def test_digest_covers_every_tensor_and_ignores_non_tensors():
             verify_checkpoint(broken)
 
 
-def test_every_readme_config_runs_on_the_readme_install():
+def test_the_plain_install_has_every_config_dependency_and_the_dev_extra_only_test_tools():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = " ".join(project["dependencies"])
     assert "scikit-learn" in core, "configs/digits.yaml reads sklearn's digits on a plain `pip install -e .`"

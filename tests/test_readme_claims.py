@@ -131,7 +131,7 @@ def test_checkpoints_without_a_digest_load_unchecked(tmp_path):
     key = next(iter(checkpoint["state_dict"]))
     checkpoint["state_dict"][key] = checkpoint["state_dict"][key] + 1.0  # a change the digest would catch
     torch.save(checkpoint, tmp_path / "tampered.ckpt")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="is corrupt: its tensors do not match the digest"):
         DiffusionModule.load_from_checkpoint(tmp_path / "tampered.ckpt")
     del checkpoint[DIGEST_KEY]
     torch.save(checkpoint, tmp_path / "foreign.ckpt")

@@ -142,6 +142,17 @@ def test_load_from_checkpoint_leaves_the_callers_global_rng_alone(tmp_path):
     assert torch.equal(after_load, torch.rand(3)), "loading must not restore the training run's RNG state"
 
 
+def test_a_shared_ddpm_sampler_follows_each_live_models_schedule():
+    sampler = DDPMSampler(num_steps=5)
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    live = [GaussianDiffusion(make_schedule(name, 20), parameterization="v") for name in ("cosine", "sigmoid")]
+    for d in (*live, *live):  # in turn: a cache that ignored which model it was built for would fail here
+        ours = sampler.sample(lambda x, t: torch.zeros_like(x), d, x_T, generator=torch.Generator().manual_seed(1))
+        alone = DDPMSampler(num_steps=5).sample(lambda x, t: torch.zeros_like(x), d, x_T,
+                                                generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(ours, alone, rtol=0, atol=0)
+
+
 def test_a_shared_ddpm_sampler_never_uses_another_models_schedule():
     sampler = DDPMSampler(num_steps=5)
     x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
@@ -162,12 +173,15 @@ def test_a_shared_ddpm_sampler_never_uses_another_models_schedule():
         second = GaussianDiffusion(make_schedule("cosine", 20), parameterization="v")
         if id(second) == old_id:
             break
+    else:
+        pytest.skip("CPython did not reuse the freed id: the id-reuse case was not exercised")
     torch.testing.assert_close(run(second), fresh(second), rtol=0, atol=0)
 
 
 class _CountHostSyncs(Callback):
     """Counts Tensor.item / __bool__ / tolist / cpu / numpy / __int__ / __float__ calls made from library
-    code in training batches 1 .. steps - 1 (the first batch of an epoch checks the label values once)."""
+    code in training batches 1 .. steps - 1, end hooks included (the first batch of an epoch checks the
+    label values once)."""
 
     NAMES = ("item", "__bool__", "tolist", "cpu", "numpy", "__int__", "__float__")
 
@@ -199,10 +213,15 @@ class _CountHostSyncs(Callback):
         return wrapper
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # stays on through the batch's end hooks: Lightning calls the module's on_train_batch_end (where the
+        # non-finite counts may be read back) after the callbacks'
         self.active = 0 < trainer.global_step < self.steps
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.active = False
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.active = False  # once an epoch, reading back the epoch's losses is the point
+
+    def on_train_end(self, trainer, pl_module):
+        self.active = False  # the end-of-fit read-back of the non-finite counts is allowed
 
 
 @pytest.mark.parametrize("timestep_sampler", ["uniform", "loss_second_moment"])
