@@ -137,7 +137,15 @@ def test_every_spacing_recovers_a_point_mass(name, spacing):
             _sample_point_mass(_sampler(name, steps, {}, spacing), d, x0, x_T)
 
 
-@pytest.mark.parametrize(("name", "steps", "options"), CASES, ids=lambda v: str(v))
+# The samplers that draw noise (a deterministic one ignores its generators, which would make the test vacuous).
+STOCHASTIC_CASES = [
+    pytest.param(name, steps, options, id="-".join([name, f"{steps}steps", *(f"{k}={v}" for k, v in options.items())]))
+    for name, variants in {**{n: [o] for n, o in STOCHASTIC.items()}, "ddim": [{"eta": 0.5}, STOCHASTIC["ddim"]]}.items()
+    for options in variants for steps in (T, 5, 7)
+]
+
+
+@pytest.mark.parametrize(("name", "steps", "options"), STOCHASTIC_CASES)
 def test_every_sampler_with_one_generator_per_sample_ignores_the_batching(name, steps, options):
     """Sample i depends on generator i alone: drawn in a batch of 4 or on its own, it is the same."""
     d = GaussianDiffusion(small_schedule("cosine", T), parameterization="v")
