@@ -46,6 +46,14 @@ def test_registering_the_same_definition_again_replaces_it():
 @pytest.mark.parametrize("name", TIMESTEP_SAMPLERS.names())
 def test_every_timestep_sampler_draws_valid_timesteps_with_unbiased_weights(name):
     sampler = TIMESTEP_SAMPLERS.get(name)(10)
+    # A loss-aware sampler is uniform (weights 1) until every t has a full history: warm it up on losses that
+    # grow with t, so that the unbiasedness check below sees a non-uniform p and weights that are not 1.
+    for _ in range(getattr(sampler, "history", 1)):
+        sampler.update(torch.arange(10), 1.0 + torch.arange(10, dtype=torch.float64))
+    p = sampler.probabilities()
+    assert p.sum().item() == pytest.approx(1.0)
+    if name != "uniform":
+        assert p.max() > 5 * p.min()
     t, weights = sampler.sample(20_000, "cpu", generator=torch.Generator().manual_seed(0))
     assert t.shape == weights.shape == (20_000,) and t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) < 10
     assert (weights > 0).all()
