@@ -230,7 +230,10 @@ def test_mlp_fourier_features_option():
     x = torch.randn(5, 2, dtype=torch.float64)
     proj = 2 * torch.pi * x @ f.B.double()
     torch.testing.assert_close(f(x), torch.cat([x, proj.sin(), proj.cos()], dim=1))
-    assert f.B.std().item() == pytest.approx(3.0, rel=0.5)  # 16 draws of N(0, 3^2)
+    # B ~ N(0, 3^2): standard normal draws of its own seeded generator (seed 0 unless given), times the scale
+    torch.testing.assert_close(f.B, 3.0 * torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), rtol=0, atol=0)
+    torch.testing.assert_close(FourierFeatures(2, 8, scale=0.5, seed=7).B,
+                               0.5 * torch.randn(2, 8, generator=torch.Generator().manual_seed(7)), rtol=0, atol=0)
     a, b = MLP(fourier_features=8, fourier_scale=3.0), MLP(fourier_features=8, fourier_scale=3.0)
     torch.testing.assert_close(a.features.B, b.features.B)  # fixed by its seed: the same in every process
     out = a(torch.randn(4, 2), torch.tensor([0, 1, 2, 999]))

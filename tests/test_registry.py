@@ -46,6 +46,14 @@ def test_registering_the_same_definition_again_replaces_it():
 @pytest.mark.parametrize("name", TIMESTEP_SAMPLERS.names())
 def test_every_timestep_sampler_draws_valid_timesteps_with_unbiased_weights(name):
     sampler = TIMESTEP_SAMPLERS.get(name)(10)
+    # A loss-aware sampler is uniform (weights 1) until every t has a full history: warm it up on losses that
+    # grow with t, so that the unbiasedness check below sees a non-uniform p and weights that are not 1.
+    for _ in range(getattr(sampler, "history", 1)):
+        sampler.update(torch.arange(10), 1.0 + torch.arange(10, dtype=torch.float64))
+    p = sampler.probabilities()
+    assert p.sum().item() == pytest.approx(1.0)
+    if name != "uniform":
+        assert p.max() > 5 * p.min()
     t, weights = sampler.sample(20_000, "cpu", generator=torch.Generator().manual_seed(0))
     assert t.shape == weights.shape == (20_000,) and t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) < 10
     assert (weights > 0).all()
@@ -68,6 +76,14 @@ def test_every_variance_lies_between_the_bounds_and_matches_the_posterior_at_its
     torch.testing.assert_close(variance.log(), log_variance)
     low, high = d.schedule.posterior_variance[1:, None], d.schedule.betas[1:, None]
     assert (variance >= low * (1 - 1e-9)).all() and (variance <= high * (1 + 1e-9)).all()
+    # The ends: fixed_small is beta_tilde (the posterior's variance), fixed_large beta; a learned variance
+    # reaches them at v = 0 and v = 1.
+    ends = {"fixed_small": {None: low}, "fixed_large": {None: high}}.get(name, {0.0: low, 1.0: high})
+    for v, expected in ends.items():
+        at_v = None if v is None else torch.full_like(frac, v)
+        end, log_end = VARIANCES.get(name)(d, at_v, t, x)
+        torch.testing.assert_close(end, expected.expand_as(x), rtol=1e-12, atol=0)
+        torch.testing.assert_close(log_end, expected.log().expand_as(x), rtol=1e-12, atol=0)
 
 
 def test_a_registered_variance_and_loss_plug_in_by_name():

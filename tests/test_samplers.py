@@ -7,8 +7,10 @@ import torch
 from lightning_ddpm import DDIMSampler, DDPMSampler, GaussianDiffusion, make_schedule
 from lightning_ddpm.denoiser import Denoiser, Prediction
 from lightning_ddpm.samplers import (
-    INTEGER_SPACINGS, SAMPLERS, SPACINGS, karras_sigmas, make_sampler, sigma_to_t, timestep_schedule,
+    INTEGER_SPACINGS, SAMPLERS, SPACINGS, DPMSolverPP2MSampler, DPMSolverPP2MSDESampler, EulerSampler, HeunSampler,
+    UniPCSampler, karras_sigmas, make_sampler, sigma_to_t, timestep_schedule,
 )
+from lightning_ddpm.samplers.base import MIN_ALPHA_BAR
 from tests.conftest import oracle, small_schedule
 
 T = 20
@@ -23,6 +25,70 @@ CASES = [(name, steps, {}) for name in SAMPLERS.names() for steps in (T, 5, 7)] 
 
 def _sampler(name: str, steps: int, options: dict, spacing: str = "leading"):
     return make_sampler({"name": name, "init_args": {"num_steps": steps, "spacing": spacing, **options}})
+
+
+# The solvers that divide by sigma start from MIN_ALPHA_BAR where the grid has alpha_bar = 0; DDPM and DDIM do not.
+ODE_SOLVERS = (DPMSolverPP2MSampler, UniPCSampler, EulerSampler, HeunSampler)  # and dpmpp_2m_sde, a subclass
+
+
+def _sample_point_mass(sampler, d, x0, x_T, seed=1, atol=1e-9):
+    """Sample data that is the single point x0 with the exact denoiser, checking every step the callback reports.
+
+    The last step of every sampler returns pred_x0 = x0 whatever came before, so the end point alone says
+    nothing of the updates; the intermediate x's do. With eps(x, ab) = (x - sqrt(ab) x0) / sqrt(1 - ab):
+
+    - deterministic samplers (DDIM eta = 0, Euler, Heun, DPM-Solver++ 2M, UniPC) follow the probability-flow
+      ODE of a point mass, eps = eps_T constant, exactly (pred_x0 never changes, so every order is exact):
+      x_i = sqrt(ab_i) x0 + sqrt(1 - ab_i) eps_T;
+    - the stochastic ones draw one z_i ~ N(0, I) from the generator per step but the last; replaying those
+      draws, each step is their update law: DDIM eta > 0 (Song et al. eq. 12), the DDPM posterior mean of the
+      (respaced) process plus its variance's sigma z (Ho et al. eq. 6-7), and for dpmpp_2m_sde
+      eps_{i+1} = e^{-h} eps_i + sqrt(1 - e^{-2h}) z_i (its update with D = x0, in eps).
+    """
+    grid = sampler.grid(d)
+    n, ab = grid.num_steps, grid.alpha_bar.tolist()
+    if isinstance(sampler, ODE_SOLVERS):
+        ab = [a if a > 0 else MIN_ALPHA_BAR for a in ab]
+    xs = []
+
+    def callback(step, num_steps, x, pred_x0):
+        assert (step, num_steps) == (len(xs) + 1, n)
+        xs.append(x.clone())
+
+    out = sampler.sample(oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(seed), callback=callback)
+    assert len(xs) == n
+    torch.testing.assert_close(xs[-1], out, rtol=0, atol=0)
+    torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=atol)
+    x0 = x0.expand_as(x_T)
+    replay = torch.Generator().manual_seed(seed)
+    eps = lambda x, a: (x - a**0.5 * x0) / (1 - a) ** 0.5  # noqa: E731
+    eps_T, prev = eps(x_T, ab[0]), x_T
+    for i, x in enumerate(xs):
+        a_t, a_s = ab[i], ab[i + 1]
+        if i == n - 1:
+            expected = x0  # alpha_bar = 1: no noise, the data
+        elif isinstance(sampler, DPMSolverPP2MSDESampler):
+            decay = (a_t * (1 - a_s) / ((1 - a_t) * a_s)) ** 0.5  # e^{-h}, h = lambda_s - lambda_t
+            z = torch.randn(x.shape, generator=replay, dtype=x.dtype)
+            expected = a_s**0.5 * x0 + (1 - a_s) ** 0.5 * (decay * eps(prev, a_t) + (1 - decay**2) ** 0.5 * z)
+        elif isinstance(sampler, ODE_SOLVERS) or (isinstance(sampler, DDIMSampler) and sampler.eta == 0):
+            expected = a_s**0.5 * x0 + (1 - a_s) ** 0.5 * eps_T
+        elif isinstance(sampler, DDIMSampler):
+            sigma = sampler.eta * ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) ** 0.5
+            z = torch.randn(x.shape, generator=replay, dtype=x.dtype)
+            expected = a_s**0.5 * x0 + (1 - a_s - sigma**2) ** 0.5 * eps(prev, a_t) + sigma * z
+        elif isinstance(sampler, DDPMSampler):
+            beta = 1 - a_t / a_s  # of the (respaced) step t -> s
+            beta_tilde = beta * (1 - a_s) / (1 - a_t)
+            # learned_range: the oracle's variance channels are 0, i.e. v = 1/2, half-way in log
+            variance = {"fixed_small": beta_tilde, "fixed_large": beta, "learned_range": (beta * beta_tilde) ** 0.5}
+            mean = a_s**0.5 * beta / (1 - a_t) * x0 + (1 - beta) ** 0.5 * (1 - a_s) / (1 - a_t) * prev
+            z = torch.randn(x.shape, generator=replay, dtype=x.dtype)
+            expected = mean + variance[d.variance] ** 0.5 * z
+        else:
+            pytest.fail(f"no exact point-mass trajectory known for {sampler!r}: add its update law here")
+        torch.testing.assert_close(x, expected, rtol=0, atol=atol, msg=lambda m: f"step {i + 1} of {n}: {m}")
+        prev = x
 
 
 def test_timestep_schedules():
@@ -46,18 +112,18 @@ def test_timestep_schedules():
 
 @pytest.mark.parametrize(("name", "steps", "options"), CASES, ids=lambda v: str(v))
 def test_every_sampler_recovers_a_point_mass(schedule_name, parameterization, variance, name, steps, options):
-    """With the exact denoiser for single-point data, every sampler must land on that point."""
+    """With the exact denoiser for single-point data, every sampler follows that point's exact trajectory
+    (its update law, step by step: see _sample_point_mass) and lands on the point."""
     d = GaussianDiffusion(small_schedule(schedule_name, T), parameterization=parameterization, variance=variance)
     x0 = torch.tensor([[0.3, -0.8, 0.5]], dtype=torch.float64)
     x_T = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = _sampler(name, steps, options).sample(oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)
+    _sample_point_mass(_sampler(name, steps, options), d, x0, x_T)
 
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_every_spacing_recovers_a_point_mass(name, spacing):
-    """Every spacing a sampler allows lands on the point; the others are refused with the allowed list."""
+    """Every spacing a sampler allows follows the point's exact trajectory onto it; the others are refused with the allowed list."""
     if spacing not in SAMPLERS.get(name).spacings:
         allowed = ", ".join(SAMPLERS.get(name).spacings)
         with pytest.raises(ValueError, match=f"unknown spacing '{spacing}'; choose one of: {allowed}$"):
@@ -68,11 +134,18 @@ def test_every_spacing_recovers_a_point_mass(name, spacing):
         x0 = torch.tensor([[0.3, -0.8, 0.5]], dtype=torch.float64)
         x_T = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         for steps in (T, 5, 7):
-            out = _sampler(name, steps, {}, spacing).sample(oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(1))
-            torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)
+            _sample_point_mass(_sampler(name, steps, {}, spacing), d, x0, x_T)
 
 
-@pytest.mark.parametrize(("name", "steps", "options"), CASES, ids=lambda v: str(v))
+# The samplers that draw noise (a deterministic one ignores its generators, which would make the test vacuous).
+STOCHASTIC_CASES = [
+    pytest.param(name, steps, options, id="-".join([name, f"{steps}steps", *(f"{k}={v}" for k, v in options.items())]))
+    for name, variants in {**{n: [o] for n, o in STOCHASTIC.items()}, "ddim": [{"eta": 0.5}, STOCHASTIC["ddim"]]}.items()
+    for options in variants for steps in (T, 5, 7)
+]
+
+
+@pytest.mark.parametrize(("name", "steps", "options"), STOCHASTIC_CASES)
 def test_every_sampler_with_one_generator_per_sample_ignores_the_batching(name, steps, options):
     """Sample i depends on generator i alone: drawn in a batch of 4 or on its own, it is the same."""
     d = GaussianDiffusion(small_schedule("cosine", T), parameterization="v")
@@ -211,9 +284,8 @@ def test_zero_terminal_snr_schedules_sample_finite_values(name):
                           parameterization="v")
     x0 = torch.tensor([[0.3, -0.8]], dtype=torch.float64)
     x_T = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    out = make_sampler({"name": name, "init_args": {"num_steps": 6, "spacing": "trailing"}}).sample(
-        oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)
+    # alpha_bar_0 = 0: DDIM's eps_T is x_T itself, the solvers' starts from MIN_ALPHA_BAR (x_T at sigma 4096)
+    _sample_point_mass(make_sampler({"name": name, "init_args": {"num_steps": 6, "spacing": "trailing"}}), d, x0, x_T)
 
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
@@ -282,9 +354,8 @@ def test_sigma_max_caps_karras_and_lets_zero_terminal_snr_use_it():
     ztsnr = GaussianDiffusion(make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True),
                               parameterization="v")
     x0 = torch.tensor([[0.3, -0.8]], dtype=torch.float64)
-    out = make_sampler({"name": "unipc", "init_args": {"num_steps": 5, "spacing": "karras", "sigma_max": 50.0}}).sample(
-        oracle(ztsnr, x0), ztsnr, torch.randn(4, 2, dtype=torch.float64))
-    torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=1e-8)
+    _sample_point_mass(make_sampler({"name": "unipc", "init_args": {"num_steps": 5, "spacing": "karras", "sigma_max": 50.0}}),
+                       ztsnr, x0, torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
 
 
 def test_heun_warns_when_its_first_step_spans_decades_of_sigma():
