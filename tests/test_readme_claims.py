@@ -25,12 +25,21 @@ def _default(callable_, name):
 
 
 def test_the_sampler_table_defaults():
-    """README "Samplers" table: default steps, spacing and options of every registered sampler."""
-    table = {"ddpm": (None, "leading"), "ddim": (50, "leading"), "euler": (20, "trailing"), "heun": (20, "trailing"),
-             "dpmpp_2m": (20, "trailing"), "dpmpp_2m_sde": (20, "trailing"), "unipc": (20, "trailing")}
-    for name, (steps, spacing) in table.items():
+    """README "Samplers" table: default steps and spacing of every registered sampler, read from the table."""
+    import re
+    from pathlib import Path
+
+    from lightning_ddpm.samplers import SAMPLERS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `\w+[^|]*` \|(.*)$", readme, flags=re.M))
+    assert set(rows) == set(SAMPLERS.names()), "one table row per registered sampler"
+    for name, row in rows.items():
+        steps = re.search(r"default (?:N = )?(\d+|all T)", row)[1]
+        expected_steps = None if steps == "all T" else int(steps)
+        expected_spacing = re.search(r"\((\w+)\) \|\s*$", row)[1]
         sampler = make_sampler(name)
-        assert (sampler.num_steps, sampler.spacing) == (steps, spacing), name
+        assert (sampler.num_steps, sampler.spacing) == (expected_steps, expected_spacing), name
     assert make_sampler("ddim").eta == 0.0
     unipc = make_sampler("unipc")
     assert (unipc.order, unipc.corrector) == (2, True)
