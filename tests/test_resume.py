@@ -126,3 +126,29 @@ def test_resume_from_a_checkpoint_written_on_the_last_batch_of_an_epoch(tmp_path
     b = torch.load(tmp_path / "resumed" / "epoch=1-step=8.ckpt", weights_only=True)  # epoch 1, not 2
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
+
+
+def test_an_unseeded_run_resumes_exactly_too(tmp_path):
+    """Nothing seeds the process (seed_everything off): a restarted process has another torch seed, but resuming
+    restores the global RNG (dropout), and with it torch.initial_seed(), which keys the training steps' draws."""
+    from lightning_ddpm.cli import run_cli
+
+    def fit(root: Path, max_steps: int, process_seed: int, *extra: str):
+        torch.manual_seed(process_seed)  # what a fresh, unseeded process would have: some random seed
+        callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(root), "every_n_train_steps": 4, "save_top_k": -1}}]
+        run_cli(["fit", "--config", str(ROOT / "configs/toy2d.yaml"), "--seed_everything=false",
+                 "--model.backbone", json.dumps({"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1,
+                                                                              "dropout": 0.1}}),
+                 "--data.init_args.num_train=256", "--data.init_args.batch_size=64",  # 4 batches an epoch
+                 "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
+                 "--trainer.deterministic=true", f"--trainer.default_root_dir={root}", f"--trainer.max_steps={max_steps}",
+                 "--trainer.callbacks", json.dumps(callbacks), *extra])
+
+    fit(tmp_path / "straight", 8, process_seed=1234)
+    fit(tmp_path / "resumed", 4, process_seed=1234)
+    fit(tmp_path / "resumed", 8, 98765, "--ckpt_path", str(tmp_path / "resumed" / "epoch=0-step=4.ckpt"))
+    a = torch.load(tmp_path / "straight" / "epoch=1-step=8.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "epoch=1-step=8.ckpt", weights_only=True)
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
