@@ -11,24 +11,30 @@ import torch
 class DumpWeights(pl.Callback):
     """At the end of fit, every rank saves its backbone weights to ``<dirpath>/rank<r>.pt``."""
 
+    prefix = ""
+
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _dump(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        torch.save(pl_module.backbone.state_dict(), Path(self.dirpath) / f"rank{trainer.global_rank}.pt")
+        torch.save(pl_module.backbone.state_dict(), Path(self.dirpath) / f"{self.prefix}rank{trainer.global_rank}.pt")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dump(trainer, pl_module)
 
 
-class DumpStartWeights(pl.Callback):
+class DumpStartWeights(DumpWeights):
     """At the start of training (after DDP's broadcast), every rank saves its backbone weights to
     ``<dirpath>/start_rank<r>.pt``: what "training changed the weights" must be compared with."""
 
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = dirpath
+    prefix = "start_"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        torch.save(pl_module.backbone.state_dict(), Path(self.dirpath) / f"start_rank{trainer.global_rank}.pt")
+        self._dump(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass  # the start weights only
 
 
 class DumpFirstTrainingDraws(pl.Callback):
