@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import BackboneSpec, build_backbone, check_backbone
+from .backbones.sharding import shard_backbone
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
 from .data.batches import check_labels, unpack_batch
@@ -198,6 +199,23 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         if self.hparams.get("init_from") and not self._init_loaded:
             self.load_diffusers_weights(self.hparams.init_from)
             self._init_loaded = True
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2), shard the backbone over the data-parallel ranks.
+
+        Lightning calls this hook under every strategy; only ModelParallelStrategy sets a device mesh.
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"ModelParallelStrategy: tensor_parallel_size is {mesh['tensor_parallel'].size()}; lightning-ddpm "
+                "shards the backbone with FSDP2 only (tensor_parallel_size=1, data_parallel_size=<number of "
+                "devices>). Its default 'auto' makes every device of a node tensor-parallel: set both sizes."
+            )
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        shard_backbone(self.backbone, dp_mesh)
 
     # -- batches and the denoiser --------------------------------------------------------------
 
@@ -421,7 +439,8 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             checkpoint[DIGEST_KEY] = checkpoint_digest(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        verify_checkpoint(checkpoint)
+        if "state_dict" in checkpoint:  # ModelParallelStrategy loads the weights itself and removes them first
+            verify_checkpoint(checkpoint)
         saved = checkpoint.get("hyper_parameters") or {}
         different = [
             f"{key}: checkpoint {saved[key]!r} vs this model {self.hparams[key]!r}"

@@ -4,7 +4,8 @@ GradScaler's way: a ``found_inf`` flag computed on the device (by the same fused
 uses, ``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1) and handed to an optimizer
 that can skip on the device (torch's fused Adam, AdamW and SGD read ``optimizer.found_inf``; the
 module makes Adam and AdamW fused by default). The flag comes from the gradients, which DDP has
-already averaged, so every rank skips together. Each step's flag and timestep range go into a
+already averaged, so every rank skips together (under FSDP2 each rank checks its own shard of the
+gradients and the flags are all-reduced, a launch rather than a synchronisation). Each step's flag and timestep range go into a
 buffer on the device; the module calls :meth:`NonFiniteGuard.check`, which reads the buffer back,
 every ``log_every_n_steps`` steps and at the end of fit: a warning reports the skipped steps and
 a streak of ``max_in_a_row`` stops training.
@@ -66,10 +67,15 @@ class NonFiniteGuard:
         flag = self._flags[i]  # zero until now; a view, written in place
         # GradScaler checks the gradients itself (16-mixed): then the guard counts non-finite losses
         grads = [] if self.scaler else [p.grad for p in parameters if p.grad is not None]
+        group = _shard_group(grads)
+        if group is not None:  # FSDP2: each rank holds a shard of every gradient and checks its own
+            grads = [g.to_local() for g in grads]
         for same_dtype in _by_dtype(grads):  # sets the flag to 1 if any value is NaN/inf (and scales by 1)
             torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, flag, self._one)
         if not grads:
             flag.copy_(~torch.isfinite(self._loss))
+        if group is not None:  # a NaN in one rank's shard skips the step on every rank (a launch, no sync)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
         if not self.scaler:
             optimizer.found_inf = flag
         torch.aminmax(self._t, out=(self._t_ranges[i, 0], self._t_ranges[i, 1]))
@@ -113,6 +119,15 @@ class NonFiniteGuard:
         if skipped:
             warnings.warn(f"non-finite loss {where}: step skipped ({skipped} skipped since the last check, "
                           f"{self.in_a_row}/{self.max_in_a_row} in a row)", stacklevel=3)
+
+
+def _shard_group(grads: list[Tensor]) -> Any:
+    """The process group over which the gradients are sharded (FSDP2's DTensors), or None."""
+    from torch.distributed.tensor import DTensor
+
+    if not grads or not isinstance(grads[0], DTensor):
+        return None
+    return grads[0].device_mesh.get_group()
 
 
 def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:

@@ -172,3 +172,65 @@ class NaNOutputOnRank(pl.Callback):
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         torch.save(pl_module.backbone.state_dict(), Path(self.dirpath) / f"rank{trainer.global_rank}.pt")
         (Path(self.dirpath) / f"rank{trainer.global_rank}.txt").write_text(str(exception))
+
+
+class DumpShards(pl.Callback):
+    """At the start of training every rank writes how much of the backbone (and of the EMA average) it
+    holds, and how many FSDP units it has, to ``<dirpath>/shards_rank<r>.json``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        from lightning_ddpm.callbacks import EMA
+
+        def local(params) -> int:
+            return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+
+        ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+        record = {"local": local(pl_module.backbone.parameters()),
+                  "total": sum(p.numel() for p in pl_module.backbone.parameters()),
+                  "ema_local": local(ema._average_model.module.backbone.parameters()),
+                  "sharded_units": sum(isinstance(m, FSDPModule) for m in pl_module.backbone.modules())}
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        (Path(self.dirpath) / f"shards_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class PoisonShardGrad(pl.Callback):
+    """At training step ``step``, rank ``rank`` makes one element of its own shard of the first parameter's
+    gradient NaN (FSDP2: the other rank never sees it). Every rank writes to ``<dirpath>/poison_rank<r>.json``
+    whether its shard of the weights is unchanged by that step and by the step after it."""
+
+    def __init__(self, rank: int, step: int, dirpath: str) -> None:
+        self.rank, self.step, self.dirpath = rank, step, dirpath
+        self.before: list[torch.Tensor] = []
+        self.unchanged: dict[int, bool] = {}
+
+    @staticmethod
+    def _local(pl_module: pl.LightningModule) -> list[torch.Tensor]:
+        return [p.to_local().detach().clone() for p in pl_module.backbone.parameters()]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        self.before = self._local(pl_module)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            grad = next(pl_module.backbone.parameters()).grad.to_local()
+            grad.view(-1)[0] = float("nan")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step - 1  # the step just taken
+        if step in (self.step, self.step + 1):
+            self.unchanged[step] = all(torch.equal(a, b) for a, b in zip(self.before, self._local(pl_module)))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        record = {str(k): v for k, v in self.unchanged.items()}
+        (Path(self.dirpath) / f"poison_rank{trainer.global_rank}.json").write_text(json.dumps(record))

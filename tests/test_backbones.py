@@ -239,3 +239,20 @@ def test_mlp_fourier_features_option():
     out = a(torch.randn(4, 2), torch.tensor([0, 1, 2, 999]))
     assert out.shape == (4, 2) and "features.B" in a.state_dict()
     assert MLP().features is None  # off by default: x enters the MLP as it is
+
+
+def test_fsdp_units_are_the_blocks_and_hold_most_parameters():
+    """ModelParallelStrategy shards each ResBlock / attention block (U-Net) and residual block (MLP)
+    as a unit of its own, the backbone taking the rest; tests/test_sharded.py runs it on 2 processes."""
+    from lightning_ddpm.backbones.sharding import shard_units
+    from lightning_ddpm.backbones.unet import AttentionBlock, ResBlock
+
+    unet = UNet(in_channels=3, image_size=32, ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
+    units = shard_units(unet)
+    blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+    assert units == blocks and len(blocks) == 8 + 2 + 12 + 3 + 3  # res down, attn down, res up, attn up, mid
+    in_units = sum(p.numel() for u in units for p in u.parameters())
+    assert in_units / sum(p.numel() for p in unet.parameters()) > 0.9  # gathered one block at a time
+    mlp = MLP(hidden_dim=16, num_blocks=3)
+    assert len(shard_units(mlp)) == 3
+    assert shard_units(nn.Linear(2, 2)) == []  # a backbone without shard_units is one unit

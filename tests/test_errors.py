@@ -83,6 +83,43 @@ def _final_fid_without_validation(tmp_path: Path):
         _module(), torch.utils.data.DataLoader([torch.randn(4, 2)] * 4, batch_size=None))
 
 
+class _FakeMesh:
+    """What ModelParallelStrategy gives the module: a device mesh with named dimensions."""
+
+    mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+    def __init__(self, **sizes: int) -> None:
+        self.sizes = sizes
+
+    def __getitem__(self, name: str):
+        return type("SubMesh", (), {"size": lambda _: self.sizes[name]})()
+
+
+def _sharded_module(**sizes: int) -> DiffusionModule:
+    module = _module()
+    module._device_mesh = _FakeMesh(**sizes)
+    return module
+
+
+def _ema_under_model_parallel(distributed_checkpoint: bool, device: str | None):
+    from types import SimpleNamespace
+
+    from lightning_ddpm.callbacks import EMA
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(_save_distributed_checkpoint=distributed_checkpoint))
+    EMA(device=device).setup(trainer, _sharded_module(data_parallel=2, tensor_parallel=1), "fit")
+
+
+def _ema_under_fsdp1():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_ddpm.callbacks import EMA
+
+    EMA().setup(SimpleNamespace(strategy=FSDPStrategy()), _module(), "fit")
+
+
 def _diffusers_unet(**config):
     import diffusers
 
@@ -192,6 +229,10 @@ CASES = {
     "init-from-differs": _init_from_differs,
     "to-diffusers-backbone": lambda tmp: _module().to_diffusers(tmp / "out"),
     "fid-final-without-validation": lambda tmp: _final_fid_without_validation(tmp),
+    "fsdp-tensor-parallel": lambda tmp: _sharded_module(data_parallel=1, tensor_parallel=2).configure_model(),
+    "ema-distributed-checkpoint": lambda tmp: _ema_under_model_parallel(True, None),
+    "ema-device-sharded": lambda tmp: _ema_under_model_parallel(False, "cpu"),
+    "ema-fsdp1": lambda tmp: _ema_under_fsdp1(),
 }
 
 

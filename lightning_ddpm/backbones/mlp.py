@@ -58,6 +58,9 @@ class MLP(nn.Module):
             about [-1, 1]; larger scales resolve finer detail and fit noisier).
     """
 
+    # FSDP units under ModelParallelStrategy (backbones/sharding.py)
+    shard_units = (_ResidualBlock,)
+
     def __init__(
         self,
         in_channels: int = 2,

@@ -141,6 +141,9 @@ class UNet(nn.Module):
     The CIFAR-10 configuration ``UNet()`` (all defaults) has exactly 35,746,307 parameters.
     """
 
+    # FSDP units under ModelParallelStrategy (backbones/sharding.py)
+    shard_units = (ResBlock, AttentionBlock)
+
     def __init__(
         self,
         in_channels: int = 3,

@@ -15,6 +15,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from torch.optim.swa_utils import AveragedModel
+
+from ..backbones.sharding import is_sharded, reshard, shard_backbone
 
 
 class EMA(WeightAveraging):
@@ -28,7 +31,9 @@ class EMA(WeightAveraging):
         device: keep the average on this device (e.g. ``"cpu"`` to save GPU memory).
 
     Under DDP every rank holds identical parameters after each optimizer step, so every rank's
-    average is identical too without any communication.
+    average is identical too without any communication. Under ModelParallelStrategy (FSDP2) the
+    average is sharded like the backbone (each rank averages its own shard) and gathered into full
+    tensors only when a checkpoint is written (``save_distributed_checkpoint=False``).
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class EMA(WeightAveraging):
 
     def _pairs(self, pl_module: pl.LightningModule) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         assert self._average_model is not None
+        reshard(pl_module)  # FSDP2: this rank's shards, even after a sampling forward
         # Parameters only: buffers (the float64 schedule constants) are never averaged or swapped.
         return zip(self._average_model.module.parameters(), pl_module.parameters())
 
@@ -83,9 +89,39 @@ class EMA(WeightAveraging):
             current.data.copy_(average.data)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self._raw_at_end = None
+        # WeightAveraging.setup, less its call of configure_model (which would shard the module before the
+        # copy; FSDP modules refuse deepcopy): the copy is sharded like the module in on_fit_start instead.
+        if stage != "fit":
+            return
+        self._raw_at_end = None
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "EMA is not supported under FSDPStrategy ('fsdp', FSDP1: its flattened shards do not match the "
+                "averaged copy); use lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), see the README"
+            )
+        if pl_module.device_mesh is not None:  # ModelParallelStrategy: the average is sharded like the backbone
+            if getattr(trainer.strategy, "_save_distributed_checkpoint", False):
+                raise ValueError(
+                    "EMA under ModelParallelStrategy needs save_distributed_checkpoint=False (one full checkpoint "
+                    "file, into which the sharded average is gathered); the distributed format is not supported"
+                )
+            if self._device is not None:
+                raise ValueError(
+                    f"EMA(device={str(self._device)!r}) is not supported under ModelParallelStrategy: the average is "
+                    "sharded like the backbone, on the same devices; leave device unset"
+                )
+        self._average_model = AveragedModel(
+            model=pl_module, device=self._device or pl_module.device, use_buffers=self._use_buffers, **self._kwargs
+        )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelParallelStrategy has sharded the module's backbone (configure_model): shard the copy the same way,
+        # so that each rank keeps and updates only its own shard of the average.
+        average = self._average_model.module if self._average_model is not None else None
+        if average is not None and is_sharded(pl_module.backbone) and not is_sharded(average.backbone):
+            shard_backbone(average.backbone, pl_module.backbone.parameters().__next__().device_mesh)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning copies the average over the raw weights here, and ModelCheckpoint(save_last=True) may write
@@ -98,16 +134,32 @@ class EMA(WeightAveraging):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if self._average_model is not None and self._raw_at_end is not None and "current_model_state" in checkpoint:
+        if self._average_model is None:
+            return
+        if self._raw_at_end is not None and "current_model_state" in checkpoint:
             # after fit the module holds the EMA weights: put back the raw ones kept in on_train_end
-            raw = dict(zip((name for name, _ in pl_module.named_parameters()), self._raw_at_end))
+            # (gathered on every rank first: a sharded tensor's gather is a collective)
+            raw = {name: _full(p) for (name, _), p in zip(pl_module.named_parameters(), self._raw_at_end)}
             checkpoint["current_model_state"] = {k: raw.get(k, v) for k, v in checkpoint["current_model_state"].items()}
+        # Under FSDP2 the average is sharded: gather it into the full tensors a checkpoint file holds.
+        checkpoint["state_dict"] = {k: _full(v) for k, v in checkpoint["state_dict"].items()}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Outside fit (predict, validate) there is no average to restore: the checkpoint's state_dict already
         # holds the EMA weights, which is what those stages should use. Lightning would warn every time.
-        if self._average_model is not None:
+        if self._average_model is None:
+            return
+        if "state_dict" in checkpoint or not is_sharded(pl_module.backbone):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+            return
+        # ModelParallelStrategy has loaded the checkpoint's state_dict (the average) into the sharded module
+        # and removed it from the dictionary: take the average from there, then the raw weights.
+        with torch.no_grad():
+            for average, current in self._pairs(pl_module):
+                average.copy_(current)
+            if "averaging_state" in checkpoint:
+                self._average_model.n_averaged.copy_(checkpoint["averaging_state"]["n_averaged"])
+            _load_full_state(pl_module, checkpoint["current_model_state"])
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "num_updates": self.num_updates}
@@ -115,6 +167,27 @@ class EMA(WeightAveraging):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.num_updates = state_dict.get("num_updates", 0)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (DTensor) gathered into a full CPU tensor (a collective); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def _load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full tensors into ``module``, each sharded parameter taking its own rank's chunk (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, target in module.state_dict(keep_vars=True).items():
+        if name not in state:
+            continue
+        value = state[name].to(device=target.device, dtype=target.dtype)
+        if isinstance(target, DTensor):
+            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+        target.copy_(value)
 
 
 @contextmanager
