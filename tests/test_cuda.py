@@ -183,3 +183,25 @@ def test_the_progress_bar_refresh_reads_nothing_back_from_the_gpu(tmp_path):
                       log_every_n_steps=5, callbacks=[bar], default_root_dir=tmp_path)
     trainer.fit(module, loader)
     assert trainer.global_step == 12 and "train/loss_step" in trainer.progress_bar_metrics
+
+
+def test_fsdp2_fits_on_one_gpu(tmp_path, accelerator="cuda", precision="bf16-mixed"):
+    """ModelParallelStrategy (FSDP2) on one device: the NCCL path of tests/test_sharded.py's CPU runs."""
+    callbacks = json.dumps([
+        {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}])
+    cli = run_cli(["fit", "--config", str(ROOT / "configs/toy2d.yaml"), "--model.backbone", json.dumps(TINY["mlp"]),
+                   "--data.init_args.num_train=4096", f"--trainer.accelerator={accelerator}", "--trainer.devices=1",
+                   f"--trainer.precision={precision}", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+                   "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+                   "--trainer.strategy.data_parallel_size=1", "--trainer.strategy.tensor_parallel_size=1",
+                   "--trainer.strategy.save_distributed_checkpoint=false", "--trainer.logger=false",
+                   "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+                   f"--trainer.callbacks={callbacks}"])
+    assert cli.trainer.global_step == 4
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    for key in ("state_dict", "current_model_state"):
+        assert all(type(v) is torch.Tensor and torch.isfinite(v).all() for v in checkpoint[key].values()), key
+    assert not torch.equal(checkpoint["state_dict"]["backbone.inp.weight"],
+                           checkpoint["current_model_state"]["backbone.inp.weight"])
