@@ -113,9 +113,9 @@ def test_fsdp2_sample_pictures_are_drawn_by_every_rank(runs):
     rank0, rank1 = (torch.load(dump / f"samples_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["eval_calls"] == rank1["eval_calls"] == 4, "both ranks ran the 4 sampling steps"
     assert (runs["fsdp"] / "pictures" / "step_0000006.png").exists()
-    # one process from the final EMA weights (the checkpoint's state_dict), the same per-sample seeds
-    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=50, schedule="cosine", parameterization="v")
-    module.load_state_dict(_load(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt")["state_dict"])
+    # one process from the final EMA weights (the checkpoint's state_dict), the same per-sample seeds;
+    # (load_from_checkpoint also checks the digest, which rank 0 wrote over the gathered tensors)
+    module = DiffusionModule.load_from_checkpoint(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt")
     alone = module.sample(10, sampler=DDIMSampler(num_steps=4), generator=[torch.Generator().manual_seed(3 + i)
                                                                             for i in range(10)])
     torch.testing.assert_close(rank0["samples"], alone, rtol=1e-5, atol=1e-5)
