@@ -111,7 +111,7 @@ class RecordWeights(pl.Callback):
 
     @staticmethod
     def _params(pl_module: pl.LightningModule) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in pl_module.backbone.parameters()]
+        return [p.detach().clone() for p in getattr(pl_module, "backbone", pl_module).parameters()]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.at_train_batch_start.append(self._params(pl_module))

@@ -77,6 +77,29 @@ def test_ema_matches_a_hand_computed_average(tmp_path, warmup):
     assert ema.num_updates == 6
 
 
+def test_ema_serves_a_lightning_module_without_a_backbone(tmp_path):
+    """EMA is a general Lightning callback: a module of another kind (no ``backbone``) averages too."""
+    import lightning.pytorch as pl
+
+    class Regression(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return (self.net(batch) ** 2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    record, ema, module = RecordWeights(), EMA(decay=0.9), Regression()
+    loader = DataLoader(torch.randn(24, 2), batch_size=4)
+    _trainer(tmp_path, [record, ema], max_steps=6, limit_val_batches=0).fit(module, loader)
+    for got, want in zip(module.parameters(), _expected_ema(record.after_step, 0.9, True)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_ema_weights_in_validation_then_restored(tmp_path):
     torch.manual_seed(0)
     record, ema = RecordWeights(), EMA(decay=0.9)

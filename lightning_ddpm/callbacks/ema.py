@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.optim.swa_utils import AveragedModel
 
 from ..backbones.sharding import is_sharded, reshard, shard_backbone
@@ -94,8 +95,6 @@ class EMA(WeightAveraging):
         if stage != "fit":
             return
         self._raw_at_end = None
-        from lightning.pytorch.strategies import FSDPStrategy
-
         if isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(
                 "EMA is not supported under FSDPStrategy ('fsdp', FSDP1: its flattened shards do not match the "
@@ -119,9 +118,10 @@ class EMA(WeightAveraging):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # ModelParallelStrategy has sharded the module's backbone (configure_model): shard the copy the same way,
         # so that each rank keeps and updates only its own shard of the average.
+        backbone = getattr(pl_module, "backbone", None)  # EMA also serves LightningModules of other kinds
         average = self._average_model.module if self._average_model is not None else None
-        if average is not None and is_sharded(pl_module.backbone) and not is_sharded(average.backbone):
-            shard_backbone(average.backbone, pl_module.backbone.parameters().__next__().device_mesh)
+        if average is not None and backbone is not None and is_sharded(backbone) and not is_sharded(average.backbone):
+            shard_backbone(average.backbone, next(backbone.parameters()).device_mesh)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning copies the average over the raw weights here, and ModelCheckpoint(save_last=True) may write
@@ -149,7 +149,7 @@ class EMA(WeightAveraging):
         # holds the EMA weights, which is what those stages should use. Lightning would warn every time.
         if self._average_model is None:
             return
-        if "state_dict" in checkpoint or not is_sharded(pl_module.backbone):
+        if "state_dict" in checkpoint or not is_sharded(getattr(pl_module, "backbone", pl_module)):
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
             return
         # ModelParallelStrategy has loaded the checkpoint's state_dict (the average) into the sharded module
