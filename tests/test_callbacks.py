@@ -78,13 +78,14 @@ def test_ema_matches_a_hand_computed_average(tmp_path, warmup):
 
 
 def test_ema_serves_a_lightning_module_without_a_backbone(tmp_path):
-    """EMA is a general Lightning callback: a module of another kind (no ``backbone``) averages too."""
+    """EMA is a general Lightning callback: a module of another kind (no ``backbone``, its layers built in
+    ``configure_model`` as Lightning recommends for large models) averages too."""
     import lightning.pytorch as pl
 
     class Regression(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = torch.nn.Linear(2, 1)
+        def configure_model(self) -> None:
+            if not hasattr(self, "net"):  # idempotent: Lightning may call it more than once
+                self.net = torch.nn.Linear(2, 1)
 
         def training_step(self, batch, batch_idx):
             return (self.net(batch) ** 2).mean()

@@ -101,13 +101,24 @@ def _sharded_module(**sizes: int) -> DiffusionModule:
     return module
 
 
-def _ema_under_model_parallel(distributed_checkpoint: bool, device: str | None):
+def _ema_under_model_parallel(distributed_checkpoint: bool, device: str | None, module=None):
     from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lightning_ddpm.callbacks import EMA
 
-    trainer = SimpleNamespace(strategy=SimpleNamespace(_save_distributed_checkpoint=distributed_checkpoint))
-    EMA(device=device).setup(trainer, _sharded_module(data_parallel=2, tensor_parallel=1), "fit")
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(save_distributed_checkpoint=distributed_checkpoint))
+    EMA(device=device).setup(trainer, module or _sharded_module(data_parallel=2, tensor_parallel=1), "fit")
+
+
+def _ema_sharded_without_backbone():
+    import lightning.pytorch as pl
+
+    module = pl.LightningModule()
+    module.net = torch.nn.Linear(2, 2)
+    module._device_mesh = _FakeMesh(data_parallel=2, tensor_parallel=1)
+    _ema_under_model_parallel(False, None, module)
 
 
 def _ema_under_fsdp1():
@@ -233,6 +244,7 @@ CASES = {
     "ema-distributed-checkpoint": lambda tmp: _ema_under_model_parallel(True, None),
     "ema-device-sharded": lambda tmp: _ema_under_model_parallel(False, "cpu"),
     "ema-fsdp1": lambda tmp: _ema_under_fsdp1(),
+    "ema-sharded-without-backbone": lambda tmp: _ema_sharded_without_backbone(),
 }
 
 

@@ -29,7 +29,7 @@ def _fit(tmp: Path, strategy: list[str], max_steps: int, ckpt_path: Path | None 
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"dirpath": str(tmp / "ckpt"), "every_n_train_steps": 3, "save_top_k": -1}},
         {"class_path": "lightning_ddpm.callbacks.SampleLogger",
-         "init_args": {"every_n_steps": None, "every_n_epochs": None, "num_samples": 10, "seed": 3,
+         "init_args": {"every_n_steps": 3, "every_n_epochs": None, "num_samples": 10, "seed": 3,
                        "output_dir": str(tmp / "pictures"),
                        "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 4}}}},
         {"class_path": "tests.helpers.DumpSamples", "init_args": {"dirpath": str(tmp / "dump")}},
@@ -37,7 +37,8 @@ def _fit(tmp: Path, strategy: list[str], max_steps: int, ckpt_path: Path | None 
     ]
     cmd = [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/toy2d.yaml"),
            "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50", "--trainer.accelerator=cpu",
-           "--trainer.devices=2", *strategy, f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=0",
+           "--trainer.devices=2", *strategy, f"--trainer.max_steps={max_steps}",
+           "--trainer.limit_val_batches=1", "--trainer.val_check_interval=3",
            "--trainer.logger=false", f"--trainer.default_root_dir={tmp}", "--data.init_args.num_train=2048",
            "--trainer.callbacks", json.dumps(callbacks)]
     if ckpt_path is not None:
@@ -60,7 +61,9 @@ def _assert_same(a: dict, b: dict, exact: bool) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An FSDP2 run of 6 steps, the same run under DDP, and an FSDP2 run resumed at step 3."""
+    """An FSDP2 run of 6 steps, the same run under DDP, and an FSDP2 run resumed at step 3. Pictures and a
+    validation batch at steps 3 and 6 swap the EMA weights in and out mid-training: a swap that left the
+    wrong weights behind would make the runs part ways."""
     tmp = {name: tmp_path_factory.mktemp(name) for name in ("fsdp", "ddp", "resumed")}
     _fit(tmp["fsdp"], FSDP2, 6)
     _fit(tmp["ddp"], ["--trainer.strategy=ddp"], 6)
@@ -111,7 +114,8 @@ def test_fsdp2_resume_continues_bit_for_bit(runs):
 def test_fsdp2_sample_pictures_are_drawn_by_every_rank(runs):
     dump = runs["fsdp"] / "dump"
     rank0, rank1 = (torch.load(dump / f"samples_rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert rank0["eval_calls"] == rank1["eval_calls"] == 4, "both ranks ran the 4 sampling steps"
+    # every rank ran each picture's 4 sampling steps (and the same validation passes)
+    assert rank0["eval_calls"] == rank1["eval_calls"] >= 2 * 4
     assert (runs["fsdp"] / "pictures" / "step_0000006.png").exists()
     # one process from the final EMA weights (the checkpoint's state_dict), the same per-sample seeds;
     # (load_from_checkpoint also checks the digest, which rank 0 wrote over the gathered tensors)

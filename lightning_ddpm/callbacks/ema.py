@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
 from ..backbones.sharding import is_sharded, reshard, shard_backbone
@@ -90,8 +91,8 @@ class EMA(WeightAveraging):
             current.data.copy_(average.data)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # WeightAveraging.setup, less its call of configure_model (which would shard the module before the
-        # copy; FSDP modules refuse deepcopy): the copy is sharded like the module in on_fit_start instead.
+        # WeightAveraging.setup, except under ModelParallelStrategy's mesh: there configure_model would shard the
+        # module before the copy (FSDP modules refuse deepcopy), so the copy is sharded in on_fit_start instead.
         if stage != "fit":
             return
         self._raw_at_end = None
@@ -100,7 +101,17 @@ class EMA(WeightAveraging):
                 "EMA is not supported under FSDPStrategy ('fsdp', FSDP1: its flattened shards do not match the "
                 "averaged copy); use lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), see the README"
             )
-        if pl_module.device_mesh is not None:  # ModelParallelStrategy: the average is sharded like the backbone
+        mesh = pl_module.device_mesh  # set by ModelParallelStrategy only
+        if mesh is None:
+            # as WeightAveraging.setup: layers a module builds in its (idempotent) configure_model must exist
+            # before the copy; DiffusionModule's is a no-op without a mesh
+            pl_module.configure_model()
+        else:  # ModelParallelStrategy: the average is sharded like the backbone, in on_fit_start
+            if not isinstance(getattr(pl_module, "backbone", None), torch.nn.Module):
+                raise ValueError(
+                    f"EMA under ModelParallelStrategy shards its average like the module's `backbone`, and "
+                    f"{type(pl_module).__name__} has none; use DiffusionModule or a strategy without sharding"
+                )
             if getattr(trainer.strategy, "_save_distributed_checkpoint", False):
                 raise ValueError(
                     "EMA under ModelParallelStrategy needs save_distributed_checkpoint=False (one full checkpoint "
@@ -111,9 +122,10 @@ class EMA(WeightAveraging):
                     f"EMA(device={str(self._device)!r}) is not supported under ModelParallelStrategy: the average is "
                     "sharded like the backbone, on the same devices; leave device unset"
                 )
-        self._average_model = AveragedModel(
-            model=pl_module, device=self._device or pl_module.device, use_buffers=self._use_buffers, **self._kwargs
-        )
+        # Under a mesh the (still whole) copy stays on the CPU: fully_shard moves only this rank's shard to the
+        # device, so no device holds the whole model twice.
+        device = torch.device("cpu") if mesh is not None else self._device or pl_module.device
+        self._average_model = AveragedModel(model=pl_module, device=device, use_buffers=self._use_buffers, **self._kwargs)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # ModelParallelStrategy has sharded the module's backbone (configure_model): shard the copy the same way,
@@ -141,8 +153,10 @@ class EMA(WeightAveraging):
             # (gathered on every rank first: a sharded tensor's gather is a collective)
             raw = {name: _full(p) for (name, _), p in zip(pl_module.named_parameters(), self._raw_at_end)}
             checkpoint["current_model_state"] = {k: raw.get(k, v) for k, v in checkpoint["current_model_state"].items()}
-        # Under FSDP2 the average is sharded: gather it into the full tensors a checkpoint file holds.
-        checkpoint["state_dict"] = {k: _full(v) for k, v in checkpoint["state_dict"].items()}
+        # Under FSDP2 the average is sharded: gather it into the full tensors a checkpoint file holds (every rank
+        # takes part in the gathers; only rank 0 writes the file, so the others drop their copies).
+        state = {k: _full(v) for k, v in checkpoint["state_dict"].items()}
+        checkpoint["state_dict"] = state if trainer.is_global_zero or pl_module.device_mesh is None else {}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Outside fit (predict, validate) there is no average to restore: the checkpoint's state_dict already
@@ -159,7 +173,10 @@ class EMA(WeightAveraging):
                 average.copy_(current)
             if "averaging_state" in checkpoint:
                 self._average_model.n_averaged.copy_(checkpoint["averaging_state"]["n_averaged"])
-            _load_full_state(pl_module, checkpoint["current_model_state"])
+            if "current_model_state" in checkpoint:
+                _load_full_state(pl_module, checkpoint["current_model_state"], strict=pl_module.strict_loading)
+            else:  # a checkpoint written without EMA: average and model both start from its weights
+                rank_zero_warn("The checkpoint was not created with EMA: the average starts from its weights.")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "num_updates": self.num_updates}
@@ -177,11 +194,15 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
     """Load full tensors into ``module``, each sharded parameter taking its own rank's chunk (no communication)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    for name, target in module.state_dict(keep_vars=True).items():
+    targets = module.state_dict(keep_vars=True)
+    missing = sorted(set(targets) - set(state))
+    if strict and missing:
+        raise RuntimeError(f"the checkpoint's current_model_state lacks {len(missing)} entries, e.g. {missing[:3]}")
+    for name, target in targets.items():
         if name not in state:
             continue
         value = state[name].to(device=target.device, dtype=target.dtype)
