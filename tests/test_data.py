@@ -88,3 +88,21 @@ def test_torchvision_dataset_missing_offline(tmp_path):
         dm.setup()
     with pytest.raises(ValueError, match="unknown dataset 'svhn'; choose one of: cifar10, mnist"):
         ImageDataModule("svhn")
+
+
+def test_predict_requests_give_every_rank_the_same_number_of_batches():
+    """A sharded strategy's forward needs every rank: 9 requests over 2 ranks in batches of 4 make two
+    batches on each rank (one request repeated, which the writer drops), and every request appears."""
+    from types import SimpleNamespace
+
+    from lightning_ddpm.data.requests import predict_loader
+
+    def share(rank: int) -> list:
+        strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        return list(predict_loader(9, 7, None, None, 4, SimpleNamespace(world_size=2, strategy=strategy)))
+
+    shares = [share(0), share(1)]
+    assert [[len(b["index"]) for b in s] for s in shares] == [[4, 1], [4, 1]]
+    indices = torch.cat([b["index"] for s in shares for b in s])
+    assert sorted(set(indices.tolist())) == list(range(9)) and len(indices) == 10
+    assert all(torch.equal(b["seed"], b["index"] + 7) for s in shares for b in s)

@@ -123,3 +123,26 @@ def test_fsdp2_sample_pictures_are_drawn_by_every_rank(runs):
     alone = module.sample(10, sampler=DDIMSampler(num_steps=4), generator=[torch.Generator().manual_seed(3 + i)
                                                                             for i in range(10)])
     torch.testing.assert_close(rank0["samples"], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp2_predict_gives_the_one_process_samples(runs, tmp_path):
+    """`lightning-ddpm predict` under FSDP2 loads the gathered checkpoint into the sharded backbone; every
+    rank samples its requests and the merged file equals one process's."""
+    def predict(strategy: list[str], devices: int) -> torch.Tensor:
+        out = tmp_path / f"p{devices}"
+        cmd = [sys.executable, "-m", "lightning_ddpm", "predict", "--config", str(ROOT / "configs/toy2d.yaml"),
+               "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50",
+               "--ckpt_path", str(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt"),
+               "--model.sampler", '{"name": "ddpm", "init_args": {"num_steps": 5}}',
+               "--data.init_args.num_predict_samples=9", "--data.init_args.batch_size=4",  # odd: uneven ranks
+               "--data.init_args.predict_seed=7", f"--trainer.devices={devices}", *strategy,
+               "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.callbacks=[]",
+               f"--trainer.default_root_dir={out}", "--predict_writer.output_dir", str(out)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return torch.load(out / "samples.pt", weights_only=True)["samples"]
+
+    sharded, one = predict(FSDP2[:-1], 2), predict([], 1)
+    assert sharded.shape == one.shape == (9, 2)
+    torch.testing.assert_close(sharded, one, rtol=1e-5, atol=1e-5)

@@ -257,4 +257,4 @@ class ImageDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return predict_loader(self.num_predict_samples, self.predict_seed, self.predict_labels, self.num_classes,
-                              self.batch_size)
+                              self.batch_size, self.trainer)

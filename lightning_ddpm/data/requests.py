@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 class SampleRequests(Dataset):
     """Request ``i`` asks for one sample with seed ``seed + i`` and label ``labels[i % len(labels)]``.
 
-    Under DDP the distributed sampler shares the requests out, so every rank generates its part
-    and the total is exactly ``num_samples``.
+    With several processes each rank generates its share (``predict_loader``), and the prediction
+    writer merges them back into exactly ``num_samples``, in request order.
     """
 
     def __init__(self, num_samples: int, seed: int = 0, labels: Sequence[int] | None = None) -> None:
@@ -33,9 +34,25 @@ class SampleRequests(Dataset):
 
 
 def predict_loader(
-    num_samples: int, seed: int, labels: Sequence[int] | None, num_classes: int | None, batch_size: int
+    num_samples: int,
+    seed: int,
+    labels: Sequence[int] | None,
+    num_classes: int | None,
+    batch_size: int,
+    trainer: Any = None,
 ) -> DataLoader:
-    """The DataModules' ``predict_dataloader``: requested labels, else every class in turn when labelled."""
+    """The DataModules' ``predict_dataloader``: requested labels, else every class in turn when labelled.
+
+    With several processes every rank gets the same number of requests (the last ones padded with
+    repeats, which the writer drops): under a sharded strategy (FSDP2) each forward gathers parameters
+    from every rank, so a rank with one batch fewer would leave the others waiting forever. Lightning's
+    own predict sampler shares requests out unevenly, so this one is set here and Lightning keeps it.
+    """
     if labels is None and num_classes is not None:
         labels = list(range(num_classes))
-    return DataLoader(SampleRequests(num_samples, seed, labels), batch_size=batch_size)
+    requests = SampleRequests(num_samples, seed, labels)
+    sampler = None
+    if trainer is not None and trainer.world_size > 1:
+        sampler = DistributedSampler(requests, shuffle=False, drop_last=False,
+                                     **trainer.strategy.distributed_sampler_kwargs)
+    return DataLoader(requests, batch_size=batch_size, sampler=sampler)
