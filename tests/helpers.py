@@ -85,10 +85,21 @@ class TinyFeatures(torch.nn.Module):
 
 
 class DumpFID(pl.Callback):
-    """Saves the FID callback's sample count and value from every rank, at the end of fit."""
+    """Saves the FID callback's sample count and value, and the number of ``sample`` calls, from every rank,
+    at the end of fit."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
+        self.sample_calls = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        sample = pl_module.sample
+
+        def counting(*args, **kwargs):
+            self.sample_calls += 1
+            return sample(*args, **kwargs)
+
+        pl_module.sample = counting
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         import json
@@ -97,7 +108,7 @@ class DumpFID(pl.Callback):
 
         fid = next(c for c in trainer.callbacks if isinstance(c, FIDCallback))
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        record = {"counted": fid.counted_fake, "fid": fid.last.get("val/fid")}
+        record = {"counted": fid.counted_fake, "fid": fid.last.get("val/fid"), "sample_calls": self.sample_calls}
         (Path(self.dirpath) / f"fid_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

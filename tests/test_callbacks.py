@@ -387,7 +387,7 @@ def test_ddp_ema_identical_and_fid_counts_exactly(tmp_path):
     callbacks = json.dumps([
         {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
         {"class_path": "lightning_ddpm.callbacks.FIDCallback",
-         "init_args": {"num_samples": 7, "batch_size": 4, "feature_extractor": {"class_path": "tests.helpers.TinyFeatures"},
+         "init_args": {"num_samples": 7, "batch_size": 3, "feature_extractor": {"class_path": "tests.helpers.TinyFeatures"},
                        "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 3}}}},
         {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(dump)}},
         {"class_path": "tests.helpers.DumpFID", "init_args": {"dirpath": str(dump)}},
@@ -405,6 +405,8 @@ def test_ddp_ema_identical_and_fid_counts_exactly(tmp_path):
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
     fids = [json.loads((dump / f"fid_rank{r}.json").read_text()) for r in (0, 1)]
     assert fids[0]["counted"] == fids[1]["counted"] == 7  # 4 + 3 over two ranks, exactly N
+    # in the same batches on both ranks (3 + 1; the second rank drops its last sample), as FSDP2 needs
+    assert fids[0]["sample_calls"] == fids[1]["sample_calls"] == 2
     assert fids[0]["fid"] == pytest.approx(fids[1]["fid"]) and fids[0]["fid"] > 0
 
 

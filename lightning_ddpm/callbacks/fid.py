@@ -198,15 +198,19 @@ class FIDCallback(pl.Callback):
         num_classes = getattr(pl_module, "num_classes", None)
         with ema_weights(trainer, pl_module), tqdm(total=share, desc=f"FID samples (rank 0 of {trainer.world_size})",
                                                     disable=not show, leave=False) as bar:
-            done = 0
-            while done < share:
-                n = min(self.batch_size, share - done)
+            # Every rank draws the largest share in the same batches (a rank with one sample fewer drops its
+            # last): under a sharded strategy (FSDP2) each forward needs every rank.
+            most, done = -(-total // max(trainer.world_size, 1)), 0
+            while done < most:
+                n = min(self.batch_size, most - done)
                 labels = torch.randint(0, num_classes, (n,), device=pl_module.device, generator=generator) \
                     if num_classes else None
                 images = pl_module.sample(n, sampler=sampler or self.sampler, generator=generator, labels=labels)
-                self._update(images, real=False)
+                keep = min(n, share - done)
+                if keep > 0:
+                    self._update(images[:keep], real=False)
+                    bar.update(keep)
                 done += n
-                bar.update(n)
         elapsed = time.perf_counter() - start
         # compute() syncs and then restores the local state: count the samples of all ranks explicitly.
         local = self.fid.fake_features_num_samples.detach().float()
