@@ -211,6 +211,15 @@ class DumpShards(pl.Callback):
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         (Path(self.dirpath) / f"shards_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import json
+
+        from torch._dynamo.utils import counters
+
+        record = {"compiled_graphs": counters["stats"]["unique_graphs"],
+                  "graph_breaks": sum(counters["graph_break"].values()), "reasons": list(counters["graph_break"])}
+        (Path(self.dirpath) / f"compile_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
 
 class PoisonShardGrad(pl.Callback):
     """At training step ``step``, rank ``rank`` makes one element of its own shard of the first parameter's
