@@ -123,11 +123,11 @@ class NonFiniteGuard:
 
 def _shard_group(grads: list[Tensor]) -> Any:
     """The process group over which the gradients are sharded (FSDP2's DTensors), or None."""
+    if not grads or not torch.distributed.is_available():
+        return None
     from torch.distributed.tensor import DTensor
 
-    if not grads or not isinstance(grads[0], DTensor):
-        return None
-    return grads[0].device_mesh.get_group()
+    return grads[0].device_mesh.get_group() if isinstance(grads[0], DTensor) else None
 
 
 def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:

@@ -160,3 +160,21 @@ def test_fsdp2_with_compile_trains_like_eager(runs, tmp_path):
         record = json.loads((tmp_path / "dump" / f"compile_rank{rank}.json").read_text())
         assert record["compiled_graphs"] >= 1, record
         assert record["reasons"] and all("torch._dynamo.disable()" in r for r in record["reasons"]), record
+
+
+def test_sharding_helpers_leave_builds_without_torch_distributed_alone(monkeypatch):
+    """Some torch builds lack torch.distributed (importing its fsdp/tensor modules fails there): the helpers that
+    every run calls (EMA swaps and checkpoints, the non-finite guard) must then not import them."""
+    from lightning_ddpm.backbones.sharding import is_sharded, reshard
+    from lightning_ddpm.callbacks.ema import _full
+    from lightning_ddpm.nonfinite import _shard_group
+
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
+    for name in ("torch.distributed.fsdp", "torch.distributed.tensor"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it now raises ImportError
+    net = torch.nn.Linear(2, 2)
+    assert not is_sharded(net)
+    reshard(net)
+    assert _shard_group([torch.zeros(1)]) is None
+    tensor = torch.ones(2)
+    assert _full(tensor) is tensor

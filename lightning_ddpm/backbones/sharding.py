@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["is_sharded", "reshard", "shard_backbone", "shard_units"]
@@ -17,6 +18,8 @@ __all__ = ["is_sharded", "reshard", "shard_backbone", "shard_units"]
 
 def is_sharded(module: nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``module`` (its class is then FSDP's subclass)."""
+    if not torch.distributed.is_available():  # builds without torch.distributed cannot shard
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)

@@ -188,6 +188,8 @@ class EMA(WeightAveraging):
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded tensor (DTensor) gathered into a full CPU tensor (a collective); other tensors as they are."""
+    if not torch.distributed.is_available():
+        return tensor
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
