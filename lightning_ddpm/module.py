@@ -319,9 +319,10 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
 
     def on_train_start(self) -> None:
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        self.nonfinite.start(self.trainer.optimizers[0] if self.trainer.optimizers else None, scaler, self.device)
-        self._checked_step = -1
         self._trained_params = [p for p in self.backbone.parameters() if p.requires_grad]
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        self.nonfinite.start(optimizer, scaler, self.device, self._trained_params)
+        self._checked_step = -1
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.nonfinite.before_optimizer_step(optimizer, self._trained_params, self.global_step)

@@ -5,10 +5,10 @@ uses, ``_amp_foreach_non_finite_check_and_unscale_`` with a scale of 1) and hand
 that can skip on the device (torch's fused Adam, AdamW and SGD read ``optimizer.found_inf``; the
 module makes Adam and AdamW fused by default). The flag comes from the gradients, which DDP has
 already averaged, so every rank skips together (under FSDP2 each rank checks its own shard of the
-gradients and the flags are all-reduced, a launch rather than a synchronisation). Each step's flag and timestep range go into a
-buffer on the device; the module calls :meth:`NonFiniteGuard.check`, which reads the buffer back,
-every ``log_every_n_steps`` steps and at the end of fit: a warning reports the skipped steps and
-a streak of ``max_in_a_row`` stops training.
+gradients and the flags are all-reduced, a launch rather than a synchronisation). Each step's flag
+and timestep range go into a buffer on the device; the module calls :meth:`NonFiniteGuard.check`,
+which reads the buffer back, every ``log_every_n_steps`` steps and at the end of fit: a warning
+reports the skipped steps and a streak of ``max_in_a_row`` stops training.
 
 Optimizers that cannot skip on the device fall back to :meth:`NonFiniteGuard.host_skip` (one
 synchronisation per step). Under 16-mixed, Lightning's GradScaler already skips overflowing
@@ -38,12 +38,15 @@ class NonFiniteGuard:
         self.in_a_row = 0  # consecutive non-finite steps, as of the last check
         self._steps: list[int] = []  # the optimizer steps flagged in the buffers since the last check
         self._flags = self._t_ranges = self._one = None
+        self._group: Any = None  # FSDP2: the process group the gradients are sharded over
 
-    def start(self, optimizer: Any, scaler: bool, device: torch.device) -> None:
-        """Choose the device path where the optimizer can skip on the device, or a scaler skips."""
+    def start(self, optimizer: Any, scaler: bool, device: torch.device, parameters: Sequence[Tensor] = ()) -> None:
+        """Choose the device path where the optimizer can skip on the device, or a scaler skips.
+        ``parameters``: the trained ones, whose sharding (FSDP2) is fixed for the fit."""
         # torch's fused Adam, AdamW and SGD read optimizer.found_inf and skip the step on the device
         self.on_device = scaler or bool(getattr(optimizer, "defaults", {}).get("fused"))
         self.scaler = scaler
+        self._group = _shard_group(list(parameters))
         self.in_a_row, self._steps = 0, []
         self._flags = torch.zeros(64, device=device)  # per step: 1.0 if skipped (found_inf's dtype)
         self._t_ranges = torch.zeros(64, 2, dtype=torch.long, device=device)  # per step: its t min and max
@@ -67,15 +70,14 @@ class NonFiniteGuard:
         flag = self._flags[i]  # zero until now; a view, written in place
         # GradScaler checks the gradients itself (16-mixed): then the guard counts non-finite losses
         grads = [] if self.scaler else [p.grad for p in parameters if p.grad is not None]
-        group = _shard_group(grads)
-        if group is not None:  # FSDP2: each rank holds a shard of every gradient and checks its own
+        if self._group is not None:  # FSDP2: each rank holds a shard of every gradient and checks its own
             grads = [g.to_local() for g in grads]
         for same_dtype in _by_dtype(grads):  # sets the flag to 1 if any value is NaN/inf (and scales by 1)
             torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, flag, self._one)
         if not grads:
             flag.copy_(~torch.isfinite(self._loss))
-        if group is not None:  # a NaN in one rank's shard skips the step on every rank (a launch, no sync)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        if self._group is not None:  # a NaN in one rank's shard skips the step on every rank (a launch, no sync)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
         if not self.scaler:
             optimizer.found_inf = flag
         torch.aminmax(self._t, out=(self._t_ranges[i, 0], self._t_ranges[i, 1]))
@@ -121,13 +123,13 @@ class NonFiniteGuard:
                           f"{self.in_a_row}/{self.max_in_a_row} in a row)", stacklevel=3)
 
 
-def _shard_group(grads: list[Tensor]) -> Any:
-    """The process group over which the gradients are sharded (FSDP2's DTensors), or None."""
-    if not grads or not torch.distributed.is_available():
+def _shard_group(tensors: list[Tensor]) -> Any:
+    """The process group over which the tensors (parameters, or their gradients) are sharded by FSDP2, or None."""
+    if not tensors or not torch.distributed.is_available():
         return None
     from torch.distributed.tensor import DTensor
 
-    return grads[0].device_mesh.get_group() if isinstance(grads[0], DTensor) else None
+    return tensors[0].device_mesh.get_group() if isinstance(tensors[0], DTensor) else None
 
 
 def _by_dtype(tensors: list[Tensor]) -> list[list[Tensor]]:

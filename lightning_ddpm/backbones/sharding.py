@@ -39,7 +39,7 @@ def reshard(module: nn.Module) -> None:
 def shard_units(backbone: nn.Module) -> list[nn.Module]:
     """The submodules that become FSDP units of their own: instances of ``backbone.shard_units``."""
     units = tuple(getattr(backbone, "shard_units", ()))
-    return [m for m in backbone.modules() if m is not backbone and units and isinstance(m, units)]
+    return [m for m in backbone.modules() if m is not backbone and isinstance(m, units)] if units else []
 
 
 def shard_backbone(backbone: nn.Module, mesh: Any, **fully_shard_kwargs: Any) -> nn.Module:
