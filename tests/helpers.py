@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli_process(args: list[str], cwd: Path, timeout: int = 300) -> None:
+    """``python -m lightning_ddpm <args>`` in a fresh process (multi-process strategies launch from it): this
+    checkout importable, one OpenMP thread per process, Lightning's fork launcher off. Fails on a non-zero exit."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "lightning_ddpm", *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 class DumpWeights(pl.Callback):

@@ -15,7 +15,7 @@ from lightning_ddpm import DDIMSampler, DiffusionModule
 from lightning_ddpm.backbones import MLP
 from lightning_ddpm.callbacks import EMA, BitsPerDimCallback, FIDCallback, SampleLogger
 from lightning_ddpm.data import ImageDataModule, Toy2DDataModule
-from tests.helpers import RecordWeights, TinyFeatures
+from tests.helpers import RecordWeights, TinyFeatures, run_cli_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
@@ -414,9 +414,6 @@ def test_sample_pictures_are_drawn_by_every_rank_and_match_one_process(tmp_path)
     """Under DDP (and so under FSDP, whose forward needs every rank) each rank samples its share of
     the picture; rank 0 gathers them, and sample i is what a single process draws from seed + i."""
     import json
-    import os
-    import subprocess
-    import sys
 
     from lightning_ddpm.samplers import DDIMSampler
 
@@ -430,14 +427,11 @@ def test_sample_pictures_are_drawn_by_every_rank_and_match_one_process(tmp_path)
         {"class_path": "tests.helpers.DumpSamples", "init_args": {"dirpath": str(tmp_path / "dump")}},
         {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(tmp_path / "weights")}},
     ]
-    cmd = [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(root / "configs/toy2d.yaml"),
-           "--model.backbone", json.dumps(mlp), "--model.num_timesteps=50", "--trainer.accelerator=cpu",
-           "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-           "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", "--data.init_args.num_train=2048",
-           "--trainer.callbacks", json.dumps(callbacks)]
-    env = {**os.environ, "PYTHONPATH": str(root), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_cli_process(["fit", "--config", str(root / "configs/toy2d.yaml"),
+                     "--model.backbone", json.dumps(mlp), "--model.num_timesteps=50", "--trainer.accelerator=cpu",
+                     "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=2",
+                     "--trainer.limit_val_batches=0", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+                     "--data.init_args.num_train=2048", "--trainer.callbacks", json.dumps(callbacks)], cwd=tmp_path)
     rank0, rank1 = (torch.load(tmp_path / "dump" / f"samples_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["eval_calls"] == rank1["eval_calls"] == 4, "both ranks ran the 4 sampling steps"
     assert rank0["samples"].shape == (10, 2) and (tmp_path / "pictures" / "step_0000002.png").exists()

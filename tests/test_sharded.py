@@ -5,8 +5,6 @@ and a resume from one continues exactly."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 
 from lightning_ddpm import DiffusionModule
 from lightning_ddpm.samplers import DDIMSampler
+from tests.helpers import run_cli_process
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 2}}
@@ -23,7 +22,7 @@ FSDP2 = ["--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy"
          "--trainer.strategy.save_distributed_checkpoint=false"]
 
 
-def _fit(tmp: Path, strategy: list[str], max_steps: int, ckpt_path: Path | None = None, extra=(), args=()) -> None:
+def _fit(tmp: Path, strategy: list[str], max_steps: int, ckpt_path: Path | None = None, extra=(), extra_args=()) -> None:
     callbacks = [*extra,
         {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -35,17 +34,13 @@ def _fit(tmp: Path, strategy: list[str], max_steps: int, ckpt_path: Path | None 
         {"class_path": "tests.helpers.DumpSamples", "init_args": {"dirpath": str(tmp / "dump")}},
         {"class_path": "tests.helpers.DumpShards", "init_args": {"dirpath": str(tmp / "dump")}},
     ]
-    cmd = [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/toy2d.yaml"),
+    args = ["fit", "--config", str(ROOT / "configs/toy2d.yaml"),
            "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50", "--trainer.accelerator=cpu",
            "--trainer.devices=2", *strategy, f"--trainer.max_steps={max_steps}",
            "--trainer.limit_val_batches=1", "--trainer.val_check_interval=3",
            "--trainer.logger=false", f"--trainer.default_root_dir={tmp}", "--data.init_args.num_train=2048",
-           "--trainer.callbacks", json.dumps(callbacks), *args]
-    if ckpt_path is not None:
-        cmd += ["--ckpt_path", str(ckpt_path)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+           "--trainer.callbacks", json.dumps(callbacks), *extra_args]
+    run_cli_process(args + (["--ckpt_path", str(ckpt_path)] if ckpt_path is not None else []), cwd=tmp)
 
 
 def _load(path: Path) -> dict:
@@ -130,17 +125,14 @@ def test_fsdp2_predict_gives_the_one_process_samples(runs, tmp_path):
     rank samples its requests and the merged file equals one process's."""
     def predict(strategy: list[str], devices: int) -> torch.Tensor:
         out = tmp_path / f"p{devices}"
-        cmd = [sys.executable, "-m", "lightning_ddpm", "predict", "--config", str(ROOT / "configs/toy2d.yaml"),
+        run_cli_process(["predict", "--config", str(ROOT / "configs/toy2d.yaml"),
                "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50",
                "--ckpt_path", str(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt"),
                "--model.sampler", '{"name": "ddpm", "init_args": {"num_steps": 5}}',
                "--data.init_args.num_predict_samples=9", "--data.init_args.batch_size=4",  # odd: uneven ranks
                "--data.init_args.predict_seed=7", f"--trainer.devices={devices}", *strategy,
                "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.callbacks=[]",
-               f"--trainer.default_root_dir={out}", "--predict_writer.output_dir", str(out)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
+               f"--trainer.default_root_dir={out}", "--predict_writer.output_dir", str(out)], cwd=tmp_path)
         return torch.load(out / "samples.pt", weights_only=True)["samples"]
 
     sharded, one = predict(FSDP2[:-1], 2), predict([], 1)
@@ -152,7 +144,7 @@ def test_fsdp2_with_compile_trains_like_eager(runs, tmp_path):
     """`model.compile` (nn.Module.compile in place) composes with the sharding: the compiled run's checkpoint
     agrees with the eager run's, and the backbone really ran compiled. Its graph breaks only where FSDP2's
     unit hooks run (they are `torch._dynamo.disable`d: not traced), nowhere else."""
-    _fit(tmp_path, FSDP2, 6, args=["--model.compile=true"])
+    _fit(tmp_path, FSDP2, 6, extra_args=["--model.compile=true"])
     eager, compiled = _load(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt"), _load(tmp_path / "ckpt" / "epoch=1-step=6.ckpt")
     for key in ("state_dict", "current_model_state"):
         _assert_same(eager[key], compiled[key], exact=False)

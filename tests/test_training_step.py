@@ -3,8 +3,6 @@ caches, host synchronisation, compile and the optimizer defaults (issue 15)."""
 
 import gc
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from lightning.pytorch import Callback, Trainer
 
 from lightning_ddpm import DDPMSampler, DiffusionModule, GaussianDiffusion, make_schedule
 from lightning_ddpm.data import SampleRequests
+from tests.helpers import run_cli_process
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
@@ -111,17 +110,14 @@ def test_predict_merge_keeps_each_padded_request_once_in_request_order(tmp_path)
 def test_predict_with_two_processes_gives_the_one_process_samples(tmp_path):
     def run(devices: int) -> torch.Tensor:
         out = tmp_path / f"p{devices}"
-        cmd = [sys.executable, "-m", "lightning_ddpm", "predict", "--config", str(ROOT / "configs/toy2d.yaml"),
+        run_cli_process(["predict", "--config", str(ROOT / "configs/toy2d.yaml"),
                "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50", "--untrained",
                "--model.sampler", '{"name": "ddpm", "init_args": {"num_steps": 5}}',
                "--data.init_args.num_predict_samples=9", "--data.init_args.batch_size=4",  # odd: uneven ranks
                "--data.init_args.predict_seed=7",
                f"--trainer.devices={devices}", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
                "--trainer.logger=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={out}",
-               "--predict_writer.output_dir", str(out)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
+               "--predict_writer.output_dir", str(out)], cwd=tmp_path)
         return torch.load(out / "samples.pt", weights_only=True)["samples"]
 
     two, one = run(2), run(1)
