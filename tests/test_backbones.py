@@ -255,4 +255,7 @@ def test_fsdp_units_are_the_blocks_and_hold_most_parameters():
     assert in_units / sum(p.numel() for p in unet.parameters()) > 0.9  # gathered one block at a time
     mlp = MLP(hidden_dim=16, num_blocks=3)
     assert len(shard_units(mlp)) == 3
+    toy = MLP(hidden_dim=256, num_blocks=4, fourier_features=64, fourier_scale=2.0)  # configs/toy2d.yaml's
+    in_units = sum(p.numel() for u in shard_units(toy) for p in u.parameters())
+    assert in_units / sum(p.numel() for p in toy.parameters()) > 0.9
     assert shard_units(nn.Linear(2, 2)) == []  # a backbone without shard_units is one unit
