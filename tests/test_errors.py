@@ -206,6 +206,7 @@ CASES = {
     "eta-negative": lambda tmp: DDIMSampler(eta=-0.5),
     "solver-order": lambda tmp: _module(sampler={"name": "unipc", "init_args": {"order": 4}}),
     "spacing-karras-integer": lambda tmp: _module(sampler={"name": "ddpm", "init_args": {"spacing": "karras"}}),
+    "spacing-linspace-euler": lambda tmp: _module(sampler={"name": "euler", "init_args": {"spacing": "linspace"}}),
     "karras-zero-snr": lambda tmp: _module(parameterization="v", rescale_to_zero_terminal_snr=True,
                                            sampler={"name": "heun", "init_args": {"spacing": "karras"}}),
     "sigma-max-spacing": lambda tmp: _module(sampler={"name": "heun", "init_args": {"sigma_max": 80}}),

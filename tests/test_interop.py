@@ -100,9 +100,15 @@ def test_scheduler_classes_choose_our_sampler_of_the_same_method():
     assert pick("DDPMScheduler") == "ddpm"
     assert pick("DDIMScheduler", timestep_spacing="trailing") == {"name": "ddim", "init_args": {"spacing": "trailing"}}
     assert pick("DPMSolverMultistepScheduler", use_karras_sigmas=True) == {"name": "dpmpp_2m", "init_args": {"spacing": "karras"}}
-    assert pick("UniPCMultistepScheduler") == {"name": "unipc", "init_args": {"spacing": "trailing"}}
-    assert pick("UniPCMultistepScheduler", solver_order=3) == {"name": "unipc", "init_args": {"spacing": "trailing",
-                                                                                              "order": 3}}
+    # diffusers' default spacing of the multistep schedulers is linspace (N + 1 points, t = 0 dropped), as ours
+    assert pick("UniPCMultistepScheduler") == {"name": "unipc", "init_args": {"spacing": "linspace"}}
+    assert pick("UniPCMultistepScheduler", solver_order=3, timestep_spacing="leading") == {
+        "name": "unipc", "init_args": {"spacing": "leading", "order": 3}}
+    assert pick("DPMSolverMultistepScheduler", timestep_spacing="trailing") == {
+        "name": "dpmpp_2m", "init_args": {"spacing": "trailing"}}
+    # Euler / Heun linspace is fractional in diffusers, a grid we do not offer: trailing is the nearest
+    assert pick("HeunDiscreteScheduler") == {"name": "heun", "init_args": {"spacing": "trailing"}}
+    assert pick("EulerDiscreteScheduler", timestep_spacing="leading") == {"name": "euler", "init_args": {"spacing": "leading"}}
     assert pick("EulerDiscreteScheduler", use_karras_sigmas=True, sigma_max=80.0) == {
         "name": "euler", "init_args": {"spacing": "karras", "sigma_max": 80.0}}
     assert pick("EulerDiscreteScheduler", sigma_max=80.0) == {"name": "euler", "init_args": {"spacing": "trailing"}}
@@ -111,7 +117,7 @@ def test_scheduler_classes_choose_our_sampler_of_the_same_method():
         sampler = pick(cls, **getattr(diffusers, cls)().config)
         assert (sampler if isinstance(sampler, str) else sampler["name"]) == SCHEDULER_SAMPLERS[cls]
     assert pick("DPMSolverMultistepScheduler", algorithm_type="sde-dpmsolver++") == {
-        "name": "dpmpp_2m_sde", "init_args": {"spacing": "trailing"}}
+        "name": "dpmpp_2m_sde", "init_args": {"spacing": "linspace"}}
 
 
 def test_from_diffusers_objects_gives_the_same_network_and_settings():

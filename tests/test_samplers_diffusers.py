@@ -98,10 +98,39 @@ def test_dpmpp_2m_matches_dpm_solver_multistep(model_name, num_steps, spacing):
     sampler, ours = _ours("dpmpp_2m", d, model, num_steps, spacing)
     scheduler = _scheduler(diffusers.DPMSolverMultistepScheduler, d, algorithm_type="dpmsolver++", solver_order=2,
                            solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
-                           timestep_spacing="trailing")
-    # diffusers spells "leading" and "linspace" differently (N + 1 points): hand it our grid instead
-    timesteps = None if spacing == "trailing" else sampler.grid(d).t.tolist()
-    _close(ours, _run_diffusers(scheduler, model, _x_T(), num_steps, timesteps=timesteps))
+                           timestep_spacing=spacing)  # the same name means the same grid
+    _close(ours, _run_diffusers(scheduler, model, _x_T(), num_steps))
+
+
+GRID_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+                   "dpmpp_2m_sde": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
+                   "euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler"}
+
+
+@pytest.mark.parametrize("name", sorted(GRID_SCHEDULERS))
+@pytest.mark.parametrize("num_timesteps", [50, 100])
+def test_every_spacing_name_is_diffusers_grid(name, num_timesteps):
+    """A spacing name diffusers users know gives diffusers' timesteps (its scheduler of the same method), for
+    every N where diffusers' own grid has N distinct points in [0, T); ours also covers the rest."""
+    from lightning_ddpm.samplers import SAMPLERS
+
+    cls = getattr(diffusers, GRID_SCHEDULERS[name])
+    compared = 0
+    for spacing in ("leading", "trailing", "linspace"):
+        if spacing not in SAMPLERS.get(name).spacings:
+            continue
+        scheduler = cls(num_train_timesteps=num_timesteps, timestep_spacing=spacing)
+        for n in range(1, num_timesteps + 1):
+            scheduler.set_timesteps(n)
+            theirs = [int(t) for t in scheduler.timesteps.tolist()]
+            if name == "heun":  # HeunDiscreteScheduler repeats each timestep but the first for its corrector
+                theirs = theirs[:1] + theirs[1::2]
+            if len(set(theirs)) != n or min(theirs) < 0:  # diffusers' own grid breaks (overshoot, duplicates)
+                continue
+            ours = make_sampler({"name": name, "init_args": {"num_steps": n, "spacing": spacing}})
+            assert ours.timesteps(num_timesteps).tolist() == theirs, (spacing, n)
+            compared += 1
+    assert compared >= 2 * num_timesteps - 5  # most of every spacing was compared
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))

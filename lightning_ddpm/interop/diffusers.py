@@ -30,8 +30,8 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"
 SCHEDULER_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp_2m",
                       "UniPCMultistepScheduler": "unipc", "EulerDiscreteScheduler": "euler",
                       "HeunDiscreteScheduler": "heun"}
-# Samplers whose leading/trailing/linspace timesteps are defined as in the diffusers scheduler of the same method.
-_SAME_SPACINGS = ("ddpm", "ddim")
+# diffusers' default timestep_spacing per scheduler class (the others default to "linspace").
+_DEFAULT_SPACINGS = {"DDPMScheduler": "leading", "DDIMScheduler": "leading"}
 INSTALL_HINT = "pip install 'lightning-ddpm[diffusers]'"
 
 
@@ -88,11 +88,13 @@ def settings_from_scheduler_config(config: Mapping[str, Any], class_name: str = 
     if int(config.get("steps_offset", 0) or 0) != 0:
         raise _refuse("steps_offset", config["steps_offset"], "0")
     sampler, options = _solver(config, SCHEDULER_SAMPLERS[class_name])
-    spacing = config.get("timestep_spacing", "leading")
+    # Our spacing names are diffusers' grids (the multistep solvers' N + 1 points included), except linspace
+    # for Euler / Heun: diffusers puts it at fractional timesteps, which we refuse; trailing is the nearest.
+    spacing = config.get("timestep_spacing") or _DEFAULT_SPACINGS.get(class_name, "linspace")
     if config.get("use_karras_sigmas"):
         spacing = "karras"
-    elif sampler not in _SAME_SPACINGS:
-        spacing = "trailing"  # diffusers' multistep "leading"/"linspace" use N + 1 points; ours start at T - 1
+    elif sampler in ("euler", "heun") and spacing == "linspace":
+        spacing = "trailing"
     return {
         **_schedule(config),
         "num_timesteps": int(config.get("num_train_timesteps", 1000)),

@@ -49,28 +49,45 @@ def noise_like(x: Tensor, generator: Generators) -> Tensor:
     return randn(x.shape, generator, x.device, x.dtype)
 
 
-def _check_spacing(spacing: str, allowed: Sequence[str]) -> None:
+def _check_spacing(spacing: str, allowed: Sequence[str], refused: dict[str, str] | None = None) -> None:
+    if spacing in (refused or {}):
+        raise ValueError(f"spacing {spacing!r} is refused: {refused[spacing]}; choose one of: {', '.join(allowed)}")
     if spacing not in allowed:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of: {', '.join(allowed)}")
 
 
-def timestep_schedule(num_timesteps: int, num_steps: int, spacing: str = "leading") -> Tensor:
-    """The integer timesteps a ``num_steps``-step sampler visits, in decreasing order, as int64.
+def timestep_schedule(num_timesteps: int, num_steps: int, spacing: str = "leading", drop_zero: bool = False) -> Tensor:
+    """The ``num_steps`` distinct integer timesteps in [0, T) a sampler visits, in decreasing order, as int64.
 
-    ``leading``: arange(N) * (T // N) (DDIM's original); ``trailing``: round(T - k T / N) - 1,
-    which starts at T - 1 (Lin et al. 2024); ``linspace``: round(linspace(0, T - 1, N)).
+    ``leading``: arange(N) * (T // N) (DDIM's original); ``trailing``: round(T - k T / N) - 1 for
+    k = 0 .. N - 1, which starts at T - 1 (Lin et al. 2024); ``linspace``: round(linspace(0, T - 1, N)).
+
+    ``drop_zero``: diffusers' multistep convention (``DPMSolverMultistepScheduler``,
+    ``UniPCMultistepScheduler``) for ``leading`` and ``linspace``: lay out N + 1 points and drop the last,
+    t = 0, so that no network evaluation is spent at t = 0 (the last step goes from the smallest kept t to
+    the data). ``trailing`` never reaches t = 0 on its own; with N = T every timestep is kept.
     """
     _check_spacing(spacing, INTEGER_SPACINGS)
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must lie in [1, T={num_timesteps}], got {num_steps}")
+    if drop_zero and spacing != "trailing" and num_steps < num_timesteps:
+        return timestep_schedule(num_timesteps, num_steps + 1, spacing)[:-1]
     if spacing == "leading":
         ts = torch.arange(num_steps, dtype=torch.long) * (num_timesteps // num_steps)
     elif spacing == "trailing":
-        ts = torch.round(torch.arange(num_timesteps, 0, -num_timesteps / num_steps, dtype=torch.float64)).long() - 1
+        # Exactly N points T + k * delta, k < N: arange(T, 0, -T / N) overshoots to N + 1 points (t = -1) for
+        # some N. delta is the step as numpy's arange (diffusers' grids) applies it, so ties round alike.
+        delta = (num_timesteps - num_timesteps / num_steps) - num_timesteps
+        k = torch.arange(num_steps, dtype=torch.float64)
+        ts = torch.round(num_timesteps + k * delta).long() - 1
     else:
-        ts = torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round().long()
-    ts = torch.unique(ts)  # sorted ascending, no duplicates
-    return ts.flip(0)
+        # k * (T - 1) / (N - 1) as numpy's linspace computes it (torch's differs in the last bit, which
+        # decides ties such as 24.5): the same rounding as diffusers' grids
+        k = torch.arange(num_steps, dtype=torch.float64)
+        ts = (k * ((num_timesteps - 1) / max(num_steps - 1, 1))).round().long()
+        ts[-1] = num_timesteps - 1 if num_steps > 1 else 0
+    # Points at least one step apart round to distinct integers: N distinct timesteps in [0, T).
+    return ts.sort(descending=True).values
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> Tensor:
@@ -116,10 +133,15 @@ class Sampler:
     """
 
     spacings: tuple[str, ...] = INTEGER_SPACINGS
+    # diffusers' multistep solvers lay out leading/linspace grids with N + 1 points and drop t = 0
+    # (see timestep_schedule); the samplers of the same method follow it, so the names mean the same grid.
+    drop_zero: bool = False
+    # spacings a diffusers scheduler of the same method defines differently: refused with the reason
+    refused_spacings: dict[str, str] = {}
 
     def __init__(self, num_steps: int | None = None, spacing: str = "leading", clip_denoised: bool | None = None,
                  sigma_max: float | None = None):
-        _check_spacing(spacing, self.spacings)
+        _check_spacing(spacing, self.spacings, self.refused_spacings)
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         if sigma_max is not None and spacing != "karras":
@@ -135,7 +157,7 @@ class Sampler:
         """The integer timesteps of an integer spacing (``grid`` gives every spacing's)."""
         if self.spacing == "karras":
             raise ValueError("spacing='karras' depends on the schedule's sigmas: use grid(diffusion)")
-        return timestep_schedule(num_timesteps, self.num_steps or num_timesteps, self.spacing)
+        return timestep_schedule(num_timesteps, self.num_steps or num_timesteps, self.spacing, self.drop_zero)
 
     def grid(self, diffusion: GaussianDiffusion) -> Grid:
         """The timesteps and alpha_bar values this sampler visits on ``diffusion``'s schedule."""

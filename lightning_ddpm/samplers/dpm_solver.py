@@ -32,6 +32,7 @@ class DPMSolverPP2MSampler(Sampler):
     """
 
     spacings = SPACINGS
+    drop_zero = True  # leading / linspace as in diffusers' multistep schedulers
 
     def __init__(self, num_steps: int | None = 20, spacing: str = "trailing", clip_denoised: bool | None = None,
                  sigma_max: float | None = None):

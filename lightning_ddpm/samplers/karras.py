@@ -16,7 +16,7 @@ import warnings
 from torch import Tensor
 
 from ..diffusion import GaussianDiffusion
-from .base import SPACINGS, Denoise, Generators, Grid, Sampler, StepCallback, solver_alpha_bar
+from .base import Denoise, Generators, Grid, Sampler, StepCallback, solver_alpha_bar
 
 __all__ = ["EulerSampler", "HeunSampler"]
 
@@ -29,7 +29,10 @@ HEUN_SPAN_WARNING = 100.0
 class EulerSampler(Sampler):
     """Euler's method in sigma (``euler``): x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i."""
 
-    spacings = SPACINGS
+    spacings = ("leading", "trailing", "karras")
+    refused_spacings = {"linspace": "diffusers' EulerDiscreteScheduler and HeunDiscreteScheduler place 'linspace' "
+                        "at fractional timesteps with linearly interpolated sigmas, a grid these samplers do not "
+                        "reproduce"}
     heun = False
 
     def __init__(self, num_steps: int | None = 20, spacing: str = "trailing", clip_denoised: bool | None = None,

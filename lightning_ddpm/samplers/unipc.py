@@ -57,6 +57,7 @@ class UniPCSampler(Sampler):
     """
 
     spacings = SPACINGS
+    drop_zero = True  # leading / linspace as in diffusers' multistep schedulers
 
     def __init__(self, num_steps: int | None = 20, order: int = 2, spacing: str = "trailing",
                  clip_denoised: bool | None = None, corrector: bool = True, sigma_max: float | None = None):
