@@ -274,3 +274,19 @@ def test_the_step_loss_is_logged_as_a_host_copy_on_logging_steps_only(tmp_path):
     Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
             log_every_n_steps=4, default_root_dir=tmp_path).fit(module, _loader(n=12))
     assert logged == [(step, "cpu", False) for step in (0, 3, 7, 11)]
+
+
+def test_a_ddpm_sampler_follows_changes_to_its_grid():
+    """num_steps and spacing are plain attributes: after a change the sampler steps through the new grid's
+    respaced process (the cache once ignored the grid: old grid, or IndexError for more steps)."""
+    d = GaussianDiffusion(make_schedule("cosine", 20), parameterization="v")
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    sampler = DDPMSampler(num_steps=5)
+    sampler.sample(zero, d, x_T, generator=torch.Generator().manual_seed(1))
+    for num_steps, spacing in ((5, "trailing"), (7, "trailing"), (3, "linspace"), (5, "leading")):
+        sampler.num_steps, sampler.spacing = num_steps, spacing
+        ours = sampler.sample(zero, d, x_T, generator=torch.Generator().manual_seed(1))
+        fresh = DDPMSampler(num_steps=num_steps, spacing=spacing).sample(zero, d, x_T,
+                                                                         generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(ours, fresh, rtol=0, atol=0, msg=f"{num_steps} {spacing}")

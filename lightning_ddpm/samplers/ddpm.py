@@ -23,18 +23,19 @@ class DDPMSampler(Sampler):
 
     def __init__(self, num_steps: int | None = None, spacing: str = "leading", clip_denoised: bool | None = None):
         super().__init__(num_steps, spacing, clip_denoised)
-        # The last respaced diffusion, keyed by a weak reference to its source: an id() can be reused by
-        # another model once the first is garbage collected, and a sampler may be shared between models.
-        self._respaced: tuple[weakref.ref, str, GaussianDiffusion] | None = None
+        # The last respaced diffusion, keyed by a weak reference to its source (an id() can be reused by
+        # another model once the first is garbage collected, and a sampler may be shared between models),
+        # its device and the grid's timesteps (num_steps and spacing are plain attributes a user may change).
+        self._respaced: tuple[weakref.ref, str, list[int], GaussianDiffusion] | None = None
 
     def _step_diffusion(self, diffusion: GaussianDiffusion, grid: Grid) -> GaussianDiffusion:
         if grid.num_steps == diffusion.num_timesteps:
             return diffusion
-        device = str(diffusion.betas.device)
+        key = (str(diffusion.betas.device), grid.t.tolist())  # the grid is a CPU tensor: no synchronisation
         cached = self._respaced
-        if cached is None or cached[0]() is not diffusion or cached[1] != device:
-            cached = self._respaced = (weakref.ref(diffusion), device, diffusion.respace(grid.t))
-        return cached[2]
+        if cached is None or cached[0]() is not diffusion or cached[1:3] != key:
+            cached = self._respaced = (weakref.ref(diffusion), *key, diffusion.respace(grid.t))
+        return cached[3]
 
     def solve(self, denoise: Denoise, diffusion: GaussianDiffusion, grid: Grid, x: Tensor,
               generator: Generators, callback: StepCallback | None) -> Tensor:  # noqa: D102
