@@ -363,3 +363,19 @@ def test_a_checkpoint_given_to_the_trainer_takes_precedence_over_init_from(tmp_p
     Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1).validate(
         fresh, ImageDataModule("digits", batch_size=16))
     torch.testing.assert_close(fresh.backbone.state_dict(), source.backbone.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
+                                 "UniPCMultistepScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler"])
+def test_a_config_without_clip_sample_gets_that_schedulers_default(cls):
+    """diffusers' default clip_sample, read from the class itself: a config that omits the field (saved by
+    hand, or a bare U-Net folder with DDPMScheduler()'s defaults) must not turn clipping off."""
+    default = bool(getattr(diffusers, cls)().config.get("clip_sample", False))
+    assert settings_from_scheduler_config({}, cls)["clip_denoised"] is default
+    assert settings_from_scheduler_config({"clip_sample": not default}, cls)["clip_denoised"] is (not default)
+
+
+def test_a_bare_unet_folder_samples_clipped_as_ddpm_scheduler_does(tmp_path):
+    _unet().save_pretrained(tmp_path / "bare")
+    assert DiffusionModule.from_diffusers(tmp_path / "bare").diffusion.clip_denoised is True
+    assert DiffusionModule.from_diffusers(_unet()).diffusion.clip_denoised is True

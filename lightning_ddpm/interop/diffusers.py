@@ -30,6 +30,8 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small"
 SCHEDULER_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp_2m",
                       "UniPCMultistepScheduler": "unipc", "EulerDiscreteScheduler": "euler",
                       "HeunDiscreteScheduler": "heun"}
+# The scheduler classes whose clip_sample defaults to True.
+_CLIPPING_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 # diffusers' default timestep_spacing per scheduler class (the others default to "linspace").
 _DEFAULT_SPACINGS = {"DDPMScheduler": "leading", "DDIMScheduler": "leading"}
 INSTALL_HINT = "pip install 'lightning-ddpm[diffusers]'"
@@ -101,8 +103,9 @@ def settings_from_scheduler_config(config: Mapping[str, Any], class_name: str = 
         "rescale_to_zero_terminal_snr": bool(config.get("rescale_betas_zero_snr", False)),
         "parameterization": PREDICTION_TYPES[prediction],
         "variance": VARIANCE_TYPES[variance],
-        # DDPMScheduler clips by default (clip_sample=True), DPM-Solver and friends have no clip_sample at all
-        "clip_denoised": bool(config.get("clip_sample", False)),
+        # DDPMScheduler and DDIMScheduler clip by default (clip_sample=True); DPM-Solver and friends have no
+        # clip_sample at all. A config without the field (a bare U-Net: DDPMScheduler()'s) gets the default.
+        "clip_denoised": bool(config.get("clip_sample", class_name in _CLIPPING_SCHEDULERS)),
         "sampler": {"name": sampler, "init_args": {"spacing": spacing, **options}}
         if sampler != "ddpm" or spacing != "leading" else "ddpm",
     }
