@@ -115,6 +115,33 @@ def test_ema_weights_in_validation_then_restored(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(record.after_step[2], expected))
 
 
+def test_ema_follows_the_raw_weights_until_start_step(tmp_path):
+    """Before its first update the average is the raw model, not the untrained copy: validation, the end of
+    fit and the checkpoint's state_dict of a run that ends before start_step see the trained weights."""
+    torch.manual_seed(0)
+    record, ema = RecordWeights(), EMA(decay=0.9, start_step=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    module = _toy_module()
+    _trainer(tmp_path, [record, ema, ckpt], max_steps=6, val_check_interval=2, limit_val_batches=1,
+             num_sanity_val_steps=0, enable_checkpointing=True).fit(module, datamodule=_toy())
+    for got, want in zip(record.at_validation[0], record.after_step[1]):  # validation after step 2: the raw weights
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    names = [n for n, _ in module.backbone.named_parameters()]
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=False)["state_dict"]
+    for name, want in zip(names, record.after_step[1]):
+        torch.testing.assert_close(saved[f"backbone.{name}"], want, rtol=0, atol=0)
+    # updates at optimizer steps 3, 4, 5 (0-based): the first copies, the next two average with warm-up
+    assert ema.num_updates == 3
+    for got, want in zip(module.backbone.parameters(), _expected_ema(record.after_step[3:], 0.9)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # a run that ends before start_step ends with its trained weights, not the initial ones
+    record, early = RecordWeights(), _toy_module()
+    _trainer(tmp_path, [record, EMA(decay=0.9, start_step=100)], max_steps=4, limit_val_batches=0).fit(
+        early, datamodule=_toy())
+    for got, want in zip(early.backbone.parameters(), record.after_step[-1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 class CountingMLP(MLP):
     """An MLP with a buffer that training changes: EMA must neither average nor swap it."""
 

@@ -174,10 +174,29 @@ def test_a_shared_ddpm_sampler_never_uses_another_models_schedule():
     torch.testing.assert_close(run(second), fresh(second), rtol=0, atol=0)
 
 
+TORCH = str(Path(torch.__file__).parent)
+
+
+def _library_call(frame) -> str | None:
+    """Where library code made (or had a torch helper make) the read-back at ``frame``, else None.
+
+    Walks outwards over torch frames (a torch helper such as AveragedModel.update_parameters counts for
+    the library code that called it), and counts a frame of the library, or of a Lightning base class
+    method running on a library object (WeightAveraging.on_train_batch_end on our EMA, say)."""
+    while frame is not None:
+        code, owner = frame.f_code, frame.f_locals.get("self")
+        if code.co_filename.startswith(LIBRARY) or type(owner).__module__.startswith("lightning_ddpm"):
+            return f"{code.co_filename}:{code.co_name}"
+        if not code.co_filename.startswith(TORCH):
+            return None
+        frame = frame.f_back
+    return None
+
+
 class _CountHostSyncs(Callback):
     """Counts Tensor.item / __bool__ / tolist / cpu / numpy / __int__ / __float__ calls made from library
-    code in training batches 1 .. steps - 1, end hooks included (the first batch of an epoch checks the
-    label values once)."""
+    code, directly or through the torch helpers it calls, in training batches 1 .. steps - 1, end hooks
+    included (the first batch of an epoch checks the label values once)."""
 
     NAMES = ("item", "__bool__", "tolist", "cpu", "numpy", "__int__", "__float__")
 
@@ -198,12 +217,9 @@ class _CountHostSyncs(Callback):
 
         def wrapper(tensor, *args, **kwargs):
             if callback.active:
-                frame, stack = sys._getframe(1), []
-                while frame is not None:
-                    stack.append((frame.f_code.co_filename, frame.f_code.co_name))
-                    frame = frame.f_back
-                if stack[0][0].startswith(LIBRARY):
-                    callback.calls.append(f"{name} at {stack[0][0]}:{stack[0][1]}")
+                where = _library_call(sys._getframe(1))
+                if where is not None:
+                    callback.calls.append(f"{name} at {where}")
             return original(tensor, *args, **kwargs)
 
         return wrapper

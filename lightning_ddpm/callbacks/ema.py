@@ -73,6 +73,43 @@ class EMA(WeightAveraging):
         # ema = decay * ema + (1 - decay) * w, as one fused foreach op over all parameters.
         torch._foreach_lerp_(averaged, current, 1.0 - self._current_decay)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # WeightAveraging's, without AveragedModel.update_parameters: that reads its n_averaged counter (a
+        # device tensor) back twice per call (bool(n_averaged == 0), n_averaged > 0), a host synchronisation
+        # every step on a GPU. The host knows whether this is the first update (num_updates).
+        if trainer.global_step <= self._latest_update_step:
+            return
+        step_idx = trainer.global_step - 1
+        if step_idx < self.start_step:
+            # Until the first update the average follows the raw weights: validation, pictures, FID and the
+            # checkpoint's state_dict of a run that ends before start_step then see the trained model.
+            self._update(pl_module, copy=True)
+        elif self.should_update(step_idx=step_idx):
+            self._update(pl_module, copy=self.num_updates == 1)  # the first update copies, as AveragedModel does
+            self._average_model.n_averaged += 1  # on the device, no read-back
+        else:
+            return
+        self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def _update(self, pl_module: pl.LightningModule, copy: bool) -> None:
+        assert self._average_model is not None
+        averaged, current = [], []
+        for average, param in self._pairs(pl_module):
+            averaged.append(average.detach())
+            current.append(param.detach().to(average.device))
+        if copy:  # DTensors (FSDP2) have no foreach copy: copy this rank's shards
+            torch._foreach_copy_([_local(a) for a in averaged], [_local(c) for c in current])
+        else:
+            self._lerp(averaged, current, None)
+        # Buffers are not averaged; the copy keeps the model's (as AveragedModel(use_buffers=False) does), so
+        # that the checkpoint's state_dict holds current buffers (a user backbone's norm statistics, say).
+        buffers = list(zip(*((a.detach(), b.detach()) for a, b in zip(self._average_model.module.buffers(),
+                                                                      pl_module.buffers()))))
+        if buffers:
+            torch._foreach_copy_(list(buffers[0]), list(buffers[1]))
+
     def _pairs(self, pl_module: pl.LightningModule) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         assert self._average_model is not None
         reshard(pl_module)  # FSDP2: this rank's shards, even after a sampling forward
@@ -184,6 +221,12 @@ class EMA(WeightAveraging):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.num_updates = state_dict.get("num_updates", 0)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor (DTensor), sharing its storage; other tensors as they are."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
