@@ -325,7 +325,10 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         self._checked_step = -1
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.nonfinite.before_optimizer_step(optimizer, self._trained_params, self.global_step)
+        if self.nonfinite.on_device:
+            self.nonfinite.before_optimizer_step(optimizer, self._trained_params, self.global_step)
+        else:  # the host fallback: a finite loss can still have NaN/inf gradients
+            self.nonfinite.host_skip_gradients(self._trained_params, self.global_step, self._trainer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step

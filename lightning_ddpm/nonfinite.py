@@ -10,8 +10,10 @@ and timestep range go into a buffer on the device; the module calls :meth:`NonFi
 which reads the buffer back, every ``log_every_n_steps`` steps and at the end of fit: a warning
 reports the skipped steps and a streak of ``max_in_a_row`` stops training.
 
-Optimizers that cannot skip on the device fall back to :meth:`NonFiniteGuard.host_skip` (one
-synchronisation per step). Under 16-mixed, Lightning's GradScaler already skips overflowing
+Optimizers that cannot skip on the device fall back to the host (one synchronisation per step, two
+when the loss is finite): :meth:`NonFiniteGuard.host_skip` skips a step whose loss is not finite before
+backward, and :meth:`NonFiniteGuard.host_skip_gradients` one whose gradients are not, by dropping the
+gradients (torch's optimizers leave a parameter without a gradient untouched, state included). Under 16-mixed, Lightning's GradScaler already skips overflowing
 steps (overflow is routine while it calibrates its scale), so the guard counts non-finite
 *losses* only and leaves the skipping to it.
 """
@@ -84,11 +86,37 @@ class NonFiniteGuard:
         self._steps.append(step)
 
     def host_skip(self, loss: Tensor, t: Tensor, step: int, trainer: Any) -> bool:
-        """The fallback: decide now (a synchronisation), on every rank together; True means skip."""
+        """The fallback: decide now (a synchronisation), on every rank together; True means skip.
+
+        A finite loss is tallied after backward, by :meth:`host_skip_gradients`."""
         finite = bool(torch.isfinite(loss.detach()))
         if trainer is not None and trainer.world_size > 1:
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        self._tally([step], [(0, 0, 0)] if finite else [(1, int(t.min()), int(t.max()))])
+        self._t = t
+        if not finite:
+            self._tally([step], [(1, int(t.min()), int(t.max()))])
+        return not finite
+
+    def host_skip_gradients(self, parameters: Sequence[Tensor], step: int, trainer: Any) -> bool:
+        """The fallback after backward: if any gradient is NaN/inf (on any rank), drop every gradient so that
+        the optimizer leaves the weights and its state as they were; True means the step is skipped."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:  # the loss was not finite: backward was skipped and host_skip tallied the step
+            return False
+        if self._group is not None:
+            grads = [g.to_local() for g in grads]
+        flag = torch.zeros((), device=grads[0].device)
+        one = torch.ones((), device=grads[0].device)
+        for same_dtype in _by_dtype(grads):
+            torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, flag, one)
+        finite = not bool(flag)
+        if trainer is not None and trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            for p in parameters:
+                p.grad = None
+        t = self._t
+        self._tally([step], [(0, 0, 0)] if finite else [(1, int(t.min()), int(t.max()))], what="gradients")
         return not finite
 
     def check(self, trainer: Any = None) -> None:
@@ -104,7 +132,7 @@ class NonFiniteGuard:
         self._steps = []
         self._tally(steps, values)
 
-    def _tally(self, steps: Sequence[int], rows: Sequence[Sequence[int]]) -> None:
+    def _tally(self, steps: Sequence[int], rows: Sequence[Sequence[int]], what: str = "loss") -> None:
         """Count the steps' flags (``rows``: [skipped, t min, t max] per step) into the streak; warn or stop."""
         skipped, where = 0, ""
         for step, (bad, t_min, t_max) in zip(steps, rows):
@@ -119,7 +147,7 @@ class NonFiniteGuard:
                     "NaN/inf, or use bf16-mixed instead of 16-mixed"
                 )
         if skipped:
-            warnings.warn(f"non-finite loss {where}: step skipped ({skipped} skipped since the last check, "
+            warnings.warn(f"non-finite {what} {where}: step skipped ({skipped} skipped since the last check, "
                           f"{self.in_a_row}/{self.max_in_a_row} in a row)", stacklevel=3)
 
 

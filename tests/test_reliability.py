@@ -62,6 +62,46 @@ def test_nonfinite_steps_are_skipped(tmp_path, path):
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+GRADIENT_OPTIMIZERS = {**OPTIMIZERS, "host-momentum": {"name": "torch.optim.SGD", "init_args": {"lr": 0.05, "momentum": 0.9}},
+                       "host-adam-foreach": {"name": "torch.optim.Adam", "init_args": {"lr": 1e-3, "foreach": True}}}
+
+
+@pytest.mark.parametrize("path", sorted(GRADIENT_OPTIMIZERS))
+def test_steps_with_nonfinite_gradients_and_a_finite_loss_are_skipped(tmp_path, path):
+    """A NaN in one gradient while the loss is finite (a bad backward, not a bad forward): both paths skip the
+    step, weights and optimizer state untouched; the host path once checked the loss only and stepped."""
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, lr_warmup_steps=0,
+                             optimizer=GRADIENT_OPTIMIZERS[path])
+    calls = [0]
+
+    def poison(grad):  # the first backbone parameter's gradient gets one NaN in backward 2 (step 2)
+        calls[0] += 1
+        if calls[0] != 3:
+            return grad
+        grad = grad.clone()
+        grad.view(-1)[0] = float("nan")
+        return grad
+
+    next(module.backbone.parameters()).register_hook(poison)
+    record, states = RecordWeights(), []
+
+    class OptimizerState(RecordWeights):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            state = trainer.optimizers[0].state
+            states.append([v.clone() for s in state.values() for v in s.values() if torch.is_tensor(v)])
+
+    with pytest.warns(UserWarning, match=r"non-finite (gradients|loss) at step 2 \(timesteps \d+\.\.\d+\): step skipped"):
+        _trainer(tmp_path, [record, OptimizerState()], max_steps=5).fit(module, _loader())
+    assert module.nonfinite.on_device == (path == "device")
+    for a, b in zip(record.after_step[1], record.after_step[2]):  # step 2 changed nothing
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(states[1], states[2]):  # nor the optimizer's state (momentum, moments)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not all(torch.equal(a, b) for a, b in zip(record.after_step[2], record.after_step[3]))  # step 3 trained
+    assert module.nonfinite.in_a_row == 0
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 @pytest.mark.parametrize("path", sorted(OPTIMIZERS))
 def test_training_stops_after_k_nonfinite_steps_keeping_the_last_checkpoint(tmp_path, path):
     module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, max_nonfinite_steps=3,
