@@ -80,7 +80,8 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             google/ddpm-cifar10-32 downloaded beforehand) whose U-Net weights initialise the ``unet``
             backbone at setup (validate the published model, or fine-tune it); its architecture and schedule
             must be this model's (dropout aside). Nothing is downloaded. A checkpoint given to the trainer
-            (``--ckpt_path``, a resumed fit) is restored after setup and takes precedence.
+            (``--ckpt_path``, a resumed fit) is restored after setup and takes precedence, and a module loaded
+            from a checkpoint (``load_from_checkpoint``) never applies it again (nor needs the folder).
     """
 
     def __init__(
@@ -453,6 +454,9 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         ]
         if different:
             raise ValueError("checkpoint is from an incompatible config: " + "; ".join(different))
+        # The checkpoint holds every weight: init_from must not put the published ones back at a later setup
+        # (load_from_checkpoint, then Trainer.validate or predict), nor need its folder any more.
+        self._init_loaded = True
         if checkpoint.get("timestep_sampler"):
             self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
         # The global RNG belongs to the caller: restore it only to continue an interrupted fit.

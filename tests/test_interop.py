@@ -379,3 +379,32 @@ def test_a_bare_unet_folder_samples_clipped_as_ddpm_scheduler_does(tmp_path):
     _unet().save_pretrained(tmp_path / "bare")
     assert DiffusionModule.from_diffusers(tmp_path / "bare").diffusion.clip_denoised is True
     assert DiffusionModule.from_diffusers(_unet()).diffusion.clip_denoised is True
+
+
+def test_a_fine_tuned_checkpoint_keeps_its_weights_after_load_from_checkpoint(tmp_path):
+    """init_from is applied at the first setup of a fresh module only: a module loaded from a checkpoint holds
+    every weight, and validate / predict must neither put the published weights back nor need the folder."""
+    import shutil
+
+    from lightning.pytorch import Trainer
+
+    from lightning_ddpm.data import ImageDataModule
+
+    source = DiffusionModule.from_diffusers(_unet(), scheduler=_scheduler(clip_sample=True))
+    folder = source.to_diffusers(tmp_path / "pretrained")
+    settings = {k: v for k, v in source.hparams.items() if k in ("backbone", "data_shape", "schedule", "num_timesteps",
+                                                                  "schedule_kwargs", "parameterization", "variance")}
+    tuned = DiffusionModule(**settings, init_from=str(folder), lr_warmup_steps=0,
+                            optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.1}})
+    trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(tuned, ImageDataModule("digits", batch_size=16))
+    trainer.save_checkpoint(tmp_path / "tuned.ckpt")
+    assert not torch.equal(tuned.backbone.conv_in.weight, source.backbone.conv_in.weight)  # fine-tuning moved it
+    for gone in (False, True):
+        if gone:
+            shutil.rmtree(folder)  # the published folder is not needed once the checkpoint exists
+        loaded = DiffusionModule.load_from_checkpoint(tmp_path / "tuned.ckpt")
+        Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1).validate(
+            loaded, ImageDataModule("digits", batch_size=16))
+        torch.testing.assert_close(loaded.backbone.state_dict(), tuned.backbone.state_dict(), rtol=0, atol=0)
