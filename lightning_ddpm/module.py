@@ -221,9 +221,19 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
     # -- batches and the denoiser --------------------------------------------------------------
 
     def _network(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        # The network runs in its weights' dtype (bf16-true, 16-true, module.half()); the sampler keeps its
+        # state in at least float32 (see sample) and gets the output back in that dtype.
+        dtype = self.network_dtype
         if self.use_channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return self.backbone(x_t, t, cond) if cond is not None else self.backbone(x_t, t)
+        out = self.backbone(x_t.to(dtype), t, cond) if cond is not None else self.backbone(x_t.to(dtype), t)
+        return out.to(x_t.dtype)
+
+    @property
+    def network_dtype(self) -> torch.dtype:
+        """The dtype of the backbone's weights (float32 for a backbone without parameters)."""
+        weight = next(self.backbone.parameters(), None)
+        return torch.float32 if weight is None else weight.dtype
 
     def network(self, cond: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
         """The raw backbone as ``denoise_fn(x_t, t) -> output`` with class labels bound (for the losses)."""
@@ -378,7 +388,10 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             cond = check_labels(torch.as_tensor(labels).cpu(), num_samples, self.num_classes).to(self.device)
             model = guided_denoiser(model, cond, self.num_classes, scale)
         if x_T is None:
-            x_T = randn((num_samples, *self.data_shape), generator, self.device, torch.float32)
+            # At least float32 whatever the weights' precision: a 1000-step trajectory accumulated in bf16 would
+            # lose the detail each step adds; float64 weights (64-true) sample in float64.
+            dtype = torch.promote_types(self.network_dtype, torch.float32)
+            x_T = randn((num_samples, *self.data_shape), generator, self.device, dtype)
         was_training = self.training
         self.eval()
         try:

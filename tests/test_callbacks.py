@@ -468,3 +468,30 @@ def test_sample_pictures_are_drawn_by_every_rank_and_match_one_process(tmp_path)
     generators = [torch.Generator().manual_seed(3 + i) for i in range(10)]
     alone = module.sample(10, sampler=DDIMSampler(num_steps=4), generator=generators)
     torch.testing.assert_close(rank0["samples"], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "64-true", "bf16-mixed", "32-true"])
+def test_sampling_works_in_every_precision(tmp_path, precision):
+    """fit with SampleLogger and FIDCallback, then predict, under each precision Lightning offers (sample()
+    drew float32 noise whatever the weights' dtype: a dtype mismatch in the backbone under *-true)."""
+    from lightning_ddpm.data import SampleRequests
+
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True,
+                             sampler={"name": "ddpm", "init_args": {"num_steps": 4}}, lr_warmup_steps=0)
+    pictures = SampleLogger(output_dir=str(tmp_path / "pictures"), every_n_steps=2, every_n_epochs=None,
+                            num_samples=4, sampler=DDIMSampler(num_steps=3))
+    fid = FIDCallback(num_samples=6, batch_size=4, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2))
+    trainer = _trainer(tmp_path, [pictures, fid], max_steps=2, val_check_interval=2, limit_val_batches=1,
+                       num_sanity_val_steps=0, precision=precision)
+    trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=16))
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()), "SampleLogger wrote its picture"
+    samples = torch.cat(trainer.predict(module, DataLoader(SampleRequests(3, seed=1), batch_size=2)))
+    assert samples.shape == (3, 1, 8, 8) and torch.isfinite(samples).all()
+    weights = module.network_dtype
+    assert samples.dtype == torch.promote_types(weights, torch.float32)  # the state is never below float32
+    for dtype in (torch.bfloat16, torch.float16):
+        half = module.to(dtype)
+        out = half.sample(2, generator=torch.Generator().manual_seed(0))
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert half.diffusion.betas.dtype == torch.float64  # the schedule never rounds
