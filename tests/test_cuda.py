@@ -95,6 +95,84 @@ def test_training_steps_do_not_synchronise_with_the_host(tmp_path, timestep_samp
     assert trainer.global_step == 10 and module.nonfinite.on_device
 
 
+LIBRARY = str(ROOT / "lightning_ddpm")
+
+
+class _AuditSyncs:
+    """Records every synchronising CUDA call (set_sync_debug_mode("warn")) from the first callback's
+    on_train_batch_start to the end of the module's on_train_batch_end (the last hook of a step), with the
+    Python stack at that point: a sync counts for the library when any frame of the stack is library code,
+    so torch helpers that the library calls (AveragedModel.update_parameters, say) count too."""
+
+    def __init__(self, module: DiffusionModule) -> None:
+        self.found: dict[int, list[str]] = {}
+        self._step: int | None = None
+        end = module.on_train_batch_end
+
+        def on_train_batch_end(*args, **kwargs):
+            try:
+                return end(*args, **kwargs)
+            finally:
+                self.stop()
+
+        module.on_train_batch_end = on_train_batch_end
+
+    def start(self, step: int) -> None:
+        import warnings
+
+        self._step, self._warnings = step, warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self._show
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        if self._step is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._warnings.__exit__(None, None, None)
+            self._step = None
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        import traceback
+
+        if "synchroniz" not in str(message):
+            return
+        ours = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack() if f.filename.startswith(LIBRARY)]
+        if ours:
+            self.found.setdefault(self._step, []).append(ours[-1])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_whole_training_steps_of_every_config_do_not_synchronise(config, tmp_path, monkeypatch):
+    """Trainer.fit with each shipped config's own callbacks (EMA, checkpoints, pictures, FID): the steps with no
+    periodic work (not a logging step, no checkpoint, picture or validation due) make no synchronising CUDA
+    call from library code or the torch helpers it calls. Logging / validation at steps 0, 3 and 7 only."""
+    from lightning.pytorch import Callback
+
+    monkeypatch.chdir(tmp_path)  # the configs' callbacks write under outputs/ in the working directory
+    cli = run_cli(["--config", str(config), *_data_args(config, tmp_path), "--model.backbone", _backbone(config),
+                   "--trainer.accelerator=cuda", "--trainer.devices=1", "--trainer.precision=bf16-mixed",
+                   "--trainer.max_steps=8", "--trainer.log_every_n_steps=4", "--trainer.val_check_interval=4",
+                   "--trainer.limit_val_batches=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                   f"--trainer.default_root_dir={tmp_path}"], run=False)
+    audit = _AuditSyncs(cli.model)
+
+    class Start(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            audit.start(trainer.global_step)
+
+        def on_exception(self, trainer, pl_module, exception):
+            audit.stop()
+
+    cli.trainer.callbacks.insert(0, Start())  # first: its on_train_batch_start opens the window
+    assert any(type(c).__name__ == "EMA" for c in cli.trainer.callbacks), "the shipped configs average"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 8
+    quiet = {1, 2, 4, 5, 6}  # 0: label check and first log; 3, 7: log, non-finite read-back, validation
+    assert {step: where for step, where in audit.found.items() if step in quiet} == {}
+
+
 @pytest.mark.parametrize("spacing", ["trailing", "karras"])
 def test_every_sampler_loop_runs_without_host_synchronisation(spacing):
     """The sampler loops on the device: grids and coefficients are host floats, the device only computes."""
