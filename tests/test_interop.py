@@ -246,15 +246,21 @@ def test_cli_export_writes_the_ema_weights_of_a_checkpoint_trained_with_ema(tmp_
     torch.testing.assert_close(back, ema, rtol=0, atol=0)
 
 
+def _published(tmp_path):
+    """A 'published' diffusers folder, the module it came from and the settings that match its model."""
+    source = DiffusionModule.from_diffusers(_unet(), scheduler=_scheduler(clip_sample=True))
+    folder = source.to_diffusers(tmp_path / "pretrained")
+    settings = {k: v for k, v in source.hparams.items() if k in ("backbone", "data_shape", "schedule", "num_timesteps",
+                                                                  "schedule_kwargs", "parameterization", "variance")}
+    return source, folder, settings
+
+
 def test_init_from_a_folder_fine_tunes_from_its_weights_and_checks_the_config(tmp_path):
     from lightning.pytorch import Trainer
 
     from lightning_ddpm.data import ImageDataModule
 
-    source = DiffusionModule.from_diffusers(_unet(), scheduler=_scheduler(clip_sample=True))
-    folder = source.to_diffusers(tmp_path / "pretrained")
-    settings = {k: v for k, v in source.hparams.items() if k in ("backbone", "data_shape", "schedule", "num_timesteps",
-                                                                  "schedule_kwargs", "parameterization", "variance")}
+    source, folder, settings = _published(tmp_path)
     frozen = DiffusionModule(**settings, init_from=str(folder), lr_warmup_steps=0,
                              optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.0}})
     assert not torch.equal(frozen.backbone.conv_in.weight, source.backbone.conv_in.weight)
@@ -346,10 +352,7 @@ def test_a_checkpoint_given_to_the_trainer_takes_precedence_over_init_from(tmp_p
 
     from lightning_ddpm.data import ImageDataModule
 
-    source = DiffusionModule.from_diffusers(_unet(), scheduler=_scheduler(clip_sample=True))
-    folder = source.to_diffusers(tmp_path / "pretrained")
-    settings = {k: v for k, v in source.hparams.items() if k in ("backbone", "data_shape", "schedule", "num_timesteps",
-                                                                  "schedule_kwargs", "parameterization", "variance")}
+    source, folder, settings = _published(tmp_path)
     other = DiffusionModule(**settings)  # fresh random weights: what the checkpoint holds
     trainer = Trainer(max_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.strategy.connect(other)
@@ -390,10 +393,7 @@ def test_a_fine_tuned_checkpoint_keeps_its_weights_after_load_from_checkpoint(tm
 
     from lightning_ddpm.data import ImageDataModule
 
-    source = DiffusionModule.from_diffusers(_unet(), scheduler=_scheduler(clip_sample=True))
-    folder = source.to_diffusers(tmp_path / "pretrained")
-    settings = {k: v for k, v in source.hparams.items() if k in ("backbone", "data_shape", "schedule", "num_timesteps",
-                                                                  "schedule_kwargs", "parameterization", "variance")}
+    source, folder, settings = _published(tmp_path)
     tuned = DiffusionModule(**settings, init_from=str(folder), lr_warmup_steps=0,
                             optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.1}})
     trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
