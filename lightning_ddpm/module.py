@@ -7,7 +7,6 @@ the checkpoint holds no pickled objects.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from .metrics import TimestepLosses
 from .nonfinite import NonFiniteGuard
 from .samplers import Generators, Sampler, make_sampler, randn
 from .schedules import make_schedule
+from .seeding import seed_of
 from .timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
 
 __all__ = ["DiffusionModule"]
@@ -282,7 +282,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             key = ("train", torch.initial_seed(), self.global_step, batch_idx % accumulate, rank)
         else:
             key = (stage, batch_idx, rank)
-        return torch.Generator(self.device).manual_seed(_seed_of(key))
+        return torch.Generator(self.device).manual_seed(seed_of(key))
 
     def _log_epoch(self, stage: str) -> None:
         metric = self.epoch_losses[f"{stage}_losses"]
@@ -469,8 +469,3 @@ def _fused_supported(params: list[Tensor]) -> bool:
     except ImportError:
         devices = {"cuda"}
     return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
-
-
-def _seed_of(key: tuple) -> int:
-    """A 63-bit seed from a tuple, the same in every process (unlike hash() of strings)."""
-    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1

@@ -152,3 +152,41 @@ def test_an_unseeded_run_resumes_exactly_too(tmp_path):
     b = torch.load(tmp_path / "resumed" / "epoch=1-step=8.ckpt", weights_only=True)
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
+
+
+def test_sigkill_then_resume_with_two_workers_and_random_flips(tmp_path):
+    """The image configs' data path: 2 worker processes and random flips. The resumed run's new workers must
+    flip exactly the images the uninterrupted run's workers flipped (each flip a function of seed, epoch and
+    index, not of a worker's RNG stream), and the U-Net's dropout must continue too."""
+    unet = {"name": "unet", "init_args": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                                          "norm_groups": 4, "dropout": 0.1}}
+
+    def command(root: Path, *extra: str) -> list[str]:
+        callbacks = [{"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 4, "save_top_k": -1}}]
+        return [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/digits.yaml"),
+                f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false", "--trainer.deterministic=true", "--trainer.limit_val_batches=0",
+                "--model.backbone", json.dumps(unet), "--model.num_timesteps=50", "--trainer.max_steps=20",
+                "--data.init_args.batch_size=128", "--data.init_args.num_workers=2",  # 12 batches an epoch
+                "--data.init_args.random_flip=true", "--trainer.callbacks", json.dumps(callbacks), *extra]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    subprocess.run(command(straight), env=env, check=True, capture_output=True, timeout=300)
+    process = subprocess.Popen(command(crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its own process group: the workers die with it
+    marker = crashed / "ckpt" / "epoch=1-step=16.ckpt"  # the middle of epoch 1 (12 batches an epoch)
+    deadline = time.time() + 240
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    final = "epoch=1-step=20.ckpt"
+    assert marker.exists() and not (crashed / "ckpt" / final).exists(), "killed before the end"
+    result = subprocess.run(command(crashed, "--ckpt_path", str(marker)), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_training_state(torch.load(straight / "ckpt" / final, weights_only=True),
+                                torch.load(crashed / "ckpt" / final, weights_only=True))
