@@ -21,7 +21,8 @@ from .backbones.sharding import shard_backbone
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
 from .data.batches import check_labels, unpack_batch
-from .checkpoints import DIGEST_KEY, check_checkpoint_file, checkpoint_digest, verify_checkpoint
+from .checkpoints import (DIGEST_KEY, check_checkpoint_file, checkpoint_digest, gather_rng_states, restore_rng_states,
+                          verify_checkpoint)
 from .guidance import guided_denoiser
 from .imports import import_object, settings_agree, split_spec
 from .interop.module import DiffusersInterop
@@ -431,10 +432,9 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
-        # The global RNG now drives only dropout; keep its state so a resume continues it.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        # The global RNG now drives only dropout; keep every rank's state (CPU and its own device's) so that
+        # a resume continues each rank's stream. Every rank calls this hook; rank 0's file gets all states.
+        checkpoint["rng_states"] = gather_rng_states(self._root_device())
         if self._trainer is None or self.trainer.is_global_zero:  # only rank 0 writes the file
             # Last, over everything above: on load, a flipped byte in any tensor is caught.
             checkpoint[DIGEST_KEY] = checkpoint_digest(checkpoint)
@@ -455,10 +455,12 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         # The global RNG belongs to the caller: restore it only to continue an interrupted fit.
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         states = (checkpoint.get("rng_states") or {}) if fitting else {}
-        if "torch" in states:
-            torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
+        if states:
+            restore_rng_states(states, self._root_device(), self.trainer.global_rank, self.trainer.world_size)
+
+    def _root_device(self) -> torch.device:
+        """The rank's device: Lightning restores a checkpoint before it moves the module there."""
+        return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
 
 def _fused_supported(params: list[Tensor]) -> bool:

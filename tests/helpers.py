@@ -268,3 +268,31 @@ class PoisonShardGrad(pl.Callback):
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         record = {str(k): v for k, v in self.unchanged.items()}
         (Path(self.dirpath) / f"poison_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class PerRankRNG(pl.Callback):
+    """Gives every rank RNG streams of its own, as GPUs do: the global (CPU) generator is reseeded with
+    ``1000 + rank`` at setup (a checkpoint restored afterwards overrides it), and the CPU is made to look like an
+    accelerator whose device generator (seeded ``100 + rank``, one draw per training step, like dropout on a GPU)
+    is registered in ``DEVICE_RNG``, so checkpoints save and restore it like a CUDA device's. At the end every
+    rank saves both generators' states to ``<dirpath>/rng_rank<r>.pt``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self.device_generator = torch.Generator()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_ddpm.checkpoints import DEVICE_RNG
+
+        torch.manual_seed(1000 + trainer.global_rank)
+        self.device_generator.manual_seed(100 + trainer.global_rank)
+        DEVICE_RNG["cpu"] = (lambda device: self.device_generator.get_state(),
+                             lambda state, device: self.device_generator.set_state(state))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        torch.rand(1, generator=self.device_generator)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        torch.save({"torch": torch.get_rng_state(), "device": self.device_generator.get_state()},
+                   Path(self.dirpath) / f"rng_rank{trainer.global_rank}.pt")
