@@ -5,11 +5,16 @@ through an fsspec transaction (a temporary file moved into place), so a crash mi
 the previous file intact. Reading is not: torch does not check the zip archive's CRCs, so a
 flipped byte inside a tensor loads silently. ``DiffusionModule`` therefore stores a SHA-256
 digest of every tensor in the checkpoint (``checkpoint_digest``) and checks it on load.
+
+The RNG states a resume restores are per rank: every rank's CPU generator and the generator of its
+own device (``gather_rng_states``), gathered into the one file rank 0 writes, and each rank takes
+its own back (``restore_rng_states``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -19,6 +24,63 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 DIGEST_KEY = "lightning_ddpm_digest"
+
+# device type -> (get_state(device), set_state(state, device)) of the generator that random ops on such a
+# device draw from (dropout on a GPU); the CPU's is the global torch generator, saved for every rank anyway.
+DEVICE_RNG: dict[str, tuple[Callable[[torch.device], torch.Tensor], Callable[[torch.Tensor, torch.device], None]]] = {
+    "cuda": (lambda device: torch.cuda.get_rng_state(device), lambda state, device: torch.cuda.set_rng_state(state, device)),
+    "mps": (lambda device: torch.mps.get_rng_state(), lambda state, device: torch.mps.set_rng_state(state)),
+}
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG state: the CPU generator and the generator of ``device`` (the rank's own)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type in DEVICE_RNG:
+        state[device.type] = DEVICE_RNG[device.type][0](device)
+    return state
+
+
+def gather_rng_states(device: torch.device) -> dict[str, Any]:
+    """Every rank's :func:`rng_state`, as ``{"per_rank": [rank 0's, rank 1's, ...]}``.
+
+    A collective under torch.distributed: every rank must call it (as every rank calls
+    ``Trainer.save_checkpoint``, which has its own barrier); a single process gives a list of one.
+    """
+    own = rng_state(device)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() == 1:
+        return {"per_rank": [own]}
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, own)
+    return {"per_rank": states}
+
+
+def restore_rng_states(states: Mapping[str, Any], device: torch.device, rank: int, world_size: int) -> None:
+    """Give this rank back the RNG state it saved (:func:`gather_rng_states`); warn if the world size changed.
+
+    Checkpoints from before the per-rank format hold rank 0's CPU state and its view of every GPU's state.
+    """
+    if "per_rank" not in states:
+        if "torch" in states:
+            torch.set_rng_state(states["torch"])
+        cuda = states.get("cuda")
+        if cuda is not None and device.type == "cuda" and (device.index or 0) < len(cuda):
+            torch.cuda.set_rng_state(cuda[device.index or 0], device)
+        return
+    saved = states["per_rank"]
+    if len(saved) != world_size and rank == 0:
+        warnings.warn(
+            f"resuming with {world_size} processes a run checkpointed with {len(saved)}: ranks below "
+            f"{min(len(saved), world_size)} restore their own RNG state (dropout) and the others keep theirs, and "
+            "the data shards change with the world size, so the run continues but not bit-identically to an "
+            "uninterrupted one", stacklevel=2)
+    if rank >= len(saved):
+        return
+    own = saved[rank]
+    torch.set_rng_state(own["torch"])
+    if device.type in own and device.type in DEVICE_RNG:
+        DEVICE_RNG[device.type][1](own[device.type], device)
 
 
 def _tensors(value: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:

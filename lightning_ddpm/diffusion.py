@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoiser import DenoiseFn, Prediction, PredictFn
+from .dtypes import precise_dtype
 from .likelihood import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .losses import available_losses, get_loss
 from .parameterizations import StepCoefficients, available_parameterizations, get_parameterization
@@ -139,13 +140,18 @@ class GaussianDiffusion(nn.Module):
         }
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GaussianDiffusion:
-        # Moving is fine, casting is not: re-derive the constants in float64 on the new device
-        # so ``.half()`` or bf16-true precision never rounds the schedule.
+        # Moving is fine, casting is not: the constants never go through ``fn`` (``.half()`` or bf16-true would
+        # round them, and a device without float64, MPS, refuses them). ``fn`` moves empty float32 stand-ins,
+        # which tell the new device; the constants are re-derived in float64 on the host and moved there, in
+        # float64 where the device has it and float32 elsewhere.
+        constants = self._constants()
+        for name in constants:
+            self._buffers[name] = torch.empty(0, device=self._buffers[name].device)
         super()._apply(fn, recurse)
-        device = self.betas.device
-        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        for name, value in self._constants().items():
-            self._buffers[name] = value.to(device=device, dtype=dtype)
+        device = self._buffers["betas"].device
+        dtype = precise_dtype(device)
+        for name, value in constants.items():
+            self._buffers[name] = value.to(dtype).to(device)  # cast on the host: MPS cannot hold the float64
         return self
 
     def gather(self, name: str, t: Tensor, x: Tensor) -> Tensor:
@@ -177,7 +183,7 @@ class GaussianDiffusion(nn.Module):
         )
 
     def alpha_bar_at(self, t: Tensor) -> Tensor:
-        """alpha_bar at (possibly fractional) timesteps, float64 on the schedule's device.
+        """alpha_bar at (possibly fractional) timesteps on the schedule's device (float64 where it has it).
 
         Between two indices log sigma is interpolated linearly: the inverse of the sigma -> t map of
         k-diffusion and diffusers (``_sigma_to_t``), so a model evaluated at a Karras sigma sees the
@@ -369,14 +375,15 @@ class GaussianDiffusion(nn.Module):
         """
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
         batch, T = x0.shape[0], self.num_timesteps
-        terms = torch.zeros(batch, T, device=x0.device, dtype=torch.float64)
+        total_dtype = precise_dtype(x0.device)  # the sum of T terms: float64 where the device has it
+        terms = torch.zeros(batch, T, device=x0.device, dtype=total_dtype)
         for i, step in enumerate(reversed(range(T))):
             t = torch.full((batch,), step, device=x0.device, dtype=torch.long)
             x_t = self.q_sample(x0, t, generator=generator)
-            terms[:, step] = self.vlb_terms(denoise_fn(x_t, t), x0, x_t, t, clip_denoised=clip).double()
+            terms[:, step] = self.vlb_terms(denoise_fn(x_t, t), x0, x_t, t, clip_denoised=clip).to(total_dtype)
             if callback is not None:
                 callback(i + 1, T)
-        prior = self.prior_bpd(x0).double()
+        prior = self.prior_bpd(x0).to(total_dtype)
         return BitsPerDim(prior + terms.sum(dim=1), prior, terms)
 
     def bits_per_dim(

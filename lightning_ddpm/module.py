@@ -7,7 +7,6 @@ the checkpoint holds no pickled objects.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,7 +21,8 @@ from .backbones.sharding import shard_backbone
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
 from .data.batches import check_labels, unpack_batch
-from .checkpoints import DIGEST_KEY, check_checkpoint_file, checkpoint_digest, verify_checkpoint
+from .checkpoints import (DIGEST_KEY, check_checkpoint_file, checkpoint_digest, gather_rng_states, restore_rng_states,
+                          verify_checkpoint)
 from .guidance import guided_denoiser
 from .imports import import_object, settings_agree, split_spec
 from .interop.module import DiffusersInterop
@@ -30,6 +30,7 @@ from .metrics import TimestepLosses
 from .nonfinite import NonFiniteGuard
 from .samplers import Generators, Sampler, make_sampler, randn
 from .schedules import make_schedule
+from .seeding import seed_of
 from .timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
 
 __all__ = ["DiffusionModule"]
@@ -293,7 +294,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             key = ("train", torch.initial_seed(), self.global_step, batch_idx % accumulate, rank)
         else:
             key = (stage, batch_idx, rank)
-        return torch.Generator(self.device).manual_seed(_seed_of(key))
+        return torch.Generator(self.device).manual_seed(seed_of(key))
 
     def _log_epoch(self, stage: str) -> None:
         metric = self.epoch_losses[f"{stage}_losses"]
@@ -448,10 +449,9 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
-        # The global RNG now drives only dropout; keep its state so a resume continues it.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        # The global RNG now drives only dropout; keep every rank's state (CPU and its own device's) so that
+        # a resume continues each rank's stream. Every rank calls this hook; rank 0's file gets all states.
+        checkpoint["rng_states"] = gather_rng_states(self._root_device())
         if self._trainer is None or self.trainer.is_global_zero:  # only rank 0 writes the file
             # Last, over everything above: on load, a flipped byte in any tensor is caught.
             checkpoint[DIGEST_KEY] = checkpoint_digest(checkpoint)
@@ -475,10 +475,12 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         # The global RNG belongs to the caller: restore it only to continue an interrupted fit.
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         states = (checkpoint.get("rng_states") or {}) if fitting else {}
-        if "torch" in states:
-            torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
+        if states:
+            restore_rng_states(states, self._root_device(), self.trainer.global_rank, self.trainer.world_size)
+
+    def _root_device(self) -> torch.device:
+        """The rank's device: Lightning restores a checkpoint before it moves the module there."""
+        return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
 
 def _fused_supported(params: list[Tensor]) -> bool:
@@ -489,8 +491,3 @@ def _fused_supported(params: list[Tensor]) -> bool:
     except ImportError:
         devices = {"cuda"}
     return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
-
-
-def _seed_of(key: tuple) -> int:
-    """A 63-bit seed from a tuple, the same in every process (unlike hash() of strings)."""
-    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1

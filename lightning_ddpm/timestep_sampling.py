@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .dtypes import precise_dtype
 from .registry import Registry
 
 __all__ = ["UniformTimestepSampler", "LossSecondMomentSampler", "TIMESTEP_SAMPLERS", "make_timestep_sampler"]
@@ -71,8 +72,10 @@ class LossSecondMomentSampler(UniformTimestepSampler):
         return bool((self.loss_counts == self.history).all())
 
     def _to(self, device: torch.device | str) -> None:
-        if self._buffer.device != torch.device(device):
-            self._buffer, self.loss_counts, self._next = (x.to(device) for x in (self._buffer, self.loss_counts, self._next))
+        dtype = precise_dtype(device)  # the loss history in float64 where the device has it
+        if self._buffer.device != torch.device(device) or self._buffer.dtype != dtype:
+            self._buffer = self._buffer.to(dtype).to(device)  # cast on the host: MPS cannot hold the float64
+            self.loss_counts, self._next = self.loss_counts.to(device), self._next.to(device)
 
     def sample(
         self, batch_size: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
@@ -97,7 +100,7 @@ class LossSecondMomentSampler(UniformTimestepSampler):
         """Append each finite (t, loss) to t's history, oldest out first, without a loop over the batch."""
         self._to(t.device)
         H = self.history
-        t, losses = t.long(), losses.detach().double()
+        t, losses = t.long(), losses.detach().to(self._buffer.dtype)
         keep = torch.isfinite(losses)
         order = torch.argsort(t, stable=True)  # grouped by t, batch order within a group
         t, losses, keep = t[order], losses[order], keep[order]

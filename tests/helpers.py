@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -268,3 +269,64 @@ class PoisonShardGrad(pl.Callback):
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         record = {str(k): v for k, v in self.unchanged.items()}
         (Path(self.dirpath) / f"poison_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class PerRankRNG(pl.Callback):
+    """Gives every rank RNG streams of its own, as GPUs do: the global (CPU) generator is reseeded with
+    ``1000 + rank`` at setup (a checkpoint restored afterwards overrides it), and the CPU is made to look like an
+    accelerator whose device generator (seeded ``100 + rank``, one draw per training step, like dropout on a GPU)
+    is registered in ``DEVICE_RNG``, so checkpoints save and restore it like a CUDA device's. At the end every
+    rank saves both generators' states to ``<dirpath>/rng_rank<r>.pt``."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+        self.device_generator = torch.Generator()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_ddpm.checkpoints import DEVICE_RNG
+
+        torch.manual_seed(1000 + trainer.global_rank)
+        self.device_generator.manual_seed(100 + trainer.global_rank)
+        DEVICE_RNG["cpu"] = (lambda device: self.device_generator.get_state(),
+                             lambda state, device: self.device_generator.set_state(state))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        torch.rand(1, generator=self.device_generator)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+        torch.save({"torch": torch.get_rng_state(), "device": self.device_generator.get_state()},
+                   Path(self.dirpath) / f"rng_rank{trainer.global_rank}.pt")
+
+
+class DeviceWithoutFloat64(torch.overrides.TorchFunctionMode):
+    """Pretends the CPU is a device without float64, as MPS is: a tensor is "on the device" when it was moved or
+    created there (``.to(device)``, a factory given ``device=``) or computed from such a tensor, and a float64
+    one of those raises, as MPS refuses it. Host-side float64 (schedules, sampler grids) stays allowed. Use it
+    with ``lightning_ddpm.dtypes.NO_FLOAT64`` patched to include ``"cpu"``, so the library treats the CPU so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._on_device: dict[int, Any] = {}
+
+    def _marked(self, tensor: torch.Tensor) -> bool:
+        ref = self._on_device.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        moved = func in (torch.Tensor.to, torch.Tensor.cuda) and any(
+            isinstance(a, (torch.device, str, torch.Tensor)) for a in [*args[1:], kwargs.get("device")])
+        inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if moved or kwargs.get("device") is not None or any(self._marked(a) for a in inputs):
+            for tensor in (t for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+                if tensor.dtype in (torch.float64, torch.complex128):
+                    raise TypeError(f"{getattr(func, '__name__', func)}: float64 on a device without float64 "
+                                    "(as MPS: 'Cannot convert a MPS Tensor to float64 dtype')")
+                self._on_device[id(tensor)] = weakref.ref(tensor)
+        return out

@@ -495,3 +495,33 @@ def test_sampling_works_in_every_precision(tmp_path, precision):
         out = half.sample(2, generator=torch.Generator().manual_seed(0))
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         assert half.diffusion.betas.dtype == torch.float64  # the schedule never rounds
+
+
+def test_fid_runs_at_the_same_validations_after_a_resume(tmp_path):
+    """every_n_validations counts the run's validations, not the process's: the counter is checkpointed, so a
+    run resumed after its first validation evaluates FID where the uninterrupted run did (the same values too)."""
+
+    def fit(root: Path, max_epochs: int, ckpt_path: Path | None = None) -> list[tuple[int, float]]:
+        torch.manual_seed(0)
+        module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
+        fid = FIDCallback(num_samples=6, batch_size=6, every_n_validations=2, feature_extractor=TinyFeatures(),
+                          sampler=DDIMSampler(num_steps=2))
+        evaluate, done = fid.evaluate, []
+
+        def recording(trainer, pl_module, total, sampler=None):
+            values = evaluate(trainer, pl_module, total, sampler)
+            done.append((trainer.global_step, values["val/fid"]))
+            return values
+
+        fid.evaluate = recording
+        ckpt = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1)
+        _trainer(root, [fid, ckpt], max_steps=-1, max_epochs=max_epochs, limit_val_batches=1, num_sanity_val_steps=0,
+                 enable_checkpointing=True).fit(module, datamodule=ImageDataModule("digits", batch_size=512),
+                                                ckpt_path=ckpt_path)
+        return done
+
+    straight = fit(tmp_path / "straight", 4)  # 3 batches an epoch, a validation at each epoch's end
+    assert [step for step, _ in straight] == [6, 12]
+    fit(tmp_path / "resumed", 1)
+    resumed = fit(tmp_path / "resumed", 4, ckpt_path=tmp_path / "resumed" / "epoch=0-step=3.ckpt")
+    assert resumed == straight

@@ -203,3 +203,43 @@ def test_a_bare_sampler_name_fits_a_short_schedule():
     assert m.default_sampler.num_steps == 8
     with pytest.raises(ValueError, match=r"num_steps must lie in \[1, T=8\], got 10"):
         DiffusionModule(backbone=TINY_MLP, num_timesteps=8, sampler={"name": "unipc", "init_args": {"num_steps": 10}})
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # the training step outside a Trainer
+def test_a_device_without_float64_gets_float32_constants_on_every_path(monkeypatch):
+    """MPS refuses float64: moving the module, training steps and the loss-aware timestep sampler, every kind of
+    sampler (respaced DDPM, DDIM, a multistep solver on fractional Karras timesteps) and bits/dim must keep
+    float64 off such a device, and keep it where the device has it."""
+    from lightning_ddpm import dtypes
+    from lightning_ddpm.timestep_sampling import LossSecondMomentSampler
+    from tests.helpers import DeviceWithoutFloat64
+
+    def model(**kw):
+        return DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, num_classes=3,
+                               variance="learned_range", loss="hybrid", clip_denoised=True, **kw)
+
+    module = model()
+    assert module.to("cpu").diffusion.betas.dtype == torch.float64  # a device with float64 keeps it
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    monkeypatch.setattr(dtypes, "NO_FLOAT64", {*dtypes.NO_FLOAT64, "cpu"})
+    module = model()
+    with DeviceWithoutFloat64():
+        module.to("cpu")
+        assert {b.dtype for b in module.diffusion.buffers()} == {torch.float32}
+        batch = (x0.to("cpu"), torch.tensor([0, 1, 2, 0]).to("cpu"))
+        for step in range(2):
+            loss, _ = module._shared_step(batch, "train", step)
+            loss.backward()
+        importance = LossSecondMomentSampler(20, history=1)  # its loss history lives on the device
+        t = torch.arange(20).to("cpu")
+        importance.update(t, t.float() + 1)
+        t, weights = importance.sample(64, "cpu", generator=torch.Generator().manual_seed(0))
+        importance.update(t, t.float() + 1)
+        assert importance.warmed_up() and importance.loss_history.dtype == torch.float32 and weights.isfinite().all()
+        for sampler in ("ddpm", {"name": "ddpm", "init_args": {"num_steps": 5}}, "ddim",
+                        {"name": "dpmpp_2m", "init_args": {"num_steps": 4, "spacing": "karras"}},
+                        {"name": "unipc", "init_args": {"num_steps": 4}}):
+            samples = module.sample(2, sampler=sampler, labels=[0, 1], generator=torch.Generator().manual_seed(0))
+            assert samples.dtype == torch.float32 and torch.isfinite(samples).all()
+        bpd = module.diffusion.bits_per_dim(module.denoiser(), x0.to("cpu"))
+        assert bpd.dtype == torch.float32 and torch.isfinite(bpd).all()

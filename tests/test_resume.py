@@ -152,3 +152,101 @@ def test_an_unseeded_run_resumes_exactly_too(tmp_path):
     b = torch.load(tmp_path / "resumed" / "epoch=1-step=8.ckpt", weights_only=True)
     for key in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
+
+
+def test_sigkill_then_resume_with_two_workers_and_random_flips(tmp_path):
+    """The image configs' data path: 2 worker processes and random flips. The resumed run's new workers must
+    flip exactly the images the uninterrupted run's workers flipped (each flip a function of seed, epoch and
+    index, not of a worker's RNG stream), and the U-Net's dropout must continue too."""
+    unet = {"name": "unet", "init_args": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                                          "norm_groups": 4, "dropout": 0.1}}
+
+    def command(root: Path, *extra: str) -> list[str]:
+        callbacks = [{"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 4, "save_top_k": -1}}]
+        return [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/digits.yaml"),
+                f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false", "--trainer.deterministic=true", "--trainer.limit_val_batches=0",
+                "--model.backbone", json.dumps(unet), "--model.num_timesteps=50", "--trainer.max_steps=20",
+                "--data.init_args.batch_size=128", "--data.init_args.num_workers=2",  # 12 batches an epoch
+                "--data.init_args.random_flip=true", "--trainer.callbacks", json.dumps(callbacks), *extra]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    subprocess.run(command(straight), env=env, check=True, capture_output=True, timeout=300)
+    process = subprocess.Popen(command(crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its own process group: the workers die with it
+    marker = crashed / "ckpt" / "epoch=1-step=16.ckpt"  # the middle of epoch 1 (12 batches an epoch)
+    deadline = time.time() + 240
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    final = "epoch=1-step=20.ckpt"
+    assert marker.exists() and not (crashed / "ckpt" / final).exists(), "killed before the end"
+    result = subprocess.run(command(crashed, "--ckpt_path", str(marker)), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_training_state(torch.load(straight / "ckpt" / final, weights_only=True),
+                                torch.load(crashed / "ckpt" / final, weights_only=True))
+
+
+def test_every_rank_resumes_its_own_rng_streams(tmp_path):
+    """2 DDP processes whose global RNGs differ by rank (dropout) and whose (faked) device generators differ too:
+    a resumed run gives each rank its own saved states back, not rank 0's, and ends where the uninterrupted one
+    does, on both ranks."""
+    from tests.helpers import run_cli_process
+
+    def fit(root: Path, max_steps: int, *extra: str) -> None:
+        callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 5, "save_top_k": -1}},
+                     {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(root / "weights")}},
+                     {"class_path": "tests.helpers.PerRankRNG", "init_args": {"dirpath": str(root / "rng")}}]
+        run_cli_process(["fit", "--config", str(ROOT / "configs/toy2d.yaml"), f"--trainer.default_root_dir={root}",
+                         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.deterministic=true",
+                         "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+                         "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50", "--trainer.limit_val_batches=0",
+                         "--data.init_args.num_train=1280", "--data.init_args.batch_size=64",  # 10 batches per rank
+                         f"--trainer.max_steps={max_steps}", "--trainer.callbacks", json.dumps(callbacks), *extra],
+                        cwd=ROOT)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    fit(straight, 15)
+    fit(resumed, 5)
+    checkpoint = torch.load(resumed / "ckpt" / "epoch=0-step=5.ckpt", weights_only=True)
+    assert len(checkpoint["rng_states"]["per_rank"]) == 2
+    fit(resumed, 15, "--ckpt_path", str(resumed / "ckpt" / "epoch=0-step=5.ckpt"))
+    ranks = [torch.load(straight / "rng" / f"rng_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"]) and not torch.equal(ranks[0]["device"],
+                                                                                      ranks[1]["device"])
+    for rank in (0, 1):
+        a = torch.load(straight / "rng" / f"rng_rank{rank}.pt", weights_only=True)
+        b = torch.load(resumed / "rng" / f"rng_rank{rank}.pt", weights_only=True)
+        assert torch.equal(a["torch"], b["torch"]) and torch.equal(a["device"], b["device"]), f"rank {rank}"
+        wa = torch.load(straight / "weights" / f"rank{rank}.pt", weights_only=True)
+        wb = torch.load(resumed / "weights" / f"rank{rank}.pt", weights_only=True)
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=f"rank {rank} {key}")
+
+
+def test_rng_states_restore_per_rank_and_warn_when_the_world_size_changes():
+    import pytest
+
+    from lightning_ddpm.checkpoints import restore_rng_states
+
+    saved = [{"torch": torch.Generator().manual_seed(seed).get_state()} for seed in (1, 2)]
+    before = torch.get_rng_state()
+    try:
+        restore_rng_states({"per_rank": saved}, torch.device("cpu"), rank=1, world_size=2)
+        assert torch.equal(torch.get_rng_state(), saved[1]["torch"])
+        with pytest.warns(UserWarning, match="resuming with 1 processes a run checkpointed with 2: ranks below 1"):
+            restore_rng_states({"per_rank": saved}, torch.device("cpu"), rank=0, world_size=1)
+        assert torch.equal(torch.get_rng_state(), saved[0]["torch"])
+        torch.set_rng_state(before)
+        restore_rng_states({"per_rank": saved}, torch.device("cpu"), rank=2, world_size=3)  # a new rank keeps its own
+        assert torch.equal(torch.get_rng_state(), before)
+        restore_rng_states({"torch": saved[1]["torch"]}, torch.device("cpu"), rank=0, world_size=1)  # the old format
+        assert torch.equal(torch.get_rng_state(), saved[1]["torch"])
+    finally:
+        torch.set_rng_state(before)

@@ -37,7 +37,8 @@ class FIDCallback(pl.Callback):
 
     Args:
         num_samples: generated images per evaluation (50k for paper numbers; fewer during training).
-        every_n_validations: evaluate at every this many validation epochs (``None``: never during training).
+        every_n_validations: evaluate at every this many validation epochs (``None``: never during training),
+            counted over the whole run (the count is checkpointed, so a resumed run evaluates at the same steps).
         at_train_end: evaluate once more at the end of fit with ``final_num_samples``.
         final_num_samples: samples for the end-of-training evaluation (default ``num_samples``).
         sampler: a Sampler, a registered name or ``{name, init_args}`` mapping (default ``DDIMSampler(num_steps=100)``).
@@ -92,6 +93,20 @@ class FIDCallback(pl.Callback):
         self.real_done = False
         self._validations = 0
         self.last: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        # two FID callbacks in one run (e.g. a frequent cheap one and a rare full one) keep their own counters
+        return self._generate_state_key(num_samples=self.num_samples, every_n_validations=self.every_n_validations,
+                                        seed=self.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        # every_n_validations counts the run's validations: a resumed run evaluates where an uninterrupted
+        # one does. The real statistics are not kept; the next validation collects them again.
+        return {"validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = int(state_dict.get("validations", 0))
 
     def build_metrics(self) -> None:
         """Create the torchmetrics objects (loads Inception unless a custom extractor was given)."""

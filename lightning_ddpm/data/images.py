@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..registry import Registry
+from ..seeding import seed_of
 from .requests import predict_loader
 from .resumable import resumable_train_loader
 
@@ -32,26 +33,39 @@ def _to_unit_range(images: Tensor) -> Tensor:
 
 
 class _Transformed(Dataset):
-    """Applies resize / flip / scaling to an underlying dataset that yields (image, label)."""
+    """Applies resize / flip / scaling to an underlying dataset that yields (image, label).
 
-    def __init__(self, base: Dataset, image_size: tuple[int, int] | None, random_flip: bool) -> None:
+    The random flip is a function of (seed, epoch, index): the training sampler indexes this dataset
+    with ``(index, epoch)`` keys (``keyed_by_epoch``), and each key seeds its own generator, so the
+    number of worker processes, the rank and a resume (fresh workers) never change an image's flips.
+    A plain integer index means epoch 0.
+    """
+
+    keyed_by_epoch = True
+
+    def __init__(self, base: Dataset, image_size: tuple[int, int] | None, random_flip: bool, seed: int = 0) -> None:
         from torchvision.transforms import v2
 
-        self.base = base
+        self.base, self.random_flip, self.seed = base, random_flip, seed
         steps: list = [v2.ToImage()]
         if image_size is not None:
             steps += [v2.Resize(min(image_size), antialias=True), v2.CenterCrop(image_size)]
-        if random_flip:
-            steps.append(v2.RandomHorizontalFlip())
         steps.append(v2.ToDtype(torch.uint8, scale=True))
         self.transform = v2.Compose(steps)
 
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        image, label = self.base[i]
-        return _to_unit_range(self.transform(image)), int(label)
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        image, label = self.base[index]
+        image = self.transform(image)
+        if self.random_flip:
+            # Every random draw of the augmentation comes from this (seed, epoch, index) generator.
+            generator = torch.Generator().manual_seed(seed_of(("augment", self.seed, epoch, index)))
+            if torch.rand((), generator=generator) < 0.5:
+                image = image.flip(-1)
+        return _to_unit_range(image), int(label)
 
 
 class ImageFolderDataset(Dataset):
@@ -131,10 +145,11 @@ class ImageDataModule(pl.LightningDataModule):
         val_fraction: held-out fraction for datasets without a test split (digits, imagefolder).
         num_workers: dataloader worker processes.
         pin_memory: pinned host memory for faster GPU transfer.
-        random_flip: random horizontal flips in training (Ho et al. use them on CIFAR-10).
+        random_flip: random horizontal flips in training (Ho et al. use them on CIFAR-10); each image's flip
+            is a function of (seed, epoch, index), so a resumed run flips what an uninterrupted one would.
         labels: expose class labels, which makes the linked model class-conditional.
         download: let ``prepare_data`` download torchvision datasets.
-        seed: seed of the train/val split.
+        seed: seed of the train/val split, the training order and the flips.
         num_predict_samples: how many samples ``predict`` draws.
         predict_seed: seed of the first predict request.
         predict_labels: labels to cycle through in ``predict`` (default: every class, when ``labels``).
@@ -229,7 +244,7 @@ class ImageDataModule(pl.LightningDataModule):
             order = torch.randperm(len(base), generator=torch.Generator().manual_seed(self.seed)).tolist()
             num_val = max(1, int(round(self.val_fraction * len(base))))
             train_base, val_base = Subset(base, order[num_val:]), Subset(base, order[:num_val])
-        self._train = _Transformed(train_base, self.image_size, self.random_flip)
+        self._train = _Transformed(train_base, self.image_size, self.random_flip, self.seed)
         self._val = _Transformed(val_base, self.image_size, False)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
