@@ -43,6 +43,17 @@ def _assert_same_training_state(a: dict, b: dict) -> None:
             torch.testing.assert_close(x[name], y[name], rtol=0, atol=0)
 
 
+def _kill_when_written(command: list[str], env: dict, marker: Path) -> None:
+    """Start ``command`` in its own process group and SIGKILL the whole group once ``marker`` exists."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
@@ -81,14 +92,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_with_two_processes(tmp
 
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     subprocess.run(command(straight), env=env, check=True, capture_output=True, timeout=300)
-    process = subprocess.Popen(command(crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # its own process group: rank 1 dies with rank 0
     marker = crashed / "ckpt" / "epoch=2-step=25.ckpt"  # the middle of epoch 2 (10 batches per rank)
-    deadline = time.time() + 240
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    _kill_when_written(command(crashed), env, marker)  # rank 1 dies with rank 0
     assert marker.exists() and not (crashed / "ckpt" / "epoch=4-step=45.ckpt").exists(), "killed before the end"
     result = subprocess.run(command(crashed, "--ckpt_path", "last"), env=env, capture_output=True, text=True,
                             timeout=300)
@@ -175,14 +180,8 @@ def test_sigkill_then_resume_with_two_workers_and_random_flips(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     subprocess.run(command(straight), env=env, check=True, capture_output=True, timeout=300)
-    process = subprocess.Popen(command(crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # its own process group: the workers die with it
     marker = crashed / "ckpt" / "epoch=1-step=16.ckpt"  # the middle of epoch 1 (12 batches an epoch)
-    deadline = time.time() + 240
-    while not marker.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    _kill_when_written(command(crashed), env, marker)  # the workers die with it
     final = "epoch=1-step=20.ckpt"
     assert marker.exists() and not (crashed / "ckpt" / final).exists(), "killed before the end"
     result = subprocess.run(command(crashed, "--ckpt_path", str(marker)), env=env, capture_output=True, text=True,
