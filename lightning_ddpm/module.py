@@ -20,7 +20,7 @@ from .backbones import BackboneSpec, build_backbone, check_backbone
 from .backbones.sharding import shard_backbone
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
-from .data.batches import check_labels, unpack_batch
+from .data.batches import check_image_range, check_labels, unpack_batch
 from .checkpoints import (DIGEST_KEY, check_checkpoint_file, checkpoint_digest, gather_rng_states, restore_rng_states,
                           verify_checkpoint)
 from .guidance import guided_denoiser
@@ -252,6 +252,8 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         # Reading the label values back is a host sync: do it on the first batch of each epoch only (an
         # out-of-range label later still fails, in the class embedding, with a less friendly message).
         labels = check_labels(labels, x0.shape[0], self.num_classes, values=batch_idx == 0)
+        if batch_idx == 0:  # the data's range, read back once an epoch as the labels are
+            check_image_range(x0)
         # Every draw comes from a generator seeded by (stage, step, micro-batch, rank), never from the
         # global RNG: validation losses are comparable between epochs, and a resumed run draws
         # exactly what the uninterrupted one would have.
@@ -383,6 +385,12 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         if scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {scale}")
         model = self.denoiser()
+        if guidance_scale is not None and labels is None and guidance_scale != 1.0:
+            warnings.warn(f"guidance_scale={guidance_scale} has no effect without labels (guidance mixes the "
+                          "conditional and unconditional predictions); pass labels=... to guide", stacklevel=2)
+        if x_T is not None and tuple(x_T.shape) != (num_samples, *self.data_shape):
+            raise ValueError(f"x_T must have shape (num_samples, *data_shape) = {(num_samples, *self.data_shape)}, "
+                             f"got {tuple(x_T.shape)}")
         if labels is not None:
             if self.num_classes is None:
                 raise ValueError("labels given to an unconditional model (num_classes is None)")

@@ -5,6 +5,8 @@ import re
 from pathlib import Path
 
 import pytest
+import warnings
+
 import torch
 from PIL import Image
 
@@ -19,6 +21,10 @@ ROWS = {
     for m in re.finditer(r"^\| ([a-z0-9-]+) \| .* \| `(.*)` \|$", (ROOT / "docs/errors.md").read_text(), re.M)
 }
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 8, "num_blocks": 1}}
+
+
+TINY_UNET_ERRORS = {"name": "unet", "init_args": {"ch": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [],
+                                                  "norm_groups": 4}}
 
 
 def _module(**kw):
@@ -202,6 +208,10 @@ CASES = {
     "labels-missing": lambda tmp: _module(data_shape=[2], num_classes=3)._shared_step(torch.randn(4, 2), "train", 0),
     "labels-range": lambda tmp: _module(data_shape=[2], num_classes=3).sample(2, labels=[0, 5]),
     "guidance-negative": lambda tmp: _module(data_shape=[2], num_classes=3, guidance_scale=-1),
+    "image-range": lambda tmp: _module(data_shape=[1, 4, 4], backbone=TINY_UNET_ERRORS)._shared_step(
+        torch.linspace(0, 255, 32).reshape(2, 1, 4, 4), "train", 0),
+    "x-t-shape": lambda tmp: _module(data_shape=[1, 16, 16], backbone=TINY_UNET_ERRORS).sample(
+        4, x_T=torch.randn(4, 1, 8, 8)),
     "num-steps": lambda tmp: _module(num_timesteps=1000, sampler={"name": "ddim", "init_args": {"num_steps": 2000}}),
     "eta-negative": lambda tmp: DDIMSampler(eta=-0.5),
     "solver-order": lambda tmp: _module(sampler={"name": "unipc", "init_args": {"order": 4}}),
@@ -259,3 +269,21 @@ def test_every_documented_error(case, tmp_path):
         CASES[case](tmp_path)
     assert ROWS[case] in str(info.value), f"{case}: got {info.value}"
     assert "\n" not in str(info.value).split(" (")[0]  # one line up to any quoted cause
+
+
+def test_values_that_are_legal_but_almost_surely_a_mistake_warn():
+    """[0, 1] images (the model expects [-1, 1]) and a guidance scale without labels (it changes nothing)."""
+    module = _module(data_shape=[1, 4, 4], backbone=TINY_UNET_ERRORS)
+    with pytest.warns(UserWarning, match=r"the image batch lies in \[0, 1\], as \[0, 1\] images do; the model expects \[-1, 1\]"):
+        module._shared_step(torch.rand(2, 1, 4, 4).clamp(0, 1).index_fill(0, torch.tensor([0]), 1.0)
+                            .index_fill(0, torch.tensor([1]), 0.0), "train", 0)
+    with pytest.warns(UserWarning, match=r"the image batch lies in \[-3, 3\], outside \[-1, 1\]"):
+        module._shared_step(torch.linspace(-3, 3, 32).reshape(2, 1, 4, 4), "train", 0)  # standardised images
+    with pytest.warns(UserWarning, match=r"guidance_scale=3.0 has no effect without labels"):
+        module.sample(2, guidance_scale=3.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module._shared_step(torch.rand(2, 1, 4, 4) * 2 - 1, "train", 0)  # [-1, 1]: nothing to say
+        module._shared_step(torch.rand(2, 1, 4, 4) * 255, "train", 1)  # checked on an epoch's first batch only
+        module.sample(2, guidance_scale=1.0)
+    assert not [w for w in caught if "image batch" in str(w.message) or "guidance_scale" in str(w.message)]

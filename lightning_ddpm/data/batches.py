@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import warnings
+
 from torch import Tensor
 
-__all__ = ["unpack_batch", "check_labels"]
+__all__ = ["unpack_batch", "check_labels", "check_image_range"]
 
 IMAGE_KEYS = ("x", "image", "images")
 LABEL_KEYS = ("y", "label", "labels")
@@ -50,3 +52,23 @@ def check_labels(labels: Tensor | None, batch_size: int, num_classes: int | None
         if low < 0 or high >= num_classes:
             raise ValueError(f"labels must lie in [0, {num_classes}), got range [{low}, {high}]")
     return labels.long()
+
+
+def check_image_range(x: Tensor) -> None:
+    """Image batches (B, C, H, W) should hold values in [-1, 1]: [0, 255] is refused, [0, 1] and other ranges
+    (standardised images) are warned about.
+
+    Reads the batch's range back from the device: the training step does it on the first batch of each epoch
+    only. Other data (2-D points, vectors) is left alone, its scale is the user's."""
+    if x.ndim != 4 or not x.is_floating_point() or not x.numel():
+        return
+    low, high = float(x.min()), float(x.max())
+    if high > 10.0 or low < -10.0:
+        raise ValueError(f"image batches must hold values in [-1, 1], got range [{low:.4g}, {high:.4g}]; "
+                         "scale [0, 255] images with x / 127.5 - 1 (the image DataModules do)")
+    if low >= 0.0 and 0.5 < high <= 1.0:
+        warnings.warn(f"the image batch lies in [{low:.3g}, {high:.3g}], as [0, 1] images do; the model expects "
+                      "[-1, 1] (x * 2 - 1), which the image DataModules give", stacklevel=3)
+    elif high > 1.5 or low < -1.5:
+        warnings.warn(f"the image batch lies in [{low:.3g}, {high:.3g}], outside [-1, 1]: image models expect [-1, 1] "
+                      "(clip_denoised clips samples to it); scale the images as the image DataModules do", stacklevel=3)
