@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32
             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
             norm_num_groups=8, norm_eps=1e-6, freq_shift=1, flip_sin_to_cos=False, attention_head_dim=None)
 T = 50
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _unet(seed: int = 0, **config) -> "diffusers.UNet2DModel":
@@ -408,3 +410,22 @@ def test_a_fine_tuned_checkpoint_keeps_its_weights_after_load_from_checkpoint(tm
         Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1).validate(
             loaded, ImageDataModule("digits", batch_size=16))
         torch.testing.assert_close(loaded.backbone.state_dict(), tuned.backbone.state_dict(), rtol=0, atol=0)
+
+
+def test_the_readme_loop_samples_an_exported_class_conditional_model_as_we_do(tmp_path):
+    """DDPMPipeline has no labels: the README's U-Net + scheduler loop (run here as written, on our export) gives
+    module.sample's images for the same x_T, labels and guidance scale; to_diffusers warns about the pipelines."""
+    import re
+
+    module = DiffusionModule.from_diffusers(_unet(num_class_embeds=4), scheduler=_scheduler(clip_sample=True))
+    assert module.num_classes == 3
+    with pytest.warns(UserWarning, match="class-conditional: diffusers' DDPMPipeline and DDIMPipeline load it but pass no"):
+        folder = module.to_diffusers(tmp_path / "exported")
+    block = re.search(r"```python\n  (# sample an exported class-conditional model with diffusers\n.*?)\n  ```",
+                      (ROOT / "README.md").read_text(), re.S).group(1)
+    code = "\n".join(line.removeprefix("  ") for line in block.splitlines())
+    namespace: dict = {}
+    exec(code.replace('"exported/"', repr(str(folder))), namespace)
+    x_T = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = module.sample(4, sampler=DDIMSampler(num_steps=50), labels=[0, 1, 2, 0], guidance_scale=2.0, x_T=x_T)
+    torch.testing.assert_close(namespace["images"], _pipeline_images(ours), rtol=1e-4, atol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,10 @@ class DiffusersInterop:
         unet = diffusers.UNet2DModel(**unet_config_to_diffusers(init_args))
         state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
         unet.load_state_dict(unet_state_dict_to_diffusers(state, init_args))
+        if init_args.get("num_classes") is not None:
+            warnings.warn("this model is class-conditional: diffusers' DDPMPipeline and DDIMPipeline load it but "
+                          "pass no class labels when called; sample it with the UNet2DModel and the scheduler in a "
+                          "loop with class_labels (README, 'diffusers interop')", stacklevel=2)
         scheduler = diffusers.DDPMScheduler(**scheduler_config_from_settings(self.hparams))
         output_dir = Path(output_dir)
         diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(output_dir, safe_serialization=True)
