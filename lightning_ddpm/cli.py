@@ -291,12 +291,25 @@ def export(args: list[str]) -> Path:
     return folder
 
 
+def version_line() -> str:
+    """``lightning-ddpm 0.1.0 (torch ..., lightning ...)``: what ``--version`` prints."""
+    import lightning
+    import torch
+
+    from . import __version__
+
+    return f"{PROG} {__version__} (torch {torch.__version__}, lightning {lightning.__version__})"
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the console script ``lightning-ddpm`` and of ``python -m lightning_ddpm``."""
     # As `python -m` does: modules in the working directory (custom backbones, callbacks) import.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     argv = sys.argv[1:] if args is None else args
+    if argv[:1] in (["--version"], ["-V"]):
+        print(version_line())
+        return
     try:
         if argv[:1] == ["export"]:
             export(argv[1:])

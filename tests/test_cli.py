@@ -144,3 +144,19 @@ def test_ddp_two_cpu_processes_agree_on_weights(tmp_path):
     draws0, draws1 = torch.load(dump / "draws_rank0.pt"), torch.load(dump / "draws_rank1.pt")
     assert draws0["t"].shape == draws1["t"].shape == (256,) and draws0["noise"].shape == (256, 2)
     assert not torch.equal(draws0["t"], draws1["t"]) and not torch.equal(draws0["noise"], draws1["noise"])
+
+
+def test_version_is_the_installed_packages(capsys):
+    """`lightning-ddpm --version` (and -V) prints the package version, which is the installed metadata's."""
+    from importlib.metadata import version
+
+    import lightning
+
+    import lightning_ddpm
+    from lightning_ddpm.cli import main
+
+    assert lightning_ddpm.__version__ == version("lightning-ddpm")
+    for flag in ("--version", "-V"):
+        main([flag])
+        out = capsys.readouterr().out.strip()
+        assert out == f"lightning-ddpm {lightning_ddpm.__version__} (torch {torch.__version__}, lightning {lightning.__version__})"
