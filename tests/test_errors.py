@@ -27,6 +27,20 @@ TINY_UNET_ERRORS = {"name": "unet", "init_args": {"ch": 8, "ch_mult": [1], "num_
                                                   "norm_groups": 4}}
 
 
+def _run_cli_in(folder: Path, args: list[str]):
+    """The CLI as run from ``folder`` (relative config paths as a user types them)."""
+    import os
+
+    from lightning_ddpm.cli import run_cli
+
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        return run_cli(args)
+    finally:
+        os.chdir(before)
+
+
 def _module(**kw):
     kw.setdefault("backbone", MLP)
     kw.setdefault("num_timesteps", 20)
@@ -208,6 +222,10 @@ CASES = {
     "labels-missing": lambda tmp: _module(data_shape=[2], num_classes=3)._shared_step(torch.randn(4, 2), "train", 0),
     "labels-range": lambda tmp: _module(data_shape=[2], num_classes=3).sample(2, labels=[0, 5]),
     "guidance-negative": lambda tmp: _module(data_shape=[2], num_classes=3, guidance_scale=-1),
+    "cli-unknown-option": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.max_step", "10"]),
+    "cli-config-file": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yml"]),
+    "trainer-check": lambda tmp: _run_cli_in(tmp, ["fit", "--config", str(ROOT / "configs/toy2d.yaml"),
+                                                   "--trainer.max_steps", "-5", f"--trainer.default_root_dir={tmp}"]),
     "image-range": lambda tmp: _module(data_shape=[1, 4, 4], backbone=TINY_UNET_ERRORS)._shared_step(
         torch.linspace(0, 255, 32).reshape(2, 1, 4, 4), "train", 0),
     "x-t-shape": lambda tmp: _module(data_shape=[1, 16, 16], backbone=TINY_UNET_ERRORS).sample(
