@@ -68,15 +68,23 @@ def test_image_folder_errors(tmp_path):
         ImageFolderDataset(tmp_path / "empty")
     _png(tmp_path / "mixed" / "a.png", size=(12, 12))
     _png(tmp_path / "mixed" / "b.png", size=(16, 12))
-    dataset = ImageFolderDataset(tmp_path / "mixed")
-    with pytest.raises(ValueError, match=r"b.png' is 16x12 but the first image is 12x12; set image_size"):
-        dataset[1]
+    # checked when the dataset is built (before training), with a count, not when a worker draws the file
+    with pytest.raises(ValueError, match=r"have 2 sizes \(12x12: 1, 16x12: 1\), e.g. .*b.png' is 16x12 but the first "
+                                         r"image is 12x12; set image_size"):
+        ImageFolderDataset(tmp_path / "mixed")
+    assert len(ImageFolderDataset(tmp_path / "mixed", image_size=(12, 12))) == 2  # resized: fine
     _png(tmp_path / "corrupt" / "a.png")
     (tmp_path / "corrupt" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    dataset = ImageFolderDataset(tmp_path / "corrupt")
-    with pytest.raises(ValueError, match=r"cannot read image .*b.png"):
-        dataset[1]
-    flat = ImageDataModule("imagefolder", root=str(tmp_path / "mixed"), labels=True)
+    (tmp_path / "corrupt" / "c.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"cannot read image: 2 of 3 files under .* are not readable images, e.g. "
+                                         r".*b.png.*c.png"):
+        ImageFolderDataset(tmp_path / "corrupt")
+    _png(tmp_path / "cut" / "a.png", size=(12, 12))
+    whole = (tmp_path / "cut" / "a.png").read_bytes()
+    (tmp_path / "cut" / "b.png").write_bytes(whole[: len(whole) - 20])  # a PNG cut short: header intact
+    with pytest.raises(ValueError, match=r"cannot read image: 1 of 2 files .*b.png"):
+        ImageFolderDataset(tmp_path / "cut")
+    flat = ImageDataModule("imagefolder", root=str(tmp_path / "mixed"), labels=True, image_size=12)
     with pytest.raises(ValueError, match="labels: true needs class subfolders"):
         flat.num_classes
 

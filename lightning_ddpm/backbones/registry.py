@@ -69,11 +69,17 @@ def resolve_backbone(name: str) -> Callable[..., nn.Module]:
         target = _PLUGINS[name].load()
         _REGISTRY.register(name, target)  # cache: load each plugin once
         return target
+    if any(c in name for c in "{}:[]"):  # a mapping the shell or YAML could not parse, kept as one string
+        raise ValueError(
+            f"backbone {name!r} looks like a {{name, init_args}} mapping that did not parse: check its braces, "
+            "colons and quotes (on the command line, quote the whole mapping: --model.backbone '{name: unet, ...}')"
+        )
     if "." in name:
         return import_object(name, "backbone")
     raise ValueError(
         f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())} "
-        "(or the dotted class path of an importable nn.Module, such as 'my_package.nets.MyNet')"
+        "(or the dotted class path of an importable nn.Module, such as 'my_package.nets.MyNet'; a name you "
+        "registered with @register_backbone needs its module imported first: --imports my_nets)"
     )
 
 

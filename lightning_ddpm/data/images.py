@@ -71,7 +71,9 @@ class _Transformed(Dataset):
 class ImageFolderDataset(Dataset):
     """Every image under ``root``; if all images sit in subfolders, the subfolder names are the classes.
 
-    Without ``image_size`` every image must have the size of the first one.
+    Every file is checked once when the dataset is built (each image's header and, for PNGs, its chunk
+    checksums; nothing is decoded): unreadable files and, without ``image_size``, mixed sizes are reported
+    then with a count, before training starts, not when a worker first draws the file.
     """
 
     def __init__(self, root: str | Path, channels: int = 3, image_size: tuple[int, int] | None = None) -> None:
@@ -89,7 +91,37 @@ class ImageFolderDataset(Dataset):
         if self.mode is None:
             raise ValueError(f"channels must be 1, 3 or 4 for an image folder, got {channels}")
         self.image_size = image_size
-        self.first_size = self._open(0).size if image_size is None else None
+        sizes = self._scan()
+        self.first_size = sizes[0] if image_size is None else None
+        if image_size is None and len(set(sizes)) > 1:
+            counts: dict[tuple[int, int], int] = {}
+            for size in sizes:
+                counts[size] = counts.get(size, 0) + 1
+            seen = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items(), key=lambda kv: -kv[1])[:4])
+            odd = next(i for i, size in enumerate(sizes) if size != sizes[0])
+            raise ValueError(
+                f"the images under {str(self.root)!r} have {len(counts)} sizes ({seen}), e.g. "
+                f"{str(self.files[odd])!r} is {sizes[odd][0]}x{sizes[odd][1]} but the first image is "
+                f"{sizes[0][0]}x{sizes[0][1]}; set image_size to resize them all (data.init_args.image_size)"
+            )
+
+    def _scan(self) -> list[tuple[int, int]]:
+        """Each file's (width, height) from its header; every unreadable file is named in one error."""
+        from PIL import Image, UnidentifiedImageError
+
+        sizes, bad = [], []
+        for path in self.files:
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+                    image.verify()  # PNG: chunk checksums, a truncated file; no decoding
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+                bad.append((path, err))
+        if bad:
+            examples = "; ".join(f"{str(path)!r} ({err})" for path, err in bad[:3])
+            raise ValueError(f"cannot read image: {len(bad)} of {len(self.files)} files under {str(self.root)!r} "
+                             f"are not readable images, e.g. {examples}; remove or replace them")
+        return sizes
 
     def _open(self, i: int):
         from PIL import Image, UnidentifiedImageError
