@@ -46,6 +46,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
                MisconfigurationException)  # Lightning's own checks of Trainer arguments (max_steps: -5)
 
 
+_CHECKPOINTS_FILE = str(Path(__file__).with_name("checkpoints.py"))
+
+
 class CLIError(ValueError):
     """A user error located in the config (``key: message``), raised from the original exception."""
 
@@ -241,9 +244,11 @@ class DiffusionCLI(LightningCLI):
         while traceback is not None:
             frames.append(traceback.tb_frame)
             traceback = traceback.tb_next
+        if any(frame.f_code.co_filename == _CHECKPOINTS_FILE for frame in frames):
+            return "ckpt_path"  # opening or checking the checkpoint file the user named
         for frame in reversed(frames):
             obj = frame.f_locals.get("self")
-            if obj is None:
+            if obj is None or isinstance(obj, pl.Trainer):  # the Trainer is everyone's attribute, no one's setting
                 continue
             for key, instance in self._instances():
                 if instance is obj:

@@ -264,6 +264,8 @@ def test_errors_are_one_line_with_the_config_key_and_debug_shows_the_traceback(t
     (["--model.num_timesteps=10", "--trainer.max_steps=1"],
      "trainer.callbacks[2].init_args.sampler: num_steps must lie in [1, T=10], got 50"),
     (["--imports", "[no_such_module_here]"], "imports: cannot import 'no_such_module_here'"),
+    # the checkpoint the user named, not the data module (whose `trainer` attribute is the raising Trainer)
+    (["--ckpt_path", "no/such.ckpt", "--trainer.max_steps=1"], "ckpt_path: checkpoint 'no/such.ckpt' does not exist"),
 ])
 def test_library_errors_name_their_config_key(tmp_path, args, message):
     with pytest.raises(CLIError) as info:
