@@ -16,6 +16,7 @@ What it adds to LightningCLI (README, "Command line"):
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -130,12 +131,68 @@ class DiffusionCLI(LightningCLI):
     # -- parsing -----------------------------------------------------------------------------
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else args
+        overrides: list[tuple[str, str, str]] = []
+        if isinstance(argv, (list, tuple)):
+            argv, overrides = _callback_overrides(list(argv))
+        if overrides:
+            # jsonargparse cannot address one list entry: parse once without them (and without --print_config,
+            # which would print and exit), set the arguments in that callback list, and pass the whole list.
+            first = parser.parse_args([a for a in argv if not str(a).startswith("--print_config")])
+            args = [*argv, "--trainer.callbacks", json.dumps(self._overridden_callbacks(first, overrides), default=str)]
+            saved, sys.argv = sys.argv, sys.argv[:1]  # the args are the command line: no "args and argv" warning
+            try:
+                super().parse_arguments(parser, args)
+            finally:
+                sys.argv = saved
+        else:
+            super().parse_arguments(parser, args)
         # What the user wrote, without defaults: it wins over a checkpoint's hyperparameters.
         if isinstance(args, (dict, Namespace)):
             self._given = parser.parse_object(args, defaults=False)
         else:
             self._given = parser.parse_args(args, defaults=False)
+
+    @staticmethod
+    def _overridden_callbacks(config: Namespace, overrides: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
+        """``--trainer.callbacks[1].init_args.every_n_train_steps 1000`` (or ``[ModelCheckpoint]``): the parsed
+        callback list with one argument of one callback set; the value is read as YAML, as jsonargparse does."""
+        import difflib
+        import inspect
+
+        import yaml
+
+        from .imports import import_object
+
+        subcommand = config.get("subcommand")
+        config = config[subcommand] if subcommand else config
+        callbacks = config.trainer.get("callbacks") or []
+        callbacks = [c.as_dict() if isinstance(c, Namespace) else dict(c)
+                     for c in (callbacks if isinstance(callbacks, list) else [callbacks])]
+        listing = ", ".join(f"{i}: {c['class_path'].rpartition('.')[2]}" for i, c in enumerate(callbacks))
+        for selector, dotted, value in overrides:
+            given = f"--trainer.callbacks[{selector}].{dotted}"
+            names = [c["class_path"].rpartition(".")[2] for c in callbacks]
+            if selector.isdigit():
+                if int(selector) >= len(callbacks):
+                    raise CLIError(f"{given}: trainer.callbacks has {len(callbacks)} entries ({listing or 'none'})")
+                matches = [int(selector)]
+            else:
+                matches = [i for i, name in enumerate(names) if name == selector]
+                if len(matches) != 1:
+                    raise CLIError(f"{given}: {'no' if not matches else 'more than one'} callback named {selector!r} "
+                                   f"in trainer.callbacks ({listing or 'none'}); give its index instead")
+            callback = callbacks[matches[0]]
+            key = dotted.removeprefix("init_args.")
+            if "." in key or not dotted.startswith("init_args."):
+                raise CLIError(f"{given}: set one constructor argument, as --trainer.callbacks[{selector}].init_args.<name>")
+            parameters = inspect.signature(import_object(callback["class_path"], "callback")).parameters
+            if key not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+                close = difflib.get_close_matches(key, list(parameters), n=1)
+                hint = f"; did you mean {close[0]}?" if close else f"; its arguments: {', '.join(parameters)}"
+                raise CLIError(f"{given}: {callback['class_path'].rpartition('.')[2]} has no argument {key!r}{hint}")
+            callback["init_args"] = {**(callback.get("init_args") or {}), key: yaml.safe_load(value)}
+        return callbacks
 
     def _given_model(self) -> dict[str, Any]:
         subcommand = self.config.get("subcommand")
@@ -277,6 +334,29 @@ class DiffusionCLI(LightningCLI):
             if all(settings_agree(k, arguments.get(k, v), v) for k, v in init_args.items() if not isinstance(v, Mapping)):
                 return key
         return candidates[0][0] if candidates else None
+
+
+def _callback_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """``args`` without the ``--trainer.callbacks[<index or class name>].<key> <value>`` options (which
+    jsonargparse cannot address), and those options as (selector, key, value)."""
+    import re
+
+    pattern = re.compile(r"--trainer\.callbacks\[([^\]]+)\]\.([\w.]+)(?:=(.*))?$", re.S)
+    rest, overrides, i = [], [], 0
+    while i < len(args):
+        match = pattern.match(args[i]) if isinstance(args[i], str) else None
+        if match is None:
+            rest.append(args[i])
+            i += 1
+            continue
+        selector, key, value = match.groups()
+        if value is None:
+            if i + 1 >= len(args):
+                raise CLIError(f"{args[i]}: expected a value")
+            value, i = args[i + 1], i + 1
+        overrides.append((selector.strip(), key, value))
+        i += 1
+    return rest, overrides
 
 
 def _trainer_key(message: str) -> str | None:

@@ -335,3 +335,37 @@ def test_a_mistyped_config_file_names_the_closest_one(tmp_path):
     result = subprocess.run([CONSOLE, "fit", "--config", "configs/toy2d.yml"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.stderr.strip().splitlines()[-1].endswith("; did you mean configs/toy2d.yaml?")  # as typed
+
+
+def test_one_callbacks_setting_changes_by_index_or_class_name(tmp_path, capsys):
+    """`--trainer.callbacks[1].init_args.every_n_train_steps 2` (or `[ModelCheckpoint]`) changes that argument of
+    that configured callback only; the others keep the config's, and --print_config shows the change."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_ddpm.callbacks import SampleLogger
+
+    cli = run_cli(["--config", TOY, *_quiet(tmp_path), "--model.backbone", TINY_MLP,
+                   "--trainer.callbacks[1].init_args.every_n_train_steps", "2",
+                   "--trainer.callbacks[SampleLogger].init_args.num_samples=64"], run=False)
+    checkpoint = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath)
+    pictures = next(c for c in cli.trainer.callbacks if isinstance(c, SampleLogger))
+    assert checkpoint._every_n_train_steps == 2 and checkpoint.save_top_k == 2  # the rest as in the config
+    assert pictures.num_samples == 64 and pictures.every_n_steps == 1000
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", TOY, "--trainer.callbacks[EMA].init_args.decay=0.5", "--print_config"])
+    assert "decay: 0.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("--trainer.callbacks[5].init_args.decay=0.5",
+     "--trainer.callbacks[5].init_args.decay: trainer.callbacks has 3 entries (0: EMA, 1: ModelCheckpoint, 2: SampleLogger)"),
+    ("--trainer.callbacks[FID].init_args.num_samples=5",
+     "--trainer.callbacks[FID].init_args.num_samples: no callback named 'FID' in trainer.callbacks (0: EMA, 1: "
+     "ModelCheckpoint, 2: SampleLogger); give its index instead"),
+    ("--trainer.callbacks[0].init_args.decy=0.5",
+     "--trainer.callbacks[0].init_args.decy: EMA has no argument 'decy'; did you mean decay?"),
+])
+def test_a_callback_setting_that_does_not_exist_is_one_line(option, message):
+    with pytest.raises(CLIError) as info:
+        run_cli(["--config", TOY, option], run=False)
+    assert str(info.value) == message

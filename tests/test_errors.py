@@ -226,6 +226,9 @@ CASES = {
     "guidance-negative": lambda tmp: _module(data_shape=[2], num_classes=3, guidance_scale=-1),
     "cli-unknown-option": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.max_step", "10"]),
     "cli-config-file": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yml"]),
+    "callback-index": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[5].init_args.decay", "0.5"]),
+    "callback-name": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[FID].init_args.num_samples", "5"]),
+    "callback-argument": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[0].init_args.decy", "0.5"]),
     "trainer-check": lambda tmp: _run_cli_in(tmp, ["fit", "--config", str(ROOT / "configs/toy2d.yaml"),
                                                    "--trainer.max_steps", "-5", f"--trainer.default_root_dir={tmp}"]),
     "image-range": lambda tmp: _module(data_shape=[1, 4, 4], backbone=TINY_UNET_ERRORS)._shared_step(
