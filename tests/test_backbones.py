@@ -241,6 +241,27 @@ def test_mlp_fourier_features_option():
     assert MLP().features is None  # off by default: x enters the MLP as it is
 
 
+def test_mlp_fourier_x_scale_option():
+    """fourier_x_scale multiplies the raw x beside the features; 1 by default (as before the option),
+    and it adds no parameters or buffers, so checkpoints load across it in both directions."""
+    from lightning_ddpm.backbones.mlp import FourierFeatures
+
+    x = torch.randn(5, 2, dtype=torch.float64)
+    plain, scaled = FourierFeatures(2, 8, scale=3.0), FourierFeatures(2, 8, scale=3.0, x_scale=32.0)
+    assert plain.x_scale == 1.0
+    torch.testing.assert_close(scaled(x)[:, :2], 32.0 * x)
+    torch.testing.assert_close(scaled(x)[:, 2:], plain(x)[:, 2:])  # the sinusoids are unchanged
+    assert MLP(fourier_features=8).features.x_scale == 1.0  # default: today's behaviour
+    old = MLP(fourier_features=8, fourier_scale=2.0)
+    new = MLP(fourier_features=8, fourier_scale=2.0, fourier_x_scale=32.0)
+    assert new.state_dict().keys() == old.state_dict().keys()
+    new.load_state_dict(old.state_dict())  # an old checkpoint loads into the new option and back
+    old.load_state_dict(new.state_dict())
+    xt = torch.randn(4, 2)
+    torch.testing.assert_close(new.features(xt), torch.cat([32.0 * xt, old.features(xt)[:, 2:]], 1))
+    assert new(xt, torch.tensor([0, 1, 2, 999])).shape == (4, 2)
+
+
 def test_fsdp_units_are_the_blocks_and_hold_most_parameters():
     """ModelParallelStrategy shards each ResBlock / attention block (U-Net) and residual block (MLP)
     as a unit of its own, the backbone taking the rest; tests/test_sharded.py runs it on 2 processes."""

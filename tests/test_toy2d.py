@@ -64,3 +64,47 @@ def test_benchmark_reads_the_toy_configs_recipe_and_ablates_one_change_at_a_time
     for (_, a), (_, b) in zip(steps, steps[1:]):
         assert sum(a[k] != b[k] for k in a) == 1
     assert after["fourier_features"] > 0 and BEFORE["fourier_features"] == 0  # the change that matters (README)
+
+
+def _far_strays(x_scale: float, steps: int = 1500) -> tuple[int, float]:
+    """A small recipe model (Fourier features 64, scale 2) trained briefly on six blobs at radius 2.2, a
+    distribution that is not built in; DDIM 50 from 500 x_T in the tail of N(0, I) (radius 2.9-3.5, where
+    the far strays start): how many samples end more than 0.5 beyond the data's radius, and the largest radius."""
+    from benchmarks.toy_strays import blobs6
+    from lightning_ddpm import GaussianDiffusion, make_schedule
+    from lightning_ddpm.backbones import MLP
+    from lightning_ddpm.samplers import make_sampler
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = blobs6(20_000, g)
+    diffusion = GaussianDiffusion(make_schedule("cosine", num_timesteps=1000), parameterization="v")
+    model = MLP(hidden_dim=128, num_blocks=2, fourier_features=64, fourier_scale=2.0, fourier_x_scale=x_scale)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(steps):
+        opt.param_groups[0]["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
+        x0 = data[torch.randint(0, len(data), (256,), generator=g)]
+        t = torch.randint(0, 1000, (256,), generator=g)
+        loss = diffusion.training_losses(model, x0, t, generator=g)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    gs = torch.Generator().manual_seed(1)
+    angle, radius = 2 * math.pi * torch.rand(500, generator=gs), 2.9 + 0.6 * torch.rand(500, generator=gs)
+    x_T = radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1)
+    with torch.no_grad():
+        out = make_sampler({"name": "ddim", "init_args": {"num_steps": 50}}, num_timesteps=1000).sample(
+            model.eval(), diffusion, x_T, generator=gs)
+    r = out.norm(dim=1)
+    return int((r > data.norm(dim=1).max() + 0.5).sum()), float(r.max())
+
+
+def test_toy_recipe_leaves_no_far_strays_on_data_it_was_not_chosen_on():
+    """Issue 22 item 14: with fourier_x_scale 1 (before the option) most of these tail starts end far
+    outside the six blobs (the sinusoids repeat, so a far point looks like an inner one); with
+    configs/toy2d.yaml's 32 the raw x tells the first layer how far out a point is."""
+    x_scale = recipe_from_config(ROOT / "configs/toy2d.yaml")["fourier_x_scale"]
+    assert x_scale == 32.0
+    far, largest = _far_strays(x_scale)
+    assert far == 0, (far, largest)
