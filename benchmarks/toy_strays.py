@@ -6,8 +6,9 @@ larger than the built-in ones (radius up to ~2.6), keeps the raw weights and an 
 run, and samples each with DDIM 50, DDPM 1000, DPM-Solver++ 2M 20 and UniPC 20. A sample's distance
 to the support is its distance to the nearest of 20,000 fresh data points; the data-vs-data floor is
 the largest such distance among 4000 further data points. Prints, per model and sampler, the counts
-beyond the floor, beyond 0.25 and beyond 0.5, the largest distance, and where the far strays
-(> 0.5) started: the radius of their x_T.
+beyond the floor, beyond 0.25 and beyond 0.5, the count farther from the origin than the data's
+largest radius plus the floor (outside the support's extent, not between its modes), the largest
+distance, and where the far strays (> 0.5) started: the radius of their x_T.
 
     python -m benchmarks.toy_strays --distributions blobs6 --backbone '{"fourier_features": 64, "fourier_scale": 2.0}'
     python -m benchmarks.toy_strays --distributions blobs6 annulus plus --backbone '{}' --steps 1500
@@ -104,6 +105,7 @@ def main() -> None:
         g = torch.Generator().manual_seed(123)
         reference, fresh = DISTRIBUTIONS[name](20_000, g), DISTRIBUTIONS[name](args.num_samples, g)
         floor = float(torch.cdist(fresh, reference).min(1).values.max())
+        r_max = float(reference.norm(dim=1).max())
         model, ema, diffusion, train_s = train(DISTRIBUTIONS[name], backbone, args.steps)
         for weights, net in (("raw", model), ("ema", ema)):
             for sampler in args.samplers:
@@ -113,8 +115,9 @@ def main() -> None:
                         net, diffusion, x_T.clone(), generator=torch.Generator().manual_seed(2))
                 d = torch.cdist(samples.float(), reference).min(1).values
                 far = d > 0.5
+                outside = samples.float().norm(dim=1) > r_max + floor
                 rows.append({"distribution": name, "weights": weights, "sampler": sampler, "floor": floor,
-                             "beyond_floor": int((d > floor).sum()), "beyond_0.25": int((d > 0.25).sum()),
+                             "beyond_floor": int((d > floor).sum()), "outside_r_max": int(outside.sum()), "beyond_0.25": int((d > 0.25).sum()),
                              "beyond_0.5": int(far.sum()), "max_distance": float(d.max()),
                              "far_x_T_radius_median": float(x_T.norm(dim=1)[far].median()) if far.any() else None,
                              "train_s": train_s})
