@@ -64,10 +64,13 @@ fit() {
         --trainer.precision=bf16-mixed --trainer.max_steps=2500 --ckpt_path=outputs/digits/checkpoints/last.ckpt
     cp outputs/digits/samples/*.png "$OUT/" 2>/dev/null
     python3 - <<'PY'
-import csv, glob
-for path in sorted(glob.glob("outputs/digits/lightning_logs/*/metrics.csv")):
-    rows = [r for r in csv.DictReader(open(path)) if r.get("val/loss")]
-    print(path, [(r["step"], r["val/loss"]) for r in rows])
+import glob
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+for path in sorted(glob.glob("outputs/digits/lightning_logs/version_*")):
+    events = EventAccumulator(path)
+    events.Reload()
+    if "val/loss" in events.Tags()["scalars"]:
+        print(path, [(e.step, round(e.value, 5)) for e in events.Scalars("val/loss")])
 PY
 }
 

@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import ActionYesNo, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -259,7 +260,28 @@ class DiffusionCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
-        return super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        trainer = super().instantiate_trainer(**{**kwargs, "plugins": plugins})
+        self._placed = _place_outputs(trainer)
+        return trainer
+
+    def before_fit(self) -> None:
+        """A new run must not write into a folder that holds another run's checkpoints: Lightning would
+        save ``last-v1.ckpt`` beside the old ``last.ckpt``, and ``--ckpt_path .../last.ckpt`` would then
+        load the old run's weights without a word."""
+        ckpt_path = self.config["fit"].get("ckpt_path") if "fit" in self.config else self.config.get("ckpt_path")
+        for i, callback in enumerate(self.trainer.callbacks):
+            if not isinstance(callback, ModelCheckpoint) or not callback.dirpath:
+                continue
+            folder = Path(callback.dirpath)
+            held = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+            if not held or _resumes_from(ckpt_path, folder):
+                continue
+            key = "trainer.default_root_dir" if id(callback) in self._placed else f"trainer.callbacks[{i}].init_args.dirpath"
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise CLIError(
+                f"{key}: {_shown(folder)} already holds checkpoints of an earlier run ({shown}); resume that run "
+                f"with --ckpt_path last, write this one elsewhere with --trainer.default_root_dir <new folder>, "
+                "or move the old checkpoints away")
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -334,6 +356,37 @@ class DiffusionCLI(LightningCLI):
             if all(settings_agree(k, arguments.get(k, v), v) for k, v in init_args.items() if not isinstance(v, Mapping)):
                 return key
         return candidates[0][0] if candidates else None
+
+
+def _place_outputs(trainer: pl.Trainer) -> set[int]:
+    """Outputs without a folder of their own go under ``trainer.default_root_dir``: checkpoints in
+    ``checkpoints/`` (not a logger's version folder, so ``--ckpt_path last`` finds them), sample pictures
+    in ``samples/``. Returns the ids of the checkpoint callbacks placed here."""
+    from .callbacks import SampleLogger
+
+    root, placed = Path(trainer.default_root_dir), set()
+    for callback in trainer.callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = os.path.realpath(root / "checkpoints")
+            placed.add(id(callback))
+        elif isinstance(callback, SampleLogger) and not callback.output_dir:
+            callback.output_dir = str(root / "samples")
+    return placed
+
+
+def _resumes_from(ckpt_path: str | None, folder: Path) -> bool:
+    """Whether ``fit --ckpt_path`` continues a run whose checkpoints are in ``folder``."""
+    if ckpt_path in ("last", "hpc"):
+        return True
+    return bool(ckpt_path) and Path(ckpt_path).resolve().parent == folder.resolve()
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, as a user would type it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _callback_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:

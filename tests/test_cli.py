@@ -33,8 +33,7 @@ def _callbacks(tmp_path: Path, every: int, *extra: dict) -> str:
 
 
 def _quiet(tmp_path: Path) -> list[str]:
-    return [f"--trainer.default_root_dir={tmp_path}", "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    return [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def _faces(folder: Path, n: int = 4, size: int = 20) -> Path:
@@ -59,19 +58,23 @@ def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
     cli = run_cli(args, run=False)
     assert isinstance(cli.model, DiffusionModule)
     assert list(cli.model.data_shape) == cli.datamodule.data_shape  # linked, not repeated
-    # README: every shipped config checkpoints every N steps into a fixed checkpoints/ folder, keeps the
-    # last few and a last.ckpt (so --ckpt_path last resumes a killed run)
+    # README: every shipped config checkpoints every N steps into <default_root_dir>/checkpoints, keeps the
+    # last few and a last.ckpt (so --ckpt_path last resumes a killed run); pictures, logs and the saved
+    # config follow the same root ("Where a run writes")
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    ckpt = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
-    assert Path(ckpt.dirpath).name == "checkpoints" and Path(ckpt.dirpath).parent.parent.name == "outputs"
-    assert ckpt._every_n_train_steps > 0 and ckpt.save_last and ckpt.save_top_k >= 2
-    if config.name == "toy2d.yaml":  # the quick start's promise: outputs/toy2d/samples/step_0003000.png
-        from lightning_ddpm.callbacks import SampleLogger
+    from lightning_ddpm.callbacks import SampleLogger
 
-        pictures = next(c for c in cli.trainer.callbacks if isinstance(c, SampleLogger))
-        assert Path(pictures.output_dir).parts[-3:] == ("outputs", "toy2d", "samples")
-        assert cli.trainer.max_steps == 3000 and 3000 % pictures.every_n_steps == 0
+    ckpt = next(c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint))
+    assert Path(ckpt.dirpath) == (tmp_path / "checkpoints").resolve()
+    assert ckpt._every_n_train_steps > 0 and ckpt.save_last and ckpt.save_top_k >= 2
+    pictures = [c for c in cli.trainer.callbacks if isinstance(c, SampleLogger)]
+    assert pictures and all(Path(c.output_dir) == tmp_path / "samples" for c in pictures)
+    assert Path(cli.trainer.log_dir).is_relative_to(tmp_path)
+    text = config.read_text()
+    assert "dirpath:" not in text and "output_dir:" not in text and "save_dir:" not in text, "one root moves every output"
+    if config.name == "toy2d.yaml":  # the quick start's promise: outputs/toy2d/samples/step_0003000.png
+        assert cli.trainer.max_steps == 3000 and 3000 % pictures[0].every_n_steps == 0
     if config.name == "cifar10_ddpm.yaml":
         assert sum(p.numel() for p in cli.model.backbone.parameters()) == 35_746_307
         assert cli.model.diffusion.variance == "fixed_large" and cli.trainer.gradient_clip_val == 1.0

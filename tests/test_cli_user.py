@@ -31,8 +31,7 @@ CONSOLE = shutil.which("lightning-ddpm") or str(Path(sys.executable).parent / "l
 
 
 def _quiet(root: Path) -> list[str]:
-    return [f"--trainer.default_root_dir={root}", "--trainer.logger.init_args.save_dir", str(root),
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    return [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
 def _checkpointing(root: Path) -> str:
@@ -369,3 +368,27 @@ def test_a_callback_setting_that_does_not_exist_is_one_line(option, message):
     with pytest.raises(CLIError) as info:
         run_cli(["--config", TOY, option], run=False)
     assert str(info.value) == message
+
+
+def test_one_root_moves_every_output_and_a_new_run_never_takes_over_last_ckpt(tmp_path, monkeypatch):
+    """configs/toy2d.yaml with --trainer.default_root_dir: checkpoints, pictures, logs and the saved config all go
+    under it and nothing under the working directory; a second fresh run there is refused (it would have saved
+    last-v1.ckpt beside the first run's last.ckpt), and --ckpt_path last continues the first."""
+    cwd, root = tmp_path / "cwd", tmp_path / "run"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    args = ["fit", "--config", TOY, *_quiet(root), "--model.backbone", TINY_MLP, "--trainer.limit_val_batches=0",
+            "--data.init_args.num_train=512", "--trainer.callbacks[ModelCheckpoint].init_args.every_n_train_steps=1",
+            "--trainer.callbacks[SampleLogger].init_args.num_samples=16"]
+    run_cli([*args, "--trainer.max_steps=2"])
+    assert (root / "checkpoints" / "last.ckpt").is_file() and (root / "samples" / "step_0000002.png").is_file()
+    assert list(root.glob("lightning_logs/version_0/config.yaml")) and list(root.glob("lightning_logs/version_0/events.*"))
+    assert not list(cwd.iterdir()), "nothing is written outside the root"
+    first = (root / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(CLIError, match=r"trainer.default_root_dir: .*run/checkpoints already holds checkpoints of an "
+                                       r"earlier run \(.*last.ckpt\); resume that run with --ckpt_path last"):
+        run_cli([*args, "--trainer.max_steps=1"])
+    assert (root / "checkpoints" / "last.ckpt").read_bytes() == first and not list(root.glob("checkpoints/last-v*"))
+    resumed = run_cli([*args, "--trainer.max_steps=3", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 3 and not list(root.glob("checkpoints/last-v*"))
+    assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -201,6 +201,15 @@ def _init_from_differs(tmp):
     DiffusionModule(**settings, parameterization="v", init_from=str(folder)).setup("fit")
 
 
+def _fit_into_a_taken_folder(tmp):
+    (tmp / "checkpoints").mkdir()
+    (tmp / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run")  # refused before it is opened
+    from lightning_ddpm.cli import run_cli
+
+    run_cli(["fit", "--model.backbone", json.dumps(MLP), "--data", "lightning_ddpm.data.Toy2DDataModule",
+             "--trainer.logger=false", f"--trainer.default_root_dir={tmp}", "--trainer.max_steps=1"])
+
+
 CASES = {
     "unknown-schedule": lambda tmp: _module(schedule="cosin"),
     "unknown-parameterization": lambda tmp: _module(parameterization="epsilon"),
@@ -252,6 +261,7 @@ CASES = {
     "mixed-sizes": lambda tmp: ImageFolderDataset(_images(tmp / "m", sizes=((8, 8), (9, 8)))),
     "truncated-checkpoint": _truncated,
     "incompatible-checkpoint": lambda tmp: _fit(tmp, _module(num_timesteps=50), 2, ckpt_path=_checkpoint(tmp)),
+    "run-folder-taken": _fit_into_a_taken_folder,
     "bad-optimizer": lambda tmp: _module(optimizer={"lr": 0.001}),
     "linear-range": lambda tmp: make_schedule("linear", beta_start=0.02, beta_end=0.0001),
     "data-smaller-than-batch": lambda tmp: Toy2DDataModule(num_train=100, batch_size=256),
