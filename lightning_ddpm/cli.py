@@ -31,7 +31,7 @@ import torch
 from jsonargparse import ActionYesNo, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from .callbacks import SampleWriter
@@ -107,6 +107,32 @@ def _subcommand(parser: Any) -> str:
     return f"{name} " if name else ""
 
 
+# Settings that name a file or folder: the saved config.yaml stores them absolute, so that it (and the
+# checkpoint it sits beside) still works from another working directory.
+_PATH_KEYS = frozenset({"root", "init_from", "default_root_dir", "dirpath", "output_dir", "save_dir", "ckpt_path"})
+
+
+def _absolute_paths(value: Any, key: str = "") -> Any:
+    """``value`` with every relative path under a ``_PATH_KEYS`` key made absolute (a copy)."""
+    if isinstance(value, Namespace):
+        return Namespace(**{k: _absolute_paths(v, k) for k, v in vars(value).items()})
+    if isinstance(value, dict):
+        return {k: _absolute_paths(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_absolute_paths(v, key) for v in value]
+    if key in _PATH_KEYS and isinstance(value, (str, os.PathLike)) and str(value) and "://" not in str(value) \
+            and str(value) not in ("last", "hpc", "best", "registry") and not Path(value).is_absolute():
+        return str(Path(value).absolute())
+    return value
+
+
+class SaveConfigWithAbsolutePaths(SaveConfigCallback):
+    """LightningCLI's saved ``config.yaml``, with data roots, checkpoint and output paths made absolute."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Namespace, *args: Any, **kwargs: Any) -> None:
+        super().__init__(parser, _absolute_paths(config), *args, **kwargs)
+
+
 class DiffusionCLI(LightningCLI):
     """LightningCLI with linked data/model values and the rules in the module docstring."""
 
@@ -123,6 +149,9 @@ class DiffusionCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
+            # A checkpoint is enough to predict: without --data (or a --config that sets it), requests only,
+            # with data_shape and num_classes from the checkpoint (_parse_ckpt_path).
+            parser.set_defaults({"data": {"class_path": "lightning_ddpm.data.SampleRequestsDataModule"}})
             parser.add_argument(
                 "--untrained", action=ActionYesNo, default=False,
                 help="Allow predict without --ckpt_path, i.e. sampling the untrained network.",
@@ -227,7 +256,14 @@ class DiffusionCLI(LightningCLI):
                 + "; ".join(different)
                 + ". Use the config it was trained with, or leave these keys out to take the checkpoint's"
             )
-        self.config = self.parser.parse_object({subcommand: {"model": {**saved, **given}}}, self.config)
+        update: dict[str, Any] = {"model": {**saved, **given}}
+        data = self.config[subcommand].get("data")
+        if getattr(data, "class_path", None) == "lightning_ddpm.data.SampleRequestsDataModule":
+            init_args = data.get("init_args") or Namespace()
+            update["data"] = {"class_path": data.class_path, "init_args": {
+                **init_args.as_dict(),
+                **{key: saved[key] for key in _LINKED if key in saved and init_args.get(key) is None}}}
+        self.config = self.parser.parse_object({subcommand: update}, self.config)
 
     # -- instantiation and running -------------------------------------------------------------
 
@@ -473,6 +509,7 @@ def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
         pl.LightningDataModule,
         parser_class=DiffusionArgumentParser,
         subclass_mode_data=True,
+        save_config_callback=SaveConfigWithAbsolutePaths,
         save_config_kwargs={"overwrite": True},
         parser_kwargs=parser_kwargs,
         args=args,

@@ -95,6 +95,22 @@ def test_predict_from_a_checkpoint_samples_with_the_ema_weights(tmp_path):
     torch.testing.assert_close(written["samples"], sample_with(ema), rtol=0, atol=0)
     assert (written["samples"] - sample_with(raw)).abs().max() > 1e-2, "predict must not sample the raw weights"
 
+    # README: the checkpoint alone is enough (no --config), from another working directory: the same samples
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cwd = os.getcwd()
+    os.chdir(elsewhere)
+    try:
+        alone = run_cli(["predict", "--ckpt_path", str(ckpt), "--data.num_predict_samples=64", "--data.predict_seed=100",
+                         "--model.sampler", '{"name": "ddim", "init_args": {"num_steps": 4}}',
+                         "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
+    finally:
+        os.chdir(cwd)
+    assert alone.model.num_classes == 8 and alone.datamodule.data_shape == [2]
+    again = torch.load(elsewhere / "predictions" / "samples.pt", weights_only=True)
+    torch.testing.assert_close(again["labels"], written["labels"], rtol=0, atol=0)
+    torch.testing.assert_close(again["samples"], written["samples"], rtol=0, atol=0)
+
 
 def test_settings_that_change_the_weights_must_agree_with_the_checkpoint(toy_ckpt, tmp_path):
     with pytest.raises(CLIError, match=r"model\.num_timesteps: given 50, checkpoint 1000"):
@@ -392,3 +408,31 @@ def test_one_root_moves_every_output_and_a_new_run_never_takes_over_last_ckpt(tm
     resumed = run_cli([*args, "--trainer.max_steps=3", "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 3 and not list(root.glob("checkpoints/last-v*"))
     assert torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_the_saved_config_predicts_from_another_working_directory(tmp_path, monkeypatch):
+    """The saved config.yaml stores the data root (given relative) as an absolute path: predict with it and the
+    checkpoint from another folder (before: the image folder was not found)."""
+    from PIL import Image
+
+    run_dir = tmp_path / "project"
+    (run_dir / "faces").mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(run_dir / "faces" / f"{i}.png")
+    monkeypatch.chdir(run_dir)
+    tiny_unet = json.dumps({"name": "unet", "init_args": {"ch": 8, "ch_mult": [1], "num_res_blocks": 1,
+                                                          "attn_resolutions": [], "norm_groups": 4, "dropout": 0.0}})
+    run_cli(["fit", "--config", str(ROOT / "configs/imagefolder.yaml"), "--trainer.default_root_dir=run",
+             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--model.backbone", tiny_unet,
+             "--data.init_args.root=faces", "--data.init_args.image_size=8", "--data.init_args.batch_size=4",
+             "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false", "--trainer.precision=32",
+             "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+             "--trainer.callbacks[ModelCheckpoint].init_args.every_n_train_steps=1",
+             "--trainer.callbacks[SampleLogger].init_args.num_samples=1"])
+    saved = next((run_dir / "run").rglob("config.yaml"))
+    assert yaml.safe_load(saved.read_text())["data"]["init_args"]["root"] == str(run_dir / "faces")
+    monkeypatch.chdir(tmp_path)
+    run_cli(["predict", "--config", str(saved), "--ckpt_path", str(run_dir / "run/checkpoints/last.ckpt"),
+             "--trainer.default_root_dir", str(tmp_path / "p"), "--data.init_args.num_predict_samples=2",
+             "--model.sampler", '{"name": "ddim", "init_args": {"num_steps": 2}}'])
+    assert torch.load(tmp_path / "p/predictions/samples.pt", weights_only=True)["samples"].shape == (2, 3, 8, 8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -56,3 +57,49 @@ def predict_loader(
         sampler = DistributedSampler(requests, shuffle=False, drop_last=False,
                                      **trainer.strategy.distributed_sampler_kwargs)
     return DataLoader(requests, batch_size=batch_size, sampler=sampler)
+
+
+class SampleRequestsDataModule(pl.LightningDataModule):
+    """``predict`` from a checkpoint alone: sample requests, no data (``lightning-ddpm predict --ckpt_path C``).
+
+    The CLI fills ``data_shape`` and ``num_classes`` from the checkpoint when they are not given; the
+    module reports them so that the model they are linked to is built as it was trained.
+
+    Args:
+        num_predict_samples: how many samples ``predict`` draws.
+        predict_seed: seed of the first request (request ``i`` has seed ``predict_seed + i``).
+        predict_labels: labels to cycle through (default: every class, when the model is conditional).
+        batch_size: requests per forward pass.
+        data_shape: the shape of one sample, e.g. ``[3, 32, 32]`` (default: the checkpoint's).
+        num_classes: the model's classes, or None (default: the checkpoint's).
+    """
+
+    def __init__(
+        self,
+        num_predict_samples: int = 64,
+        predict_seed: int = 0,
+        predict_labels: Sequence[int] | None = None,
+        batch_size: int = 64,
+        data_shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        SampleRequests(num_predict_samples)  # num_predict_samples < 1 fails here, not in predict
+        self.num_predict_samples, self.predict_seed, self.predict_labels = num_predict_samples, predict_seed, predict_labels
+        self.batch_size = batch_size
+        self._data_shape = list(data_shape) if data_shape is not None else None
+        self._num_classes = num_classes
+
+    @property
+    def data_shape(self) -> list[int] | None:
+        return self._data_shape
+
+    @property
+    def num_classes(self) -> int | None:
+        return self._num_classes
+
+    def predict_dataloader(self) -> DataLoader:
+        return predict_loader(self.num_predict_samples, self.predict_seed, self.predict_labels, self.num_classes,
+                              self.batch_size, self.trainer)
