@@ -525,3 +525,18 @@ def test_fid_runs_at_the_same_validations_after_a_resume(tmp_path):
     fit(tmp_path / "resumed", 1)
     resumed = fit(tmp_path / "resumed", 4, ckpt_path=tmp_path / "resumed" / "epoch=0-step=3.ckpt")
     assert resumed == straight
+
+
+@pytest.mark.parametrize("sampler", [{"name": "ddpm", "init_args": {"num_steps": 5}}, "dpmpp_2m", "ddim"])
+def test_sample_pictures_use_the_models_sampler_setting_unless_given_one(tmp_path, sampler):
+    """One setting says how a config's model is sampled: model.sampler (paper configs: DDPM) also draws
+    the SampleLogger's pictures; before, the pictures were always DDIM 50."""
+    module = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20, sampler=sampler)
+    default, given = SampleLogger(num_samples=4), SampleLogger(num_samples=4, sampler={"name": "ddim", "init_args": {"num_steps": 3}})
+    for callback in (default, given):
+        callback.setup(_trainer(tmp_path, [], 1), module, "fit")
+    assert default.sampler is module.default_sampler
+    assert type(given.sampler).__name__ == "DDIMSampler" and given.sampler.num_steps == 3
+    generators = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
+    torch.testing.assert_close(module.sample(4, sampler=default.sampler, generator=generators()),
+                               module.sample(4, generator=generators()), rtol=0, atol=0)

@@ -29,7 +29,8 @@ class SampleLogger(pl.Callback):
         every_n_epochs: sample at the end of every this many epochs (``None``: off).
         num_samples: samples per picture (images: use a square number; 2-D: a few thousand).
         sampler: a Sampler, a registered name (``dpmpp_2m``, ...) or ``{name, init_args}`` mapping;
-            defaults to ``DDIMSampler(num_steps=50)``.
+            defaults to the module's own sampler (``DiffusionModule(sampler=...)``, ``model.sampler`` in a
+            config; DDIM 50 unless set), else ``DDIMSampler(num_steps=50)``.
         seed: seed of the sampling noise.
         output_dir: defaults to ``<log_dir>/samples``.
     """
@@ -62,7 +63,10 @@ class SampleLogger(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if hasattr(pl_module, "diffusion") and self._default_sampler:
+        if self._default_sampler and isinstance(getattr(pl_module, "default_sampler", None), Sampler):
+            # the model's sampler setting: one place says how a config's model is sampled
+            self.sampler = pl_module.default_sampler
+        elif hasattr(pl_module, "diffusion") and self._default_sampler:
             # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
             self.sampler = DDIMSampler(num_steps=min(50, pl_module.diffusion.num_timesteps))
         elif hasattr(pl_module, "diffusion") and not isinstance(self._sampler_spec, Sampler):
