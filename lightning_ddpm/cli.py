@@ -337,7 +337,13 @@ class DiffusionCLI(LightningCLI):
         message = str(root).strip()
         if "\n" in message:
             message = message.splitlines()[0] + f" (set {DEBUG_ENV}=1 for the rest)"
-        key = self._config_key(root.__traceback__)
+        if isinstance(root, RuntimeError) and message.startswith("DataLoader worker"):
+            # torch's own error, raised wherever the batch was awaited: the setting the user wrote is the data's
+            key = "data.init_args.num_workers"
+            message += ("; a killed worker has usually run out of memory: fewer data.init_args.num_workers or a "
+                        "smaller batch_size need less")
+        else:
+            key = self._config_key(root.__traceback__)
         if key is None and isinstance(root, MisconfigurationException):
             key = _trainer_key(message)
         return CLIError(f"{key}: {message}" if key else message)

@@ -330,3 +330,30 @@ class DeviceWithoutFloat64(torch.overrides.TorchFunctionMode):
                                     "(as MPS: 'Cannot convert a MPS Tensor to float64 dtype')")
                 self._on_device[id(tensor)] = weakref.ref(tensor)
         return out
+
+
+class _DiesInWorker(torch.utils.data.Dataset):
+    """Its first item kills the worker process that loads it (as the kernel's OOM killer would)."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import signal
+
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(2)
+
+
+class WorkerKilledData(pl.LightningDataModule):
+    """2-D data whose single DataLoader worker is killed on its first batch."""
+
+    data_shape, num_classes = [2], None
+
+    def __init__(self, num_workers: int = 1) -> None:
+        super().__init__()
+        self.num_workers = num_workers
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(_DiesInWorker(), batch_size=8, num_workers=self.num_workers)

@@ -288,6 +288,15 @@ def test_library_errors_name_their_config_key(tmp_path, args, message):
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
+def test_a_killed_data_worker_names_the_data_setting(tmp_path):
+    """torch raises it wherever the batch was awaited (before: keyed ``model``); the user's setting is the data's."""
+    with pytest.raises(CLIError) as info:
+        run_cli(["fit", "--model.backbone", TINY_MLP, "--data", "tests.helpers.WorkerKilledData", *_quiet(tmp_path),
+                 "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_checkpointing=false"])
+    assert str(info.value).startswith("data.init_args.num_workers: DataLoader worker (pid(s) ")
+    assert "fewer data.init_args.num_workers or a smaller batch_size" in str(info.value)
+
+
 def test_the_console_is_quiet(toy_ckpt, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}  # what a user's shell has
     fit = subprocess.run([CONSOLE, "fit", "--config", str(ROOT / "configs/digits.yaml"), *_quiet(tmp_path),
