@@ -163,13 +163,20 @@ class DiffusionCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         argv = sys.argv[1:] if args is None else args
         overrides: list[tuple[str, str, str]] = []
+        backbone: list[tuple[str, str]] = []
         if isinstance(argv, (list, tuple)):
             argv, overrides = _callback_overrides(list(argv))
-        if overrides:
-            # jsonargparse cannot address one list entry: parse once without them (and without --print_config,
-            # which would print and exit), set the arguments in that callback list, and pass the whole list.
+            argv, backbone = _backbone_overrides(argv)
+        if overrides or backbone:
+            # jsonargparse cannot address one list entry, nor one key of the backbone mapping (it dropped
+            # --model.backbone.init_args.X under a --config without a word): parse once without them (and
+            # without --print_config, which would print and exit), set them, and pass the whole value.
             first = parser.parse_args([a for a in argv if not str(a).startswith("--print_config")])
-            args = [*argv, "--trainer.callbacks", json.dumps(self._overridden_callbacks(first, overrides), default=str)]
+            args = list(argv)
+            if overrides:
+                args += ["--trainer.callbacks", json.dumps(self._overridden_callbacks(first, overrides), default=str)]
+            if backbone:
+                args += ["--model.backbone", json.dumps(_overridden_backbone(first, backbone), default=str)]
             saved, sys.argv = sys.argv, sys.argv[:1]  # the args are the command line: no "args and argv" warning
             try:
                 super().parse_arguments(parser, args)
@@ -429,6 +436,50 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def _backbone_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``args`` without ``--model.backbone.init_args.<key> <value>`` (or ``--model.backbone.<key>``,
+    ``--model.backbone.name``), and those as (key, value)."""
+    import re
+
+    pattern = re.compile(r"--model\.backbone\.(?:init_args\.)?(\w+)(?:=(.*))?$", re.S)
+    rest, overrides, i = [], [], 0
+    while i < len(args):
+        match = pattern.match(args[i]) if isinstance(args[i], str) else None
+        if match is None or match.group(1) == "help":
+            rest.append(args[i])
+            i += 1
+            continue
+        key, value = match.groups()
+        if value is None:
+            if i + 1 >= len(args):
+                raise CLIError(f"{args[i]}: expected a value")
+            value, i = args[i + 1], i + 1
+        overrides.append((key, value))
+        i += 1
+    return rest, overrides
+
+
+def _overridden_backbone(config: Namespace, overrides: list[tuple[str, str]]) -> dict[str, Any]:
+    """The parsed ``model.backbone`` as ``{name, init_args}`` with the given keys set (values read as YAML)."""
+    import yaml
+
+    subcommand = config.get("subcommand")
+    spec = (config[subcommand] if subcommand else config).model.backbone
+    spec = spec.as_dict() if isinstance(spec, Namespace) else spec
+    if isinstance(spec, str):
+        spec = {"name": spec, "init_args": {}}
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise CLIError(f"--model.backbone.{overrides[0][0]}: the backbone is given as {spec!r}, not as a "
+                       "{name, init_args} mapping; give the whole mapping with --model.backbone instead")
+    spec = {**spec, "init_args": dict(spec.get("init_args") or {})}
+    for key, value in overrides:
+        if key == "name":
+            spec["name"] = value
+        else:
+            spec["init_args"][key] = yaml.safe_load(value)
+    return spec
 
 
 def _callback_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:

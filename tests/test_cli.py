@@ -73,6 +73,17 @@ def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
     assert Path(cli.trainer.log_dir).is_relative_to(tmp_path)
     text = config.read_text()
     assert "dirpath:" not in text and "output_dir:" not in text and "save_dir:" not in text, "one root moves every output"
+    # docs/own_images.md, "Which sampler": an eps model samples with DDPM (a deterministic first step divides its
+    # eps error by sqrt(alpha_bar_T)), except the digits configs (measured: DDIM 50 within a standard deviation
+    # of DDPM) and the fine-tune of a published, fully trained model; the pictures use the model's sampler
+    from lightning_ddpm.samplers import DDPMSampler
+
+    if cli.model.hparams.parameterization == "eps" and config.stem not in ("digits", "digits_cond",
+                                                                             "cifar10_finetune_diffusers"):
+        assert isinstance(cli.model.default_sampler, DDPMSampler), f"{config.name}: eps model sampled with DDIM"
+    for callback in pictures:
+        callback.setup(cli.trainer, cli.model, "fit")
+        assert callback.sampler is cli.model.default_sampler or not callback._default_sampler
     if config.name == "toy2d.yaml":  # the quick start's promise: outputs/toy2d/samples/step_0003000.png
         assert cli.trainer.max_steps == 3000 and 3000 % pictures[0].every_n_steps == 0
     if config.name == "cifar10_ddpm.yaml":
