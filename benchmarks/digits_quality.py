@@ -30,7 +30,7 @@ from benchmarks.metrics import median_bandwidth, mmd_rbf
 from lightning_ddpm import DDIMSampler, DDPMSampler, DiffusionModule
 from lightning_ddpm.callbacks import EMA, ema_weights
 from lightning_ddpm.data import ImageDataModule
-from lightning_ddpm.plotting import save_image_grid
+from lightning_ddpm.training.plotting import save_image_grid
 
 BACKBONE = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [4],
                                           "dropout": 0.1}}
@@ -60,7 +60,7 @@ def save_overview(grids: dict[str, Path], path: str | Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lightning_ddpm.plotting import load_png
+    from lightning_ddpm.training.plotting import load_png
 
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
     for ax, (name, grid) in zip(axes[0], grids.items()):

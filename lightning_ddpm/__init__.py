@@ -1,6 +1,6 @@
 """lightning-ddpm: denoising diffusion models on PyTorch Lightning.
 
-The public names load on first use (PEP 562), so ``import lightning_ddpm.schedules`` (or
+The public names load on first use (PEP 562), so ``import lightning_ddpm.core.schedules`` (or
 diffusion, samplers, backbones, ...) needs torch alone; only ``DiffusionModule``, the data
 modules, the callbacks, the CLI, checkpoints and metrics import Lightning (or torchmetrics).
 """
@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING, Any
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 _PUBLIC = {
-    "NoiseSchedule": "schedules",
-    "make_schedule": "schedules",
-    "register_schedule": "schedules",
-    "available_schedules": "schedules",
-    "GaussianDiffusion": "diffusion",
+    "NoiseSchedule": "core.schedules",
+    "make_schedule": "core.schedules",
+    "register_schedule": "core.schedules",
+    "available_schedules": "core.schedules",
+    "GaussianDiffusion": "core.diffusion",
     "DDPMSampler": "samplers",
     "DDIMSampler": "samplers",
     "make_sampler": "samplers",
-    "Denoiser": "denoiser",
-    "Prediction": "denoiser",
-    "DiffusionModule": "module",
+    "Denoiser": "core.denoiser",
+    "Prediction": "core.denoiser",
+    "DiffusionModule": "training.module",
     "register_backbone": "backbones",
     "build_backbone": "backbones",
     "available_backbones": "backbones",
@@ -34,11 +34,11 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # static tools see the names as ordinary imports
     from .backbones import available_backbones, build_backbone, register_backbone
-    from .diffusion import GaussianDiffusion
-    from .module import DiffusionModule
-    from .denoiser import Denoiser, Prediction
+    from .core.diffusion import GaussianDiffusion
+    from .training.module import DiffusionModule
+    from .core.denoiser import Denoiser, Prediction
     from .samplers import DDIMSampler, DDPMSampler, make_sampler
-    from .schedules import NoiseSchedule, available_schedules, make_schedule, register_schedule
+    from .core.schedules import NoiseSchedule, available_schedules, make_schedule, register_schedule
 
 
 def __getattr__(name: str) -> Any:

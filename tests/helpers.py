@@ -283,7 +283,7 @@ class PerRankRNG(pl.Callback):
         self.device_generator = torch.Generator()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_ddpm.checkpoints import DEVICE_RNG
+        from lightning_ddpm.training.checkpoints import DEVICE_RNG
 
         torch.manual_seed(1000 + trainer.global_rank)
         self.device_generator.manual_seed(100 + trainer.global_rank)
@@ -303,7 +303,7 @@ class DeviceWithoutFloat64(torch.overrides.TorchFunctionMode):
     """Pretends the CPU is a device without float64, as MPS is: a tensor is "on the device" when it was moved or
     created there (``.to(device)``, a factory given ``device=``) or computed from such a tensor, and a float64
     one of those raises, as MPS refuses it. Host-side float64 (schedules, sampler grids) stays allowed. Use it
-    with ``lightning_ddpm.dtypes.NO_FLOAT64`` patched to include ``"cpu"``, so the library treats the CPU so."""
+    with ``lightning_ddpm.core.dtypes.NO_FLOAT64`` patched to include ``"cpu"``, so the library treats the CPU so."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ import yaml
 
 from lightning_ddpm import DiffusionModule
 from lightning_ddpm.callbacks import EMA
-from lightning_ddpm.checkpoints import DIGEST_KEY, SafeCheckpointIO
+from lightning_ddpm.training.checkpoints import DIGEST_KEY, SafeCheckpointIO
 from lightning_ddpm.cli import CLIError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_a_corrupted_checkpoint_is_refused_and_never_becomes_the_last_good_state
 
 
 def test_digest_covers_every_tensor_and_ignores_non_tensors():
-    from lightning_ddpm.checkpoints import checkpoint_digest, verify_checkpoint
+    from lightning_ddpm.training.checkpoints import checkpoint_digest, verify_checkpoint
 
     checkpoint = {"state_dict": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2, dtype=torch.bfloat16)},
                   "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}}}], "epoch": 1}

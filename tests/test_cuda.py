@@ -176,7 +176,7 @@ def test_whole_training_steps_of_every_config_do_not_synchronise(config, tmp_pat
 @pytest.mark.parametrize("spacing", ["trailing", "karras"])
 def test_every_sampler_loop_runs_without_host_synchronisation(spacing):
     """The sampler loops on the device: grids and coefficients are host floats, the device only computes."""
-    from lightning_ddpm.guidance import guided_denoiser
+    from lightning_ddpm.core.guidance import guided_denoiser
     from lightning_ddpm.samplers import SAMPLERS, make_sampler
 
     module = DiffusionModule(backbone=TINY["unet"], data_shape=[1, 8, 8], num_classes=3, num_timesteps=100,

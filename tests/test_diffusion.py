@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_ddpm import GaussianDiffusion, make_schedule
-from lightning_ddpm.likelihood import LN2
+from lightning_ddpm.core.likelihood import LN2
 from tests.conftest import oracle, small_schedule
 
 T = 20

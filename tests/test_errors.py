@@ -12,7 +12,7 @@ from PIL import Image
 
 from lightning_ddpm import DDIMSampler, DiffusionModule, make_schedule, register_backbone
 from lightning_ddpm.backbones import UNet
-from lightning_ddpm.checkpoints import SafeCheckpointIO
+from lightning_ddpm.training.checkpoints import SafeCheckpointIO
 from lightning_ddpm.data import ImageDataModule, ImageFolderDataset, Toy2DDataModule
 
 ROOT = Path(__file__).resolve().parents[1]

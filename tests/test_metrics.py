@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_ddpm.metrics import TimestepLosses
+from lightning_ddpm.training.metrics import TimestepLosses
 
 
 # flush_every: update folds the pending batches into the sums every so many calls; the result cannot depend on it

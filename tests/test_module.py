@@ -210,8 +210,8 @@ def test_a_device_without_float64_gets_float32_constants_on_every_path(monkeypat
     """MPS refuses float64: moving the module, training steps and the loss-aware timestep sampler, every kind of
     sampler (respaced DDPM, DDIM, a multistep solver on fractional Karras timesteps) and bits/dim must keep
     float64 off such a device, and keep it where the device has it."""
-    from lightning_ddpm import dtypes
-    from lightning_ddpm.timestep_sampling import LossSecondMomentSampler
+    from lightning_ddpm.core import dtypes
+    from lightning_ddpm.core.timestep_sampling import LossSecondMomentSampler
     from tests.helpers import DeviceWithoutFloat64
 
     def model(**kw):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_ddpm import GaussianDiffusion
-from lightning_ddpm.parameterizations import get_parameterization
+from lightning_ddpm.core.parameterizations import get_parameterization
 from tests.conftest import PARAMETERIZATIONS, small_schedule
 
 

@@ -6,13 +6,13 @@ import torch
 from lightning_ddpm.backbones import registry as backbones
 from lightning_ddpm.data.images import IMAGE_DATASETS
 from lightning_ddpm.data.toy2d import TOY_DISTRIBUTIONS
-from lightning_ddpm.losses import LOSSES
-from lightning_ddpm.parameterizations import _PARAMETERIZATIONS
-from lightning_ddpm.registry import Registry
+from lightning_ddpm.core.losses import LOSSES
+from lightning_ddpm.core.parameterizations import _PARAMETERIZATIONS
+from lightning_ddpm.core.registry import Registry
 from lightning_ddpm.samplers import SAMPLERS
-from lightning_ddpm.schedules import _SCHEDULES
-from lightning_ddpm.timestep_sampling import TIMESTEP_SAMPLERS
-from lightning_ddpm.variances import VARIANCES
+from lightning_ddpm.core.schedules import _SCHEDULES
+from lightning_ddpm.core.timestep_sampling import TIMESTEP_SAMPLERS
+from lightning_ddpm.core.variances import VARIANCES
 
 REGISTRIES = {
     "schedule": _SCHEDULES, "parameterization": _PARAMETERIZATIONS, "sampler": SAMPLERS,
@@ -89,9 +89,9 @@ def test_every_variance_lies_between_the_bounds_and_matches_the_posterior_at_its
 def test_a_registered_variance_and_loss_plug_in_by_name():
     """A user-registered variance (half-way between the bounds) and loss (L1 on the target) train and sample."""
     from lightning_ddpm import DDIMSampler, DDPMSampler, GaussianDiffusion, make_schedule
-    from lightning_ddpm.likelihood import mean_flat
-    from lightning_ddpm.losses import Loss
-    from lightning_ddpm.variances import Variance
+    from lightning_ddpm.core.likelihood import mean_flat
+    from lightning_ddpm.core.losses import Loss
+    from lightning_ddpm.core.variances import Variance
 
     class Midway(Variance):
         name = "midway"

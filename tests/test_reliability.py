@@ -119,7 +119,7 @@ def test_training_stops_after_k_nonfinite_steps_keeping_the_last_checkpoint(tmp_
 
 
 def test_nonfinite_counts_are_read_back_only_every_log_every_n_steps(tmp_path, monkeypatch):
-    from lightning_ddpm.nonfinite import NonFiniteGuard
+    from lightning_ddpm.training.nonfinite import NonFiniteGuard
 
     checks = []
     real_check = NonFiniteGuard.check
@@ -211,7 +211,7 @@ def test_cli_checkpoints_load_with_weights_only(tmp_path):
 
 
 def test_nonfinite_guard_keeps_streaks_across_checks_and_outgrows_its_buffer():
-    from lightning_ddpm.nonfinite import NonFiniteGuard
+    from lightning_ddpm.training.nonfinite import NonFiniteGuard
 
     guard, p = NonFiniteGuard(max_in_a_row=3), torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.Adam([p], fused=True)
@@ -238,7 +238,7 @@ def test_nonfinite_guard_keeps_streaks_across_checks_and_outgrows_its_buffer():
 
 
 def test_nonfinite_guard_checks_gradients_of_every_dtype():
-    from lightning_ddpm.nonfinite import NonFiniteGuard
+    from lightning_ddpm.training.nonfinite import NonFiniteGuard
 
     guard = NonFiniteGuard(max_in_a_row=5)
     params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]

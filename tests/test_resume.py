@@ -206,7 +206,7 @@ def test_sigkill_then_resume_with_two_workers_and_random_flips(tmp_path):
 def test_rng_states_restore_per_rank_and_warn_when_the_world_size_changes():
     import pytest
 
-    from lightning_ddpm.checkpoints import restore_rng_states
+    from lightning_ddpm.training.checkpoints import restore_rng_states
 
     saved = [{"torch": torch.Generator().manual_seed(seed).get_state()} for seed in (1, 2)]
     before = torch.get_rng_state()

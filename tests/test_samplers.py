@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_ddpm import DDIMSampler, DDPMSampler, GaussianDiffusion, make_schedule
-from lightning_ddpm.denoiser import Denoiser, Prediction
+from lightning_ddpm.core.denoiser import Denoiser, Prediction
 from lightning_ddpm.samplers import (
     INTEGER_SPACINGS, SAMPLERS, SPACINGS, DPMSolverPP2MSampler, DPMSolverPP2MSDESampler, EulerSampler, HeunSampler,
     UniPCSampler, karras_sigmas, make_sampler, sigma_to_t, timestep_schedule,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_ddpm import NoiseSchedule, make_schedule, register_schedule
-from lightning_ddpm.schedules import _SCHEDULES, available_schedules
+from lightning_ddpm.core.schedules import _SCHEDULES, available_schedules
 from tests.conftest import SCHEDULES
 
 
@@ -129,10 +129,10 @@ def test_the_math_layer_imports_without_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, lightning_ddpm.schedules, lightning_ddpm.parameterizations, lightning_ddpm.diffusion, "
-            "lightning_ddpm.samplers, lightning_ddpm.guidance, lightning_ddpm.likelihood, "
-            "lightning_ddpm.timestep_sampling, lightning_ddpm.backbones, lightning_ddpm.registry, "
-            "lightning_ddpm.denoiser, lightning_ddpm.variances, lightning_ddpm.losses, "
+    code = ("import sys, lightning_ddpm.core.schedules, lightning_ddpm.core.parameterizations, lightning_ddpm.core.diffusion, "
+            "lightning_ddpm.samplers, lightning_ddpm.core.guidance, lightning_ddpm.core.likelihood, "
+            "lightning_ddpm.core.timestep_sampling, lightning_ddpm.backbones, lightning_ddpm.core.registry, "
+            "lightning_ddpm.core.denoiser, lightning_ddpm.core.variances, lightning_ddpm.core.losses, "
             "lightning_ddpm.interop.diffusers, lightning_ddpm.interop.diffusers_unet\n"
             "from lightning_ddpm import GaussianDiffusion, DDIMSampler, make_schedule, build_backbone\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "

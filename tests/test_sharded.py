@@ -159,7 +159,7 @@ def test_sharding_helpers_leave_builds_without_torch_distributed_alone(monkeypat
     every run calls (EMA swaps and checkpoints, the non-finite guard) must then not import them."""
     from lightning_ddpm.backbones.sharding import is_sharded, reshard
     from lightning_ddpm.callbacks.ema import _full
-    from lightning_ddpm.nonfinite import _shard_group
+    from lightning_ddpm.training.nonfinite import _shard_group
 
     monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
     for name in ("torch.distributed.fsdp", "torch.distributed.tensor"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_ddpm.timestep_sampling import LossSecondMomentSampler, UniformTimestepSampler, make_timestep_sampler
+from lightning_ddpm.core.timestep_sampling import LossSecondMomentSampler, UniformTimestepSampler, make_timestep_sampler
 
 
 def test_uniform_sampler_has_unit_weights_and_covers_all_steps():

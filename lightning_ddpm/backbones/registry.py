@@ -18,8 +18,8 @@ from typing import Any, Union
 
 from torch import nn
 
-from ..imports import import_object, split_spec
-from ..registry import Registry
+from ..core.imports import import_object, split_spec
+from ..core.registry import Registry
 
 __all__ = [
     "ENTRY_POINT_GROUP",

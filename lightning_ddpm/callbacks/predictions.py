@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ..plotting import save_samples_picture
+from ..training.plotting import save_samples_picture
 
 
 class SampleWriter(pl.Callback):

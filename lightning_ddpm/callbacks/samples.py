@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..plotting import load_png, save_image_grid, save_samples_picture
+from ..training.plotting import load_png, save_image_grid, save_samples_picture
 from ..samplers import DDIMSampler, Sampler, make_sampler
 from .ema import ema_weights
 

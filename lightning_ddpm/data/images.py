@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..registry import Registry
-from ..seeding import seed_of
+from ..core.registry import Registry
+from ..core.seeding import seed_of
 from .requests import predict_loader
 from .resumable import resumable_train_loader
 

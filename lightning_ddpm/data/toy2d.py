@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..registry import Registry
+from ..core.registry import Registry
 from .requests import predict_loader
 from .resumable import resumable_train_loader
 

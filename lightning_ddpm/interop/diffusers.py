@@ -168,7 +168,7 @@ def _beta_settings(schedule: str, kwargs: Mapping[str, Any], num_timesteps: int)
                 "beta_end": float(kwargs.get("beta_end", defaults[1]))}
     if schedule == "cosine" and float(kwargs.get("s", 0.008)) == 0.008 and float(kwargs.get("max_beta", 0.999)) == 0.999:
         return {"beta_schedule": "squaredcos_cap_v2"}
-    from ..schedules import make_schedule
+    from ..core.schedules import make_schedule
 
     # anything else travels as its betas (diffusers has no equivalent name)
     return {"trained_betas": make_schedule(schedule, num_timesteps, **kwargs).betas.tolist()}

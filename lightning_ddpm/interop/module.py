@@ -7,8 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..imports import settings_agree, split_spec
-from ..schedules import make_schedule
+from ..core.imports import settings_agree, split_spec
+from ..core.schedules import make_schedule
 
 
 class DiffusersInterop:

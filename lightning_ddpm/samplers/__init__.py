@@ -1,6 +1,6 @@
 """Samplers: DDPM ancestral, DDIM, DPM-Solver++ 2M (ODE and SDE), UniPC, Euler and Heun.
 
-Every sampler takes a model ``model(x_t, t) -> Prediction`` (a :class:`~lightning_ddpm.denoiser.Denoiser`)
+Every sampler takes a model ``model(x_t, t) -> Prediction`` (a :class:`~lightning_ddpm.core.denoiser.Denoiser`)
 or a raw network ``denoise_fn(x_t, t) -> output``, runs over a grid of timesteps (``leading``,
 ``trailing``, ``linspace`` or Karras sigmas) and is deterministic given ``x_T`` and a
 ``torch.Generator`` (one for the batch, or one per sample). Registered names, usable wherever a
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..registry import Registry
+from ..core.registry import Registry
 from .base import (
     INTEGER_SPACINGS, SPACINGS, Generators, Grid, Sampler, StepCallback, karras_sigmas, randn, sigma_to_t,
     timestep_schedule,
@@ -44,7 +44,7 @@ def make_sampler(spec: str | dict | Sampler, num_timesteps: int | None = None, *
     With ``num_timesteps``, a sampler whose ``num_steps`` is left at its default (50 for DDIM, 20 for
     the fast solvers) is capped at T, so that a bare name works with a short schedule too.
     """
-    from ..imports import import_object, split_spec
+    from ..core.imports import import_object, split_spec
 
     if isinstance(spec, Sampler):
         return spec

@@ -14,8 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..denoiser import Prediction, PredictFn
-from ..diffusion import GaussianDiffusion
+from ..core.denoiser import Prediction, PredictFn
+from ..core.diffusion import GaussianDiffusion
 
 __all__ = [
     "Generators", "StepCallback", "Denoise", "Grid", "Sampler", "SPACINGS", "INTEGER_SPACINGS",
@@ -190,7 +190,7 @@ class Sampler:
         """Run the reverse process from ``x_T`` (standard normal noise) to x0.
 
         Args:
-            model: ``model(x_t, t) -> Prediction`` (a :class:`~lightning_ddpm.denoiser.Denoiser`, a guided
+            model: ``model(x_t, t) -> Prediction`` (a :class:`~lightning_ddpm.core.denoiser.Denoiser`, a guided
                 denoiser), or a raw network ``denoise_fn(x_t, t) -> output`` that ``diffusion`` interprets.
             generator: one for the batch, or a sequence with one per example (see :func:`randn`).
             callback: ``callback(step, num_steps, x, pred_x0)`` after every step.

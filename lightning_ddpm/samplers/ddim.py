@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..diffusion import GaussianDiffusion
+from ..core.diffusion import GaussianDiffusion
 from .base import Denoise, Generators, Grid, Sampler, StepCallback, noise_like
 
 __all__ = ["DDIMSampler"]

@@ -7,7 +7,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from ..diffusion import GaussianDiffusion
+from ..core.diffusion import GaussianDiffusion
 from .base import Denoise, Generators, Grid, Sampler, StepCallback, noise_like
 
 __all__ = ["DDPMSampler"]

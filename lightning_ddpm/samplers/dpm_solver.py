@@ -13,7 +13,7 @@ import math
 
 from torch import Tensor
 
-from ..diffusion import GaussianDiffusion
+from ..core.diffusion import GaussianDiffusion
 from .base import SPACINGS, Denoise, Generators, Grid, Sampler, StepCallback, noise_like, solver_alpha_bar
 
 __all__ = ["DPMSolverPP2MSampler", "DPMSolverPP2MSDESampler"]

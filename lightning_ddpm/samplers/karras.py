@@ -15,7 +15,7 @@ import warnings
 
 from torch import Tensor
 
-from ..diffusion import GaussianDiffusion
+from ..core.diffusion import GaussianDiffusion
 from .base import Denoise, Generators, Grid, Sampler, StepCallback, solver_alpha_bar
 
 __all__ = ["EulerSampler", "HeunSampler"]

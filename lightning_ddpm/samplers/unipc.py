@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..diffusion import GaussianDiffusion
+from ..core.diffusion import GaussianDiffusion
 from .base import SPACINGS, Denoise, Generators, Grid, Sampler, StepCallback, solver_alpha_bar
 
 __all__ = ["UniPCSampler"]

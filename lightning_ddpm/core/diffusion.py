@@ -2,7 +2,7 @@
 
 Plain PyTorch. The network is any ``denoise_fn(x_t, t) -> output`` whose output the chosen
 parameterization interprets (2x channels on dim 1 for ``learned_range``); :meth:`GaussianDiffusion.predict`
-turns that output into a :class:`~lightning_ddpm.denoiser.Prediction`, the only thing samplers,
+turns that output into a :class:`~lightning_ddpm.core.denoiser.Prediction`, the only thing samplers,
 guidance and bits/dim look at.
 """
 

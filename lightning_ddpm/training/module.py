@@ -16,22 +16,22 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from .backbones import BackboneSpec, build_backbone, check_backbone
-from .backbones.sharding import shard_backbone
-from .denoiser import Denoiser
-from .diffusion import GaussianDiffusion
-from .data.batches import check_image_range, check_labels, unpack_batch
+from ..backbones import BackboneSpec, build_backbone, check_backbone
+from ..backbones.sharding import shard_backbone
+from ..core.denoiser import Denoiser
+from ..core.diffusion import GaussianDiffusion
+from ..data.batches import check_image_range, check_labels, unpack_batch
 from .checkpoints import (DIGEST_KEY, check_checkpoint_file, checkpoint_digest, gather_rng_states, restore_rng_states,
                           verify_checkpoint)
-from .guidance import guided_denoiser
-from .imports import import_object, settings_agree, split_spec
-from .interop.module import DiffusersInterop
+from ..core.guidance import guided_denoiser
+from ..core.imports import import_object, settings_agree, split_spec
+from ..interop.module import DiffusersInterop
 from .metrics import TimestepLosses
 from .nonfinite import NonFiniteGuard
-from .samplers import Generators, Sampler, make_sampler, randn
-from .schedules import make_schedule
-from .seeding import seed_of
-from .timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
+from ..samplers import Generators, Sampler, make_sampler, randn
+from ..core.schedules import make_schedule
+from ..core.seeding import seed_of
+from ..core.timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
 
 __all__ = ["DiffusionModule"]
 

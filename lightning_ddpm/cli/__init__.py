@@ -34,10 +34,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from .callbacks import SampleWriter
-from .checkpoints import SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
-from .imports import settings_agree
-from .module import DiffusionModule
+from ..callbacks import SampleWriter
+from ..training.checkpoints import SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
+from ..core.imports import settings_agree
+from ..training.module import DiffusionModule
 
 PROG = "lightning-ddpm"
 DEBUG_ENV = "LIGHTNING_DDPM_DEBUG"
@@ -48,7 +48,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
                MisconfigurationException)  # Lightning's own checks of Trainer arguments (max_steps: -5)
 
 
-_CHECKPOINTS_FILE = str(Path(__file__).with_name("checkpoints.py"))
+_CHECKPOINTS_FILE = str(Path(__file__).parent.parent / "training" / "checkpoints.py")
 
 
 class CLIError(ValueError):
@@ -199,7 +199,7 @@ class DiffusionCLI(LightningCLI):
 
         import yaml
 
-        from .imports import import_object
+        from ..core.imports import import_object
 
         subcommand = config.get("subcommand")
         config = config[subcommand] if subcommand else config
@@ -411,7 +411,7 @@ def _place_outputs(trainer: pl.Trainer) -> set[int]:
     """Outputs without a folder of their own go under ``trainer.default_root_dir``: checkpoints in
     ``checkpoints/`` (not a logger's version folder, so ``--ckpt_path last`` finds them), sample pictures
     in ``samples/``. Returns the ids of the checkpoint callbacks placed here."""
-    from .callbacks import SampleLogger
+    from ..callbacks import SampleLogger
 
     root, placed = Path(trainer.default_root_dir), set()
     for callback in trainer.callbacks:
@@ -579,7 +579,7 @@ def export(args: list[str]) -> Path:
     was trained with EMA, which the checkpoint stores as its state_dict) as a diffusers DDPM folder."""
     import argparse
 
-    from .module import DiffusionModule
+    from ..training.module import DiffusionModule
 
     parser = argparse.ArgumentParser(prog=f"{PROG} export", description=export.__doc__)
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by lightning-ddpm fit")
@@ -596,7 +596,7 @@ def version_line() -> str:
     import lightning
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return f"{PROG} {__version__} (torch {torch.__version__}, lightning {lightning.__version__})"
 
