@@ -540,3 +540,28 @@ def test_sample_pictures_use_the_models_sampler_setting_unless_given_one(tmp_pat
     generators = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
     torch.testing.assert_close(module.sample(4, sampler=default.sampler, generator=generators()),
                                module.sample(4, generator=generators()), rtol=0, atol=0)
+
+
+def test_a_users_callback_sees_the_ema_model_through_the_public_api(tmp_path):
+    """README, "Training callbacks": ``with ema.averaged(trainer, pl_module)`` holds the average (brought up to the
+    current step, also for a callback listed before EMA) and puts the raw weights back after the block."""
+
+    class Peek(Callback):
+        def __init__(self):
+            self.inside, self.outside = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+            with ema.averaged(trainer, pl_module):
+                self.inside.append([p.detach().clone() for p in pl_module.backbone.parameters()])
+            self.outside.append([p.detach().clone() for p in pl_module.backbone.parameters()])
+
+    torch.manual_seed(0)
+    record, peek, ema = RecordWeights(), Peek(), EMA(decay=0.5)
+    _trainer(tmp_path, [record, peek, ema], max_steps=3, limit_val_batches=0).fit(_toy_module(), datamodule=_toy())
+    for step in range(3):
+        for got, want in zip(peek.inside[step], _expected_ema(record.after_step[: step + 1], 0.5)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for got, raw in zip(peek.outside[step], record.after_step[step]):
+            torch.testing.assert_close(got, raw, rtol=0, atol=0)
+    assert ema.num_updates == 3

@@ -123,6 +123,23 @@ class EMA(WeightAveraging):
             current.data.copy_(tmp)
         self.swapped = not self.swapped
 
+    @contextmanager
+    def averaged(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+        """Run the block with the average in ``pl_module``, brought up to this step: how other callbacks
+        (pictures, FID, bits/dim) see the EMA model. A no-op before the average exists or while it is in."""
+        if self._average_model is None or self.swapped:
+            yield
+            return
+        if trainer.training and trainer.global_step > self._latest_update_step:
+            # A callback listed before EMA (SampleLogger every N steps) runs its on_train_batch_end before EMA's
+            # has folded this step into the average: do that update now (EMA's own call then skips this step).
+            self.on_train_batch_end(trainer, pl_module, None, None, 0)
+        self._swap_models(pl_module)
+        try:
+            yield
+        finally:
+            self._swap_models(pl_module)
+
     def _copy_average_to_current(self, pl_module: pl.LightningModule) -> None:
         for average, current in self._pairs(pl_module):
             current.data.copy_(average.data)
@@ -261,17 +278,10 @@ def ema_weights(trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> It
     """Run the block with the EMA weights in ``pl_module`` (a no-op without an active :class:`EMA`)."""
     callbacks = trainer.callbacks if trainer is not None else []
     ema = next((c for c in callbacks if isinstance(c, EMA)), None)
-    if ema is None or ema._average_model is None or ema.swapped:
+    if ema is None:
         yield
         return
-    if trainer.training and trainer.global_step > ema._latest_update_step:
-        # A callback listed before EMA (SampleLogger every N steps) runs its on_train_batch_end before EMA's
-        # has folded this step into the average: do that update now (EMA's own call then skips this step).
-        ema.on_train_batch_end(trainer, pl_module, None, None, 0)
-    ema._swap_models(pl_module)
-    try:
+    with ema.averaged(trainer, pl_module):
         yield
-    finally:
-        ema._swap_models(pl_module)
 
 
