@@ -3,8 +3,8 @@
 Every sampler takes a model ``model(x_t, t) -> Prediction`` (a :class:`~lightning_ddpm.core.denoiser.Denoiser`)
 or a raw network ``denoise_fn(x_t, t) -> output``, runs over a grid of timesteps (``leading``,
 ``trailing``, ``linspace`` or Karras sigmas) and is deterministic given ``x_T`` and a
-``torch.Generator`` (one for the batch, or one per sample). Registered names, usable wherever a
-sampler is accepted: ``ddpm``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_sde``, ``unipc``, ``euler``, ``heun``.
+``torch.Generator`` (one for the batch, or one per sample). ``SAMPLERS`` below holds the registered
+names, usable wherever a sampler is accepted (``SAMPLERS.names()``; the README's "Samplers" table).
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         optimizer: ``{"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}`` by default (Ho et al.).
         lr_warmup_steps: linear warm-up of the learning rate over this many optimizer steps (5000 in Ho et al.).
         sampler: the default sampler for ``sample`` and ``predict``: ``"ddpm"``, ``"ddim"`` or a mapping
-            such as ``{"name": "dpmpp_2m", "init_args": {"num_steps": 10}}``; any registered name
-            (``ddpm``, ``ddim``, ``dpmpp_2m``, ``dpmpp_2m_sde``, ``unipc``, ``euler``, ``heun``) or class path.
+            such as ``{"name": "dpmpp_2m", "init_args": {"num_steps": 10}}``; any name registered in
+            ``lightning_ddpm.samplers.SAMPLERS``, or a class path.
         guidance_scale: default classifier-free guidance scale w of ``sample`` and ``predict`` for a
             class-conditional model (0: unconditional, 1: conditional, > 1: guided).
         max_nonfinite_steps: a training step whose gradients (or, under 16-mixed, loss) are NaN or inf is
