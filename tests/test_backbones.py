@@ -181,7 +181,7 @@ def test_entry_point_plugin_is_loaded_lazily_once(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "entry_points", fake_entry_points)
     monkeypatch.setattr(registry, "_plugins_scanned", False)
     monkeypatch.setattr(registry, "_PLUGINS", {})
-    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.copy())
+    monkeypatch.setattr(registry, "BACKBONES", registry.BACKBONES.copy())
     assert "plugin_net" in available_backbones() and loads == []  # listed without importing
     spec = yaml.safe_load("backbone:\n  name: plugin_net\n  init_args: {hidden_dim: 8}\n")["backbone"]
     assert isinstance(build_backbone(spec), PluginNet)
@@ -194,7 +194,7 @@ def test_readme_custom_backbone_example_runs(monkeypatch):
     readme = (ROOT / "README.md").read_text()
     body = source.split('"""', 2)[2].strip()
     assert body in readme, "README must show examples/custom_backbone.py verbatim"
-    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.copy())
+    monkeypatch.setattr(registry, "BACKBONES", registry.BACKBONES.copy())
     monkeypatch.syspath_prepend(str(ROOT))
     runpy.run_path(str(ROOT / "examples" / "custom_backbone.py"), run_name="examples.custom_backbone")
 
@@ -211,7 +211,7 @@ def test_custom_backbone_example_runs_as_a_script_and_as_a_module(how):
 
 
 def test_registering_the_same_class_again_replaces_it(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.copy())
+    monkeypatch.setattr(registry, "BACKBONES", registry.BACKBONES.copy())
     namespace: dict = {"__name__": "__main__"}
     source = "from torch import nn\nclass Again(nn.Module):\n    def forward(self, x, t, cond=None):\n        return x\n"
     exec(compile(source, "<cell>", "exec"), namespace)  # a notebook cell ...

@@ -7,16 +7,16 @@ from lightning_ddpm.backbones import registry as backbones
 from lightning_ddpm.data.images import IMAGE_DATASETS
 from lightning_ddpm.data.toy2d import TOY_DISTRIBUTIONS
 from lightning_ddpm.core.losses import LOSSES
-from lightning_ddpm.core.parameterizations import _PARAMETERIZATIONS
+from lightning_ddpm.core.parameterizations import PARAMETERIZATIONS
 from lightning_ddpm.core.registry import Registry
 from lightning_ddpm.samplers import SAMPLERS
-from lightning_ddpm.core.schedules import _SCHEDULES
+from lightning_ddpm.core.schedules import SCHEDULES
 from lightning_ddpm.core.timestep_sampling import TIMESTEP_SAMPLERS
 from lightning_ddpm.core.variances import VARIANCES
 
 REGISTRIES = {
-    "schedule": _SCHEDULES, "parameterization": _PARAMETERIZATIONS, "sampler": SAMPLERS,
-    "timestep_sampler": TIMESTEP_SAMPLERS, "backbone": backbones._REGISTRY, "distribution": TOY_DISTRIBUTIONS,
+    "schedule": SCHEDULES, "parameterization": PARAMETERIZATIONS, "sampler": SAMPLERS,
+    "timestep_sampler": TIMESTEP_SAMPLERS, "backbone": backbones.BACKBONES, "distribution": TOY_DISTRIBUTIONS,
     "dataset": IMAGE_DATASETS, "variance": VARIANCES, "loss": LOSSES,
 }
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lightning_ddpm import NoiseSchedule, make_schedule, register_schedule
-from lightning_ddpm.core.schedules import _SCHEDULES, available_schedules
+from lightning_ddpm.core.schedules import SCHEDULES as SCHEDULE_REGISTRY
+from lightning_ddpm.core.schedules import available_schedules
 from tests.conftest import SCHEDULES
 
 
@@ -101,7 +102,7 @@ def test_register_schedule_plugs_in_by_name():
         with pytest.raises(ValueError, match="schedule name 'constant_test' is already registered"):
             register_schedule("constant_test")(lambda num_timesteps: torch.full((num_timesteps,), 0.1))
     finally:
-        _SCHEDULES.pop("constant_test")
+        SCHEDULE_REGISTRY.pop("constant_test")
 
 
 def test_posterior_constants():

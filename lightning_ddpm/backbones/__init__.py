@@ -2,6 +2,7 @@
 
 from .mlp import MLP
 from .registry import (
+    BACKBONES,
     ENTRY_POINT_GROUP,
     BackboneSpec,
     available_backbones,
@@ -13,6 +14,7 @@ from .registry import (
 from .unet import UNet
 
 __all__ = [
+    "BACKBONES",
     "ENTRY_POINT_GROUP",
     "BackboneSpec",
     "MLP",

@@ -22,6 +22,7 @@ from ..core.imports import import_object, split_spec
 from ..core.registry import Registry
 
 __all__ = [
+    "BACKBONES",
     "ENTRY_POINT_GROUP",
     "BackboneSpec",
     "register_backbone",
@@ -35,14 +36,14 @@ ENTRY_POINT_GROUP = "lightning_ddpm.backbones"
 # A short name or dotted class path, or {"name": ..., "init_args": {...}} as in a YAML config.
 BackboneSpec = Union[str, dict[str, Any]]
 
-_REGISTRY: Registry[Callable[..., nn.Module]] = Registry("backbone")
+BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 _PLUGINS: dict[str, importlib.metadata.EntryPoint] = {}
 _plugins_scanned = False
 
 
 def register_backbone(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     """Class decorator: make ``name`` usable wherever a backbone is named (the same class again replaces it)."""
-    return _REGISTRY.register(name)
+    return BACKBONES.register(name)
 
 
 def _scan_plugins() -> None:
@@ -57,17 +58,17 @@ def _scan_plugins() -> None:
 def available_backbones() -> list[str]:
     """Every short name: built-in, registered in Python, and installed plugins."""
     _scan_plugins()
-    return sorted(set(_REGISTRY) | set(_PLUGINS))
+    return sorted(set(BACKBONES) | set(_PLUGINS))
 
 
 def resolve_backbone(name: str) -> Callable[..., nn.Module]:
     """The class (or factory) behind a short name or a dotted class path."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in BACKBONES:
+        return BACKBONES[name]
     _scan_plugins()
     if name in _PLUGINS:
         target = _PLUGINS[name].load()
-        _REGISTRY.register(name, target)  # cache: load each plugin once
+        BACKBONES.register(name, target)  # cache: load each plugin once
         return target
     if any(c in name for c in "{}:[]"):  # a mapping the shell or YAML could not parse, kept as one string
         raise ValueError(

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .registry import Registry
 
-__all__ = ["StepCoefficients", "Parameterization", "get_parameterization", "available_parameterizations"]
+__all__ = ["StepCoefficients", "Parameterization", "PARAMETERIZATIONS", "get_parameterization", "available_parameterizations"]
 
 
 class StepCoefficients(NamedTuple):
@@ -117,15 +117,15 @@ class VParameterization(Parameterization):
         return c.sqrt_one_minus_alpha_bar
 
 
-_PARAMETERIZATIONS: Registry[Parameterization] = Registry("parameterization")
+PARAMETERIZATIONS: Registry[Parameterization] = Registry("parameterization")
 for _p in (EpsParameterization(), X0Parameterization(), MuParameterization(), VParameterization()):
-    _PARAMETERIZATIONS.register(_p.name, _p)
+    PARAMETERIZATIONS.register(_p.name, _p)
 
 
 def available_parameterizations() -> list[str]:
-    return _PARAMETERIZATIONS.names()
+    return PARAMETERIZATIONS.names()
 
 
 def get_parameterization(name: str) -> Parameterization:
     """The parameterization registered as ``name``."""
-    return _PARAMETERIZATIONS.get(name)
+    return PARAMETERIZATIONS.get(name)

@@ -19,6 +19,7 @@ from .registry import Registry
 
 __all__ = [
     "NoiseSchedule",
+    "SCHEDULES",
     "make_schedule",
     "register_schedule",
     "available_schedules",
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 BetaFn = Callable[..., Tensor]
-_SCHEDULES: Registry[BetaFn] = Registry("schedule")
+SCHEDULES: Registry[BetaFn] = Registry("schedule")
 
 
 class NoiseSchedule:
@@ -104,11 +105,11 @@ class NoiseSchedule:
 
 def register_schedule(name: str) -> Callable[[BetaFn], BetaFn]:
     """Register ``fn(num_timesteps, **kwargs) -> betas`` under ``name``."""
-    return _SCHEDULES.register(name)
+    return SCHEDULES.register(name)
 
 
 def available_schedules() -> list[str]:
-    return sorted(_SCHEDULES)
+    return sorted(SCHEDULES)
 
 
 def make_schedule(
@@ -127,7 +128,7 @@ def make_schedule(
             (Lin et al. 2024, Algorithm 1).
         **kwargs: the schedule's own options (e.g. ``beta_start``, ``beta_end``, ``s``, ``betas``).
     """
-    beta_fn = _SCHEDULES.get(name)
+    beta_fn = SCHEDULES.get(name)
     if not isinstance(num_timesteps, int) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive integer, got {num_timesteps!r}")
     try:
