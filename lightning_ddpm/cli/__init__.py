@@ -11,13 +11,16 @@ What it adds to LightningCLI (README, "Command line"):
 - ``--imports`` names modules to import before the classes are built (custom backbones);
 - library errors end the command with one line naming the config key they came from
   (``LIGHTNING_DDPM_DEBUG=1`` shows the traceback).
+
+Here: the CLI class (checkpoint-hyperparameter merging, error location) and the entry point; beside it
+``errors`` (one-line errors), ``overrides`` (one callback, one backbone key), ``outputs`` (where a run
+writes), ``export`` (the ``export`` subcommand) and ``console`` (console filtering, ``--version``).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import sys
 import warnings
@@ -31,106 +34,36 @@ import torch
 from jsonargparse import ActionYesNo, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from ..callbacks import SampleWriter
-from ..training.checkpoints import SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
 from ..core.imports import settings_agree
+from ..training.checkpoints import SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
 from ..training.module import DiffusionModule
+from .console import _quiet, version_line
+from .errors import (
+    DEBUG_ENV,
+    PROG,
+    USER_ERRORS,
+    CLIError,
+    DiffusionArgumentParser,
+    _class_paths,
+    _imports_as,
+    _trainer_key,
+    _unwrap,
+)
+from .export import export
+from .outputs import SaveConfigWithAbsolutePaths, _place_outputs, _resumes_from, _shown
+from .overrides import _backbone_overrides, _callback_overrides, _overridden_backbone
 
-PROG = "lightning-ddpm"
-DEBUG_ENV = "LIGHTNING_DDPM_DEBUG"
+__all__ = ["CLIError", "DiffusionArgumentParser", "DiffusionCLI", "PROG", "export", "main", "run_cli", "version_line"]
+
 # Set by the data: compared by DiffusionModule.on_load_checkpoint once the data has linked them in.
 _LINKED = ("data_shape", "num_classes")
-# What a user can get wrong in a config; other exception types are bugs and keep their traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, RuntimeError,
-               MisconfigurationException)  # Lightning's own checks of Trainer arguments (max_steps: -5)
 
 
 _CHECKPOINTS_FILE = str(Path(__file__).parent.parent / "training" / "checkpoints.py")
-
-
-class CLIError(ValueError):
-    """A user error located in the config (``key: message``), raised from the original exception."""
-
-
-class DiffusionArgumentParser(LightningArgumentParser):
-    """A parse error ends in one line naming the closest valid option (or config file), not a usage dump."""
-
-    def error(self, message: str, ex: Exception | None = None) -> Any:
-        from jsonargparse._common import debug_mode_active  # internal: jsonargparse's own LIGHTNING/JSONARGPARSE debug
-
-        if not self.exit_on_error or debug_mode_active():  # jsonargparse is trying alternatives: let it
-            return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        raise CLIError(message.strip().splitlines()[0] + _suggestion(message, parser)) from ex
-
-
-def _suggestion(message: str, parser: Any) -> str:
-    """'; did you mean --trainer.max_steps?' for an unknown option, or the closest file for a missing config."""
-    import difflib
-    import re
-
-    unknown = re.search(r"unrecognized arguments: (\S+)", message)
-    if unknown:
-        bad = unknown.group(1).split("=")[0]
-        options = [o for action in _all_actions(parser) for o in action.option_strings if o.startswith("--")]
-        close = difflib.get_close_matches(bad, options, n=1, cutoff=0.6)
-        return f"; did you mean {close[0]}?" if close else f"; see {PROG} {_subcommand(parser)}--help"
-    missing = re.search(r"File does not exist: '([^']+)'", message)
-    if missing:
-        path = Path(missing.group(1))
-        siblings = [str(p.name) for p in path.parent.glob("*")] if path.parent.is_dir() else []
-        close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
-        if not close:
-            return ""
-        suggested = path.parent / close[0]
-        try:  # as the user typed it: relative to the working directory when it lies below it
-            suggested = suggested.relative_to(Path.cwd())
-        except ValueError:
-            pass
-        return f"; did you mean {suggested}?"
-    return ""
-
-
-def _all_actions(parser: Any) -> Iterator[Any]:
-    """The parser's actions and its subcommands' (jsonargparse keeps those in a map)."""
-    for action in parser._actions:
-        yield action
-        for sub in getattr(action, "_name_parser_map", {}).values():
-            yield from _all_actions(sub)
-
-
-def _subcommand(parser: Any) -> str:
-    name = parser.prog.removeprefix(PROG).strip().split(" ")[0] if parser.prog else ""
-    return f"{name} " if name else ""
-
-
-# Settings that name a file or folder: the saved config.yaml stores them absolute, so that it (and the
-# checkpoint it sits beside) still works from another working directory.
-_PATH_KEYS = frozenset({"root", "init_from", "default_root_dir", "dirpath", "output_dir", "save_dir", "ckpt_path"})
-
-
-def _absolute_paths(value: Any, key: str = "") -> Any:
-    """``value`` with every relative path under a ``_PATH_KEYS`` key made absolute (a copy)."""
-    if isinstance(value, Namespace):
-        return Namespace(**{k: _absolute_paths(v, k) for k, v in vars(value).items()})
-    if isinstance(value, dict):
-        return {k: _absolute_paths(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_absolute_paths(v, key) for v in value]
-    if key in _PATH_KEYS and isinstance(value, (str, os.PathLike)) and str(value) and "://" not in str(value) \
-            and str(value) not in ("last", "hpc", "best", "registry") and not Path(value).is_absolute():
-        return str(Path(value).absolute())
-    return value
-
-
-class SaveConfigWithAbsolutePaths(SaveConfigCallback):
-    """LightningCLI's saved ``config.yaml``, with data roots, checkpoint and output paths made absolute."""
-
-    def __init__(self, parser: LightningArgumentParser, config: Namespace, *args: Any, **kwargs: Any) -> None:
-        super().__init__(parser, _absolute_paths(config), *args, **kwargs)
 
 
 class DiffusionCLI(LightningCLI):
@@ -407,156 +340,6 @@ class DiffusionCLI(LightningCLI):
         return candidates[0][0] if candidates else None
 
 
-def _place_outputs(trainer: pl.Trainer) -> set[int]:
-    """Outputs without a folder of their own go under ``trainer.default_root_dir``: checkpoints in
-    ``checkpoints/`` (not a logger's version folder, so ``--ckpt_path last`` finds them), sample pictures
-    in ``samples/``. Returns the ids of the checkpoint callbacks placed here."""
-    from ..callbacks import SampleLogger
-
-    root, placed = Path(trainer.default_root_dir), set()
-    for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-            callback.dirpath = os.path.realpath(root / "checkpoints")
-            placed.add(id(callback))
-        elif isinstance(callback, SampleLogger) and not callback.output_dir:
-            callback.output_dir = str(root / "samples")
-    return placed
-
-
-def _resumes_from(ckpt_path: str | None, folder: Path) -> bool:
-    """Whether ``fit --ckpt_path`` continues a run whose checkpoints are in ``folder``."""
-    if ckpt_path in ("last", "hpc"):
-        return True
-    return bool(ckpt_path) and Path(ckpt_path).resolve().parent == folder.resolve()
-
-
-def _shown(path: Path) -> str:
-    """``path`` relative to the working directory when it lies below it, as a user would type it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _backbone_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """``args`` without ``--model.backbone.init_args.<key> <value>`` (or ``--model.backbone.<key>``,
-    ``--model.backbone.name``), and those as (key, value)."""
-    import re
-
-    pattern = re.compile(r"--model\.backbone\.(?:init_args\.)?(\w+)(?:=(.*))?$", re.S)
-    rest, overrides, i = [], [], 0
-    while i < len(args):
-        match = pattern.match(args[i]) if isinstance(args[i], str) else None
-        if match is None or match.group(1) == "help":
-            rest.append(args[i])
-            i += 1
-            continue
-        key, value = match.groups()
-        if value is None:
-            if i + 1 >= len(args):
-                raise CLIError(f"{args[i]}: expected a value")
-            value, i = args[i + 1], i + 1
-        overrides.append((key, value))
-        i += 1
-    return rest, overrides
-
-
-def _overridden_backbone(config: Namespace, overrides: list[tuple[str, str]]) -> dict[str, Any]:
-    """The parsed ``model.backbone`` as ``{name, init_args}`` with the given keys set (values read as YAML)."""
-    import yaml
-
-    subcommand = config.get("subcommand")
-    spec = (config[subcommand] if subcommand else config).model.backbone
-    spec = spec.as_dict() if isinstance(spec, Namespace) else spec
-    if isinstance(spec, str):
-        spec = {"name": spec, "init_args": {}}
-    if not isinstance(spec, Mapping) or "name" not in spec:
-        raise CLIError(f"--model.backbone.{overrides[0][0]}: the backbone is given as {spec!r}, not as a "
-                       "{name, init_args} mapping; give the whole mapping with --model.backbone instead")
-    spec = {**spec, "init_args": dict(spec.get("init_args") or {})}
-    for key, value in overrides:
-        if key == "name":
-            spec["name"] = value
-        else:
-            spec["init_args"][key] = yaml.safe_load(value)
-    return spec
-
-
-def _callback_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
-    """``args`` without the ``--trainer.callbacks[<index or class name>].<key> <value>`` options (which
-    jsonargparse cannot address), and those options as (selector, key, value)."""
-    import re
-
-    pattern = re.compile(r"--trainer\.callbacks\[([^\]]+)\]\.([\w.]+)(?:=(.*))?$", re.S)
-    rest, overrides, i = [], [], 0
-    while i < len(args):
-        match = pattern.match(args[i]) if isinstance(args[i], str) else None
-        if match is None:
-            rest.append(args[i])
-            i += 1
-            continue
-        selector, key, value = match.groups()
-        if value is None:
-            if i + 1 >= len(args):
-                raise CLIError(f"{args[i]}: expected a value")
-            value, i = args[i + 1], i + 1
-        overrides.append((selector.strip(), key, value))
-        i += 1
-    return rest, overrides
-
-
-def _trainer_key(message: str) -> str | None:
-    """``trainer.max_steps`` for Lightning's "`max_steps` must be ..." (the Trainer argument its check names)."""
-    import inspect
-    import re
-
-    named = re.match(r"`(\w+)`", message)
-    if named and named.group(1) in inspect.signature(pl.Trainer.__init__).parameters:
-        return f"trainer.{named.group(1)}"
-    return None
-
-
-def _unwrap(err: BaseException) -> BaseException:
-    """jsonargparse wraps errors raised while building a class ("Does not validate against any of the
-    Union subtypes"); the library's own error is the cause."""
-    while err.__cause__ is not None and str(err).startswith(("Does not validate against any of the Union",
-                                                             "Problem with given class_path")):
-        err = err.__cause__
-    return err
-
-
-def _class_paths(value: Any, key: str = "") -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(key, class_path, init_args) of every ``{class_path, init_args}`` in a parsed config, outermost first."""
-    if isinstance(value, Mapping):
-        if isinstance(value.get("class_path"), str):
-            yield key, value["class_path"], dict(value.get("init_args") or {})
-        for k, v in value.items():
-            yield from _class_paths(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _class_paths(v, f"{key}[{i}]")
-
-
-def _imports_as(class_path: str, cls: type) -> bool:
-    module, _, name = class_path.rpartition(".")
-    return getattr(sys.modules.get(module), name, None) is cls
-
-
-class _DropTips(logging.Filter):
-    """Lightning's console advertisements ("💡 Tip: ... try installing ...")."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡")
-
-
-_DROP_TIPS = _DropTips()
-
-
-def _quiet() -> None:
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DROP_TIPS)  # once: addFilter skips a filter it already has
-
-
 def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
     """Build and run the CLI (``args`` as on the command line); returns it for inspection."""
     _quiet()
@@ -572,33 +355,6 @@ def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
         args=args,
         **kwargs,
     )
-
-
-def export(args: list[str]) -> Path:
-    """``lightning-ddpm export --ckpt_path C --output_dir D``: a checkpoint's weights (the EMA weights when it
-    was trained with EMA, which the checkpoint stores as its state_dict) as a diffusers DDPM folder."""
-    import argparse
-
-    from ..training.module import DiffusionModule
-
-    parser = argparse.ArgumentParser(prog=f"{PROG} export", description=export.__doc__)
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by lightning-ddpm fit")
-    parser.add_argument("--output_dir", required=True, help="the folder to write (DDPMPipeline.from_pretrained loads it)")
-    options = parser.parse_args(args)
-    module = DiffusionModule.load_from_checkpoint(options.ckpt_path, map_location="cpu")
-    folder = module.to_diffusers(options.output_dir)
-    print(f"wrote {folder} (model_index.json, unet/, scheduler/)")
-    return folder
-
-
-def version_line() -> str:
-    """``lightning-ddpm 0.1.0 (torch ..., lightning ...)``: what ``--version`` prints."""
-    import lightning
-    import torch
-
-    from .. import __version__
-
-    return f"{PROG} {__version__} (torch {torch.__version__}, lightning {lightning.__version__})"
 
 
 def main(args: list[str] | None = None) -> None:
