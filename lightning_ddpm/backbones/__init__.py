@@ -1,5 +1,6 @@
 """Backbones: the registry and the built-in networks (importing registers ``unet`` and ``mlp``)."""
 
+from .contract import Backbone
 from .mlp import MLP
 from .registry import (
     BACKBONES,
@@ -15,6 +16,7 @@ from .unet import UNet
 
 __all__ = [
     "BACKBONES",
+    "Backbone",
     "ENTRY_POINT_GROUP",
     "BackboneSpec",
     "MLP",
