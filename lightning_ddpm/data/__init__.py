@@ -1,7 +1,8 @@
 """LightningDataModules: 2-D toy distributions and image datasets."""
 
+from .contract import DiffusionDataModule
 from .images import ImageDataModule, ImageFolderDataset
 from .requests import SampleRequests, SampleRequestsDataModule
 from .toy2d import TOY_DISTRIBUTIONS, Toy2DDataModule, sample_toy2d
 
-__all__ = ["ImageDataModule", "ImageFolderDataset", "SampleRequests", "SampleRequestsDataModule", "TOY_DISTRIBUTIONS", "Toy2DDataModule", "sample_toy2d"]
+__all__ = ["DiffusionDataModule", "ImageDataModule", "ImageFolderDataset", "SampleRequests", "SampleRequestsDataModule", "TOY_DISTRIBUTIONS", "Toy2DDataModule", "sample_toy2d"]
