@@ -11,27 +11,34 @@ from jsonargparse import Namespace
 from .errors import CLIError
 
 
-def _backbone_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """``args`` without ``--model.backbone.init_args.<key> <value>`` (or ``--model.backbone.<key>``,
-    ``--model.backbone.name``), and those as (key, value)."""
+def _extract(args: list[str], pattern: str, skip: tuple[str, ...] = ()) -> tuple[list[str], list[tuple[str, ...]]]:
+    """``args`` without the options that match ``pattern`` (its last group the ``=value``, else the next
+    argument is the value), and those options as (its other groups..., value). A first group in ``skip``
+    is left in ``args``."""
     import re
 
-    pattern = re.compile(r"--model\.backbone\.(?:init_args\.)?(\w+)(?:=(.*))?$", re.S)
-    rest, overrides, i = [], [], 0
+    compiled = re.compile(pattern + r"(?:=(.*))?$", re.S)
+    rest, found, i = [], [], 0
     while i < len(args):
-        match = pattern.match(args[i]) if isinstance(args[i], str) else None
-        if match is None or match.group(1) == "help":
+        match = compiled.match(args[i]) if isinstance(args[i], str) else None
+        if match is None or match.group(1) in skip:
             rest.append(args[i])
             i += 1
             continue
-        key, value = match.groups()
+        *groups, value = match.groups()
         if value is None:
             if i + 1 >= len(args):
                 raise CLIError(f"{args[i]}: expected a value")
             value, i = args[i + 1], i + 1
-        overrides.append((key, value))
+        found.append((*groups, value))
         i += 1
-    return rest, overrides
+    return rest, found
+
+
+def _backbone_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``args`` without ``--model.backbone.init_args.<key> <value>`` (or ``--model.backbone.<key>``,
+    ``--model.backbone.name``), and those as (key, value)."""
+    return _extract(args, r"--model\.backbone\.(?:init_args\.)?(\w+)", skip=("help",))
 
 
 def _overridden_backbone(config: Namespace, overrides: list[tuple[str, str]]) -> dict[str, Any]:
@@ -58,21 +65,5 @@ def _overridden_backbone(config: Namespace, overrides: list[tuple[str, str]]) ->
 def _callback_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
     """``args`` without the ``--trainer.callbacks[<index or class name>].<key> <value>`` options (which
     jsonargparse cannot address), and those options as (selector, key, value)."""
-    import re
-
-    pattern = re.compile(r"--trainer\.callbacks\[([^\]]+)\]\.([\w.]+)(?:=(.*))?$", re.S)
-    rest, overrides, i = [], [], 0
-    while i < len(args):
-        match = pattern.match(args[i]) if isinstance(args[i], str) else None
-        if match is None:
-            rest.append(args[i])
-            i += 1
-            continue
-        selector, key, value = match.groups()
-        if value is None:
-            if i + 1 >= len(args):
-                raise CLIError(f"{args[i]}: expected a value")
-            value, i = args[i + 1], i + 1
-        overrides.append((selector.strip(), key, value))
-        i += 1
-    return rest, overrides
+    rest, found = _extract(args, r"--trainer\.callbacks\[([^\]]+)\]\.([\w.]+)")
+    return rest, [(selector.strip(), key, value) for selector, key, value in found]
