@@ -21,6 +21,10 @@ SMALL = {"unet": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolu
          "mlp": {"hidden_dim": 16, "num_blocks": 1}, "tiny_conv": {"width": 8}}
 
 
+# every backbone registered when the tests are collected (plugins included), and the README's
+ALL = sorted({*BACKBONES, "tiny_conv"})
+
+
 @pytest.fixture(scope="module")
 def names():
     """The registered names, with examples/custom_backbone.py's ``tiny_conv`` added (then removed)."""
@@ -39,7 +43,7 @@ def test_the_contract_covers_the_built_in_and_the_readme_backbones(names):
     assert {"unet", "mlp", "tiny_conv"} <= set(names) and set(BACKBONES) <= set(names)
 
 
-@pytest.mark.parametrize("name", ["unet", "mlp", "tiny_conv"])
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("conditional", [False, True])
 def test_a_backbone_takes_integer_and_fractional_timesteps_and_the_null_label(names, name, conditional):
     data_shape = _data_shape(name)
@@ -59,7 +63,7 @@ def test_a_backbone_takes_integer_and_fractional_timesteps_and_the_null_label(na
                                net(x, torch.tensor([5, 5, 5, 5])))  # cond=None is the null label
 
 
-@pytest.mark.parametrize("name", ["unet", "mlp", "tiny_conv"])
+@pytest.mark.parametrize("name", ALL)
 def test_every_backbone_samples_with_karras_sigmas(names, name):
     """Karras sigmas evaluate the network at fractional t: the README's backbone with an nn.Embedding of t
     failed here before (IndexError on a float tensor)."""
