@@ -1,6 +1,6 @@
 """The package's layers, read from its own imports: the torch-only core at the bottom; samplers, backbones and
 the diffusers conversions (interop/) above it on torch alone; the Lightning side (training/, data/, then
-callbacks/) above those; the command line on top; and no import cycles at run time."""
+callbacks/) above those; the command line on top; and no import cycles, at run time or through type-only imports."""
 
 from __future__ import annotations
 
@@ -72,8 +72,10 @@ def test_every_module_imports_its_own_layer_or_lower_ones():
     assert not wrong, "imports that run up the layers: " + ", ".join(wrong)
 
 
-def test_no_import_cycles_at_run_time():
-    graph = {m: _imports(m, p) - {m} for m, p in _modules().items()}
+@pytest.mark.parametrize("type_only", [False, True], ids=["run_time", "type_only_included"])
+def test_no_import_cycles(type_only):
+    """Not at run time, and not through ``if TYPE_CHECKING`` imports either: shared types live in core/types.py."""
+    graph = {m: _imports(m, p, type_only=type_only) - {m} for m, p in _modules().items()}
     seen, stack, cycles = set(), [], []
 
     def walk(node):
@@ -91,6 +93,10 @@ def test_no_import_cycles_at_run_time():
     for module in sorted(graph):
         walk(module)
     assert not cycles, cycles
+
+
+def test_the_shared_types_are_a_leaf():
+    assert _imports("core.types", PACKAGE / "core" / "types.py", type_only=True) == set()
 
 
 @pytest.mark.parametrize("part", TORCH_ONLY)

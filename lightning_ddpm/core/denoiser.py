@@ -12,34 +12,12 @@ with Karras sigmas evaluate the model there) and its alpha_bar is interpolated i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Union
 
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from .diffusion import GaussianDiffusion
+from .types import DenoiseFn, Prediction, PredictFn, Process
 
 __all__ = ["Prediction", "Denoiser", "DenoiseFn", "PredictFn"]
-
-
-class Prediction(NamedTuple):
-    """What the model says about x_t at t.
-
-    ``x0`` and ``eps`` satisfy x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps. ``variance_frac``
-    is set for ``learned_range`` only: the weight v in log sigma^2 = v log beta + (1 - v) log beta_tilde
-    (Nichol & Dhariwal 2021, eq. 15), kept as a fraction so a respaced process applies it to its
-    own beta and beta_tilde.
-    """
-
-    x0: Tensor
-    eps: Tensor
-    variance_frac: Tensor | None = None
-
-
-# A raw network ``denoise_fn(x_t, t) -> output`` (the output the parameterization interprets) ...
-DenoiseFn = Callable[[Tensor, Tensor], Tensor]
-# ... or a denoiser ``model(x_t, t) -> Prediction``. Samplers and bits/dim accept either.
-PredictFn = Callable[[Tensor, Tensor], Union[Prediction, Tensor]]
 
 
 class Denoiser(nn.Module):
@@ -50,7 +28,7 @@ class Denoiser(nn.Module):
         diffusion: the :class:`GaussianDiffusion` whose parameterization and variance the output follows.
     """
 
-    def __init__(self, backbone: Callable[..., Tensor], diffusion: GaussianDiffusion) -> None:
+    def __init__(self, backbone: Callable[..., Tensor], diffusion: Process) -> None:
         super().__init__()
         self.backbone = backbone
         self.diffusion = diffusion

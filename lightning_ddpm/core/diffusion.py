@@ -14,12 +14,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .denoiser import DenoiseFn, Prediction, PredictFn
 from .dtypes import precise_dtype
 from .likelihood import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .losses import available_losses, get_loss
-from .parameterizations import StepCoefficients, available_parameterizations, get_parameterization
+from .parameterizations import available_parameterizations, get_parameterization
 from .schedules import NoiseSchedule
+from .types import DenoiseFn, Prediction, PredictFn, StepCoefficients
 from .variances import available_variances, get_variance
 
 __all__ = ["GaussianDiffusion", "ReverseStep", "BitsPerDim", "VARIANCES", "LOSSES", "LOSS_WEIGHTINGS"]
@@ -254,6 +254,10 @@ class GaussianDiffusion(nn.Module):
         pred_x0, pred_eps = self.param.to_x0_eps(mean_out, x_t, self.coefficients(t, x_t))
         prediction = Prediction(pred_x0, pred_eps, self.var.fraction(var_out))
         return self.clip(prediction, x_t, t) if clip_denoised else prediction
+
+    def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The output the parameterization gives for the true (x0, noise): the regression target at t."""
+        return self.param.from_x0_eps(x0, noise, x_t, self.coefficients(t, x_t))
 
     def as_prediction(self, value: Prediction | Tensor, x_t: Tensor, t: Tensor) -> Prediction:
         """A model's answer as a Prediction: a raw network output goes through :meth:`predict`."""

@@ -7,16 +7,12 @@ Every loss returns ``loss`` (what to minimise, shape (B,)) and its parts (``mse`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from .likelihood import mean_flat
 from .registry import Registry
-
-if TYPE_CHECKING:
-    from .diffusion import GaussianDiffusion
+from .types import Process
 
 __all__ = ["Loss", "LOSSES", "get_loss", "available_losses"]
 
@@ -27,7 +23,7 @@ class Loss:
     name: str = ""
     needs_learned_variance: bool = False
 
-    def __call__(self, diffusion: GaussianDiffusion, output: Tensor, x0: Tensor, noise: Tensor, x_t: Tensor,
+    def __call__(self, diffusion: Process, output: Tensor, x0: Tensor, noise: Tensor, x_t: Tensor,
                  t: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -42,8 +38,7 @@ class SimpleLoss(Loss):
 
     def __call__(self, diffusion, output, x0, noise, x_t, t):  # noqa: D102
         mean_out, _ = diffusion.split_output(output, x_t)
-        target = diffusion.param.from_x0_eps(x0, noise, x_t, diffusion.coefficients(t, x_t))
-        mse = mean_flat((target - mean_out) ** 2)
+        mse = mean_flat((diffusion.target(x0, noise, x_t, t) - mean_out) ** 2)
         return {"mse": mse, "loss": diffusion.mse_weight(t, x_t) * mse}
 
 

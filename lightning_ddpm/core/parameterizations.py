@@ -11,22 +11,12 @@ mu = coef1 x0 + coef2 x_t (eq. 7); v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar)
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from torch import Tensor
 
 from .registry import Registry
+from .types import StepCoefficients
 
 __all__ = ["StepCoefficients", "Parameterization", "PARAMETERIZATIONS", "get_parameterization", "available_parameterizations"]
-
-
-class StepCoefficients(NamedTuple):
-    """Schedule constants gathered at t, each broadcastable against x_t."""
-
-    sqrt_alpha_bar: Tensor
-    sqrt_one_minus_alpha_bar: Tensor
-    posterior_mean_coef1: Tensor
-    posterior_mean_coef2: Tensor
 
 
 class Parameterization:

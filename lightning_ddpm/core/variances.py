@@ -6,14 +6,10 @@ A variance reads the schedule constants of a :class:`~lightning_ddpm.core.diffus
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
 from .registry import Registry
-
-if TYPE_CHECKING:
-    from .diffusion import GaussianDiffusion
+from .types import Process
 
 __all__ = ["Variance", "VARIANCES", "get_variance", "available_variances"]
 
@@ -25,7 +21,7 @@ class Variance:
     output_factor: int = 1  # network output channels per data channel
     learned: bool = False
 
-    def __call__(self, diffusion: GaussianDiffusion, variance_frac: Tensor | None, t: Tensor, x_t: Tensor
+    def __call__(self, diffusion: Process, variance_frac: Tensor | None, t: Tensor, x_t: Tensor
                  ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -33,7 +29,7 @@ class Variance:
         """The network's variance channels as the prediction's ``variance_frac`` (None: no such channels)."""
         return None
 
-    def elbo_sigma_sq(self, diffusion: GaussianDiffusion, t: Tensor, x: Tensor) -> Tensor:
+    def elbo_sigma_sq(self, diffusion: Process, t: Tensor, x: Tensor) -> Tensor:
         """sigma_t^2 of the ELBO weight 1 / (2 sigma_t^2) (Ho et al. 2020, eq. 12); fixed variances only."""
         raise ValueError(f"variance={self.name!r} is learned: the ELBO weight needs a fixed variance")
 

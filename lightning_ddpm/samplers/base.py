@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.denoiser import Prediction, PredictFn
+from ..core.types import Prediction, PredictFn
 from ..core.diffusion import GaussianDiffusion
 
 __all__ = [
