@@ -13,11 +13,13 @@ from lightning_ddpm.samplers import SAMPLERS
 from lightning_ddpm.core.schedules import SCHEDULES
 from lightning_ddpm.core.timestep_sampling import TIMESTEP_SAMPLERS
 from lightning_ddpm.core.variances import VARIANCES
+from lightning_ddpm.core.weightings import LOSS_WEIGHTINGS
 
 REGISTRIES = {
     "schedule": SCHEDULES, "parameterization": PARAMETERIZATIONS, "sampler": SAMPLERS,
     "timestep_sampler": TIMESTEP_SAMPLERS, "backbone": backbones.BACKBONES, "distribution": TOY_DISTRIBUTIONS,
     "dataset": IMAGE_DATASETS, "variance": VARIANCES, "loss": LOSSES,
+    "loss_weighting": LOSS_WEIGHTINGS,
 }
 
 

@@ -16,18 +16,19 @@ from torch import Tensor, nn
 
 from .dtypes import precise_dtype
 from .likelihood import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .losses import available_losses, get_loss
+from .losses import Loss, available_losses, get_loss
 from .parameterizations import available_parameterizations, get_parameterization
 from .schedules import NoiseSchedule
 from .types import DenoiseFn, Prediction, PredictFn, StepCoefficients
 from .variances import available_variances, get_variance
+from .weightings import LossWeighting, available_weightings, get_weighting
 
 __all__ = ["GaussianDiffusion", "ReverseStep", "BitsPerDim", "VARIANCES", "LOSSES", "LOSS_WEIGHTINGS"]
 
-# The built-in names (the registries in variances.py and losses.py take more).
+# The built-in names (the registries in variances.py, losses.py and weightings.py take more).
 VARIANCES = tuple(available_variances())
 LOSSES = tuple(available_losses())
-LOSS_WEIGHTINGS = ("none", "elbo", "min_snr")
+LOSS_WEIGHTINGS = tuple(available_weightings())
 
 
 class ReverseStep(NamedTuple):
@@ -63,11 +64,13 @@ class GaussianDiffusion(nn.Module):
         variance: ``fixed_small`` (beta_tilde), ``fixed_large`` (beta) or ``learned_range``
             (Nichol & Dhariwal 2021, eq. 15; the model outputs 2x channels).
         loss: ``simple`` (MSE on the target), ``vlb`` (the true bound's term at t, bits/dim)
-            or ``hybrid`` (simple + hybrid_lambda * T * vlb with the mean detached).
+            or ``hybrid`` (simple + hybrid_lambda * T * vlb with the mean detached); any name in
+            ``core.losses.LOSSES``, or a :class:`~lightning_ddpm.core.losses.Loss`.
         loss_weighting: ``none``, ``elbo`` (Ho et al.'s lambda_t, so the MSE equals the KL
-            term) or ``min_snr`` (Hang et al. 2023). Applies to the MSE term.
-        min_snr_gamma: gamma of Min-SNR-gamma.
-        hybrid_lambda: lambda of L_hybrid (0.001 in Nichol & Dhariwal).
+            term) or ``min_snr`` (Hang et al. 2023). Applies to the MSE term. Any name in
+            ``core.weightings.LOSS_WEIGHTINGS``, or a :class:`~lightning_ddpm.core.weightings.LossWeighting`.
+        min_snr_gamma: gamma of Min-SNR-gamma (given to a weighting by name that takes it).
+        hybrid_lambda: lambda of L_hybrid, 0.001 in Nichol & Dhariwal (given to a loss by name that takes it).
         clip_denoised: default for clipping pred_x0 to [-1, 1] when sampling and in bits/dim.
     """
 
@@ -76,41 +79,39 @@ class GaussianDiffusion(nn.Module):
         schedule: NoiseSchedule,
         parameterization: str = "eps",
         variance: str = "fixed_small",
-        loss: str = "simple",
-        loss_weighting: str = "none",
+        loss: str | Loss = "simple",
+        loss_weighting: str | LossWeighting = "none",
         min_snr_gamma: float = 5.0,
         hybrid_lambda: float = 1e-3,
         clip_denoised: bool = False,
     ) -> None:
         super().__init__()
         _check_choice("parameterization", parameterization, available_parameterizations())
-        self.var, self.loss_fn = get_variance(variance), get_loss(loss)
-        _check_choice("loss_weighting", loss_weighting, LOSS_WEIGHTINGS)
+        if min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        self.var = get_variance(variance)
+        self.loss_fn = loss if isinstance(loss, Loss) else get_loss(loss, hybrid_lambda=hybrid_lambda)
+        self.weighting = (loss_weighting if isinstance(loss_weighting, LossWeighting)
+                          else get_weighting(loss_weighting, min_snr_gamma=min_snr_gamma))
         if self.loss_fn.needs_learned_variance and not self.var.learned:
             raise ValueError(
                 "loss='hybrid' trains the variance through the VLB term and needs variance='learned_range'; "
                 f"got variance={variance!r} (use loss='simple' or 'vlb' with a fixed variance)"
             )
-        if loss_weighting == "elbo" and self.var.learned:
-            raise ValueError(
-                "loss_weighting='elbo' weights the MSE by 1 / (2 sigma_t^2) of a fixed variance, but "
-                "variance='learned_range' is learned; use loss='vlb' or 'hybrid' to train on the bound"
-            )
+        self.weighting.check(self.var)
         if schedule.has_zero_terminal_snr and parameterization in ("eps", "mu"):
             raise ValueError(
                 f"a zero-terminal-SNR schedule cannot recover x0 from parameterization={parameterization!r} "
                 "at the last step; use parameterization='v' or 'x0' (Lin et al. 2024)"
             )
-        if min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         self.schedule = schedule
         self.parameterization = parameterization
         self.param = get_parameterization(parameterization)
         self.variance = variance
-        self.loss_type = loss
-        self.loss_weighting = loss_weighting
-        self.min_snr_gamma = float(min_snr_gamma)
-        self.hybrid_lambda = float(hybrid_lambda)
+        self.loss_type = loss if isinstance(loss, str) else loss.name
+        self.loss_weighting = loss_weighting if isinstance(loss_weighting, str) else loss_weighting.name
+        self.min_snr_gamma = float(getattr(self.weighting, "min_snr_gamma", min_snr_gamma))
+        self.hybrid_lambda = float(getattr(self.loss_fn, "hybrid_lambda", hybrid_lambda))
         self.clip_denoised = clip_denoised
         for name, value in self._constants().items():
             self.register_buffer(name, value, persistent=False)
@@ -296,10 +297,8 @@ class GaussianDiffusion(nn.Module):
             self.schedule.respace(timesteps),
             parameterization=self.parameterization,
             variance=self.variance,
-            loss=self.loss_type,
-            loss_weighting=self.loss_weighting,
-            min_snr_gamma=self.min_snr_gamma,
-            hybrid_lambda=self.hybrid_lambda,
+            loss=self.loss_fn,  # the same objects, with their own hyperparameters: nothing copied by hand
+            loss_weighting=self.weighting,
             clip_denoised=self.clip_denoised,
         )
         return diffusion.to(self.betas.device)
@@ -328,20 +327,16 @@ class GaussianDiffusion(nn.Module):
         return mean_flat(normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean))) / LN2
 
     def mse_weight(self, t: Tensor, x: Tensor) -> Tensor:
-        """Per-example weight of the MSE term, shape (B,)."""
-        if self.loss_weighting == "none":
-            return torch.ones(t.shape[0], device=x.device, dtype=x.dtype)
-        c = self.coefficients(t, x)
-        x0_scale_sq = self.param.x0_scale(c).reshape(-1) ** 2
-        if self.loss_weighting == "min_snr":
-            # Hang et al. 2023: weight the x0-space error by min(snr, gamma).
-            snr = self.gather("snr", t, x).reshape(-1)
-            return snr.clamp(max=self.min_snr_gamma) * x0_scale_sq
-        # Ho et al. 2020, eq. 12 generalised: ||mu_tilde - mu_theta||^2 / (2 sigma^2) with
-        # d mu / d x0 = coef1; for eps this is beta^2 / (2 sigma^2 alpha (1 - alpha_bar)).
-        sigma_sq = self.var.elbo_sigma_sq(self, t, x).reshape(-1)
-        coef1 = self.gather("posterior_mean_coef1", t, x).reshape(-1)
-        return coef1**2 * x0_scale_sq / (2.0 * sigma_sq)
+        """Per-example weight of the MSE term, shape (B,): the ``loss_weighting`` object's."""
+        return self.weighting(self, t, x)
+
+    def x0_scale(self, t: Tensor, x: Tensor) -> Tensor:
+        """|d x0 / d output| of the parameterization at t, shape (B,): output-space errors to x0-space."""
+        return self.param.x0_scale(self.coefficients(t, x)).reshape(-1)
+
+    def elbo_sigma_sq(self, t: Tensor, x: Tensor) -> Tensor:
+        """sigma_t^2 of a fixed reverse variance at t, shape (B,) (the ELBO weight's 1 / (2 sigma_t^2))."""
+        return self.var.elbo_sigma_sq(self, t, x).reshape(-1)
 
     def training_losses(
         self,

@@ -45,6 +45,16 @@ class Registry(Generic[T]):
 
     __getitem__ = get
 
+    def build(self, name: str, **options: Any) -> Any:
+        """The object registered as ``name``; a registered class is instantiated with those of ``options``
+        its constructor takes (so ``hybrid_lambda`` reaches the hybrid loss and no other)."""
+        entry = self.get(name)
+        if not isinstance(entry, type):
+            return entry
+        params = inspect.signature(entry).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return entry(**{k: v for k, v in options.items() if takes_all or k in params})
+
     def names(self) -> list[str]:
         return list(self._entries)
 

@@ -69,5 +69,13 @@ class Process(Protocol):
 
     def mse_weight(self, t: Tensor, x: Tensor) -> Tensor: ...
 
+    def x0_scale(self, t: Tensor, x: Tensor) -> Tensor:
+        """|d x0 / d output| of the parameterization at t, shape (B,)."""
+        ...
+
+    def elbo_sigma_sq(self, t: Tensor, x: Tensor) -> Tensor:
+        """sigma_t^2 of a fixed reverse variance at t, shape (B,)."""
+        ...
+
     def vlb_terms(self, model_output: Tensor | Prediction, x0: Tensor, x_t: Tensor, t: Tensor,
                   clip_denoised: bool = False) -> Tensor: ...

@@ -55,7 +55,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         parameterization: ``eps``, ``x0``, ``mu`` or ``v``.
         variance: ``fixed_small``, ``fixed_large`` or ``learned_range``.
         loss: ``simple``, ``vlb`` or ``hybrid``.
-        loss_weighting: ``none``, ``elbo`` or ``min_snr``.
+        loss_weighting: ``none``, ``elbo``, ``min_snr`` or a name registered in ``core.weightings.LOSS_WEIGHTINGS``.
         min_snr_gamma: gamma of Min-SNR weighting.
         hybrid_lambda: lambda of L_hybrid.
         timestep_sampler: ``uniform`` or ``loss_second_moment``.
