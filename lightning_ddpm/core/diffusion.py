@@ -1,4 +1,4 @@
-"""GaussianDiffusion: the forward process, the reverse-process Gaussians, losses and bits/dim.
+"""GaussianDiffusion: the forward process, the posterior, the reverse step and respacing.
 
 Plain PyTorch. The network is any ``denoise_fn(x_t, t) -> output`` whose output the chosen
 parameterization interprets (2x channels on dim 1 for ``learned_range``); :meth:`GaussianDiffusion.predict`
@@ -15,10 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from .dtypes import precise_dtype
-from .likelihood import LN2, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .likelihood import (LN2, BitsPerDim, bits_per_dim_terms, discretized_gaussian_log_likelihood, mean_bits_per_dim,
+                         mean_flat, normal_kl)
 from .losses import Loss, available_losses, get_loss
 from .parameterizations import available_parameterizations, get_parameterization
 from .schedules import NoiseSchedule
+from .sigmas import log_sigma_at, log_sigmas_of
 from .types import DenoiseFn, Prediction, PredictFn, StepCoefficients
 from .variances import available_variances, get_variance
 from .weightings import LossWeighting, available_weightings, get_weighting
@@ -39,14 +41,6 @@ class ReverseStep(NamedTuple):
     log_variance: Tensor
     pred_x0: Tensor
     pred_eps: Tensor
-
-
-class BitsPerDim(NamedTuple):
-    """NLL upper bound split into its terms, all in bits/dim: total = prior + terms.sum(1)."""
-
-    total: Tensor  # (B,)
-    prior: Tensor  # (B,) KL(q(x_T | x0) || N(0, I))
-    terms: Tensor  # (B, T): decoder NLL at t = 0, KL terms at t > 0
 
 
 def _check_choice(field: str, value: str, choices: Iterable[str]) -> None:
@@ -137,7 +131,7 @@ class GaussianDiffusion(nn.Module):
             "large_log_variance": large.log(),
             "snr": s.snr,
             # log sigma = log sqrt((1 - alpha_bar) / alpha_bar): fractional timesteps interpolate it.
-            "log_sigmas": 0.5 * ((1.0 - ab).log() - ab.log()),
+            "log_sigmas": log_sigmas_of(ab),
         }
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> GaussianDiffusion:
@@ -186,20 +180,13 @@ class GaussianDiffusion(nn.Module):
     def alpha_bar_at(self, t: Tensor) -> Tensor:
         """alpha_bar at (possibly fractional) timesteps on the schedule's device (float64 where it has it).
 
-        Between two indices log sigma is interpolated linearly: the inverse of the sigma -> t map of
-        k-diffusion and diffusers (``_sigma_to_t``), so a model evaluated at a Karras sigma sees the
-        timestep those libraries give it.
+        Between two indices log sigma is interpolated linearly (:mod:`~lightning_ddpm.core.sigmas`, the
+        inverse of its ``sigma_to_t``).
         """
         t = t.to(self.betas.device)
         if not t.is_floating_point():
             return self.alphas_cumprod[t]
-        t = t.clamp(0, self.num_timesteps - 1)  # no range check: reading a flag back would be a host sync
-        low = t.floor().long().clamp(max=max(self.num_timesteps - 2, 0))
-        high = (low + 1).clamp(max=self.num_timesteps - 1)
-        w = (t.to(self.log_sigmas.dtype) - low)
-        ls = self.log_sigmas
-        # where(w == 0) keeps an infinite log sigma (zero terminal SNR) at its own index out of the sum.
-        log_sigma = torch.where(w == 0, ls[low], torch.where(w == 1, ls[high], (1 - w) * ls[low] + w * ls[high]))
+        log_sigma = log_sigma_at(t, self.log_sigmas)
         return torch.sigmoid(-2.0 * log_sigma)
 
     # -- forward process -------------------------------------------------------------------
@@ -355,9 +342,8 @@ class GaussianDiffusion(nn.Module):
         x_t = self.q_sample(x0, t, noise)
         return self.loss_fn(self, denoise_fn(x_t, t), x0, noise, x_t, t)
 
-    # -- likelihood ------------------------------------------------------------------------
+    # -- likelihood (the loops live in core/likelihood.py) ---------------------------------
 
-    @torch.no_grad()
     def bits_per_dim_terms(
         self,
         denoise_fn: PredictFn,
@@ -366,24 +352,9 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> BitsPerDim:
-        """The full bound L = L_T + sum_t L_{t-1} + L_0 in bits/dim, one model call per t.
-
-        ``denoise_fn`` returns a raw network output or a :class:`Prediction` (e.g. a :class:`Denoiser`).
-        Each term uses its own noise draw (unbiased, as in improved-diffusion). ``callback(i, T)``
-        is called after each of the T terms, e.g. to drive a progress bar.
-        """
+        """The full bound in bits/dim, split into its terms: :func:`~lightning_ddpm.core.likelihood.bits_per_dim_terms`."""
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
-        batch, T = x0.shape[0], self.num_timesteps
-        total_dtype = precise_dtype(x0.device)  # the sum of T terms: float64 where the device has it
-        terms = torch.zeros(batch, T, device=x0.device, dtype=total_dtype)
-        for i, step in enumerate(reversed(range(T))):
-            t = torch.full((batch,), step, device=x0.device, dtype=torch.long)
-            x_t = self.q_sample(x0, t, generator=generator)
-            terms[:, step] = self.vlb_terms(denoise_fn(x_t, t), x0, x_t, t, clip_denoised=clip).to(total_dtype)
-            if callback is not None:
-                callback(i + 1, T)
-        prior = self.prior_bpd(x0).to(total_dtype)
-        return BitsPerDim(prior + terms.sum(dim=1), prior, terms)
+        return bits_per_dim_terms(self, denoise_fn, x0, clip, generator, callback)
 
     def bits_per_dim(
         self,
@@ -405,15 +376,8 @@ class GaussianDiffusion(nn.Module):
         max_batches: int | None = None,
     ) -> float:
         """Average :meth:`bits_per_dim` over an iterable of data batches (e.g. a dataloader's images)."""
-        total, count = 0.0, 0
-        for i, x0 in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            total += float(self.bits_per_dim(denoise_fn, x0, clip_denoised, generator).sum())
-            count += x0.shape[0]
-        if count == 0:
-            raise ValueError("mean_bits_per_dim got no data")
-        return total / count
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised
+        return mean_bits_per_dim(self, denoise_fn, batches, clip, generator, max_batches)
 
     def extra_repr(self) -> str:
         return (

@@ -1,13 +1,20 @@
-"""Gaussian KL divergence and the discretized Gaussian decoder likelihood, in nats."""
+"""The likelihood bound: Gaussian KL divergence and the discretized Gaussian decoder likelihood (in nats), and
+the loops that add the bound's T terms up in bits/dim over a batch and over a dataset."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "mean_flat", "LN2"]
+from .dtypes import precise_dtype
+from .types import Prediction, PredictFn
+
+__all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "mean_flat", "LN2", "BitsPerDim", "bits_per_dim_terms",
+           "mean_bits_per_dim"]
 
 LN2 = math.log(2.0)
 
@@ -41,3 +48,74 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     )
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_prob_mid))
 
+
+
+class BitsPerDim(NamedTuple):
+    """NLL upper bound split into its terms, all in bits/dim: total = prior + terms.sum(1)."""
+
+    total: Tensor  # (B,)
+    prior: Tensor  # (B,) KL(q(x_T | x0) || N(0, I))
+    terms: Tensor  # (B, T): decoder NLL at t = 0, KL terms at t > 0
+
+
+class BoundProcess(Protocol):
+    """What the bound's loops read from a diffusion (``GaussianDiffusion`` is one)."""
+
+    @property
+    def num_timesteps(self) -> int: ...
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor: ...
+
+    def vlb_terms(self, model_output: Tensor | Prediction, x0: Tensor, x_t: Tensor, t: Tensor,
+                  clip_denoised: bool = False) -> Tensor: ...
+
+    def prior_bpd(self, x0: Tensor) -> Tensor: ...
+
+
+@torch.no_grad()
+def bits_per_dim_terms(
+    diffusion: BoundProcess,
+    denoise_fn: PredictFn,
+    x0: Tensor,
+    clip_denoised: bool = False,
+    generator: torch.Generator | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> BitsPerDim:
+    """The full bound L = L_T + sum_t L_{t-1} + L_0 in bits/dim, one model call per t.
+
+    ``denoise_fn`` returns a raw network output or a :class:`Prediction` (e.g. a ``Denoiser``).
+    Each term uses its own noise draw (unbiased, as in improved-diffusion). ``callback(i, T)``
+    is called after each of the T terms, e.g. to drive a progress bar.
+    """
+    batch, T = x0.shape[0], diffusion.num_timesteps
+    total_dtype = precise_dtype(x0.device)  # the sum of T terms: float64 where the device has it
+    terms = torch.zeros(batch, T, device=x0.device, dtype=total_dtype)
+    for i, step in enumerate(reversed(range(T))):
+        t = torch.full((batch,), step, device=x0.device, dtype=torch.long)
+        x_t = diffusion.q_sample(x0, t, generator=generator)
+        terms[:, step] = diffusion.vlb_terms(denoise_fn(x_t, t), x0, x_t, t, clip_denoised=clip_denoised).to(total_dtype)
+        if callback is not None:
+            callback(i + 1, T)
+    prior = diffusion.prior_bpd(x0).to(total_dtype)
+    return BitsPerDim(prior + terms.sum(dim=1), prior, terms)
+
+
+def mean_bits_per_dim(
+    diffusion: BoundProcess,
+    denoise_fn: PredictFn,
+    batches: Iterable[Tensor],
+    clip_denoised: bool = False,
+    generator: torch.Generator | None = None,
+    max_batches: int | None = None,
+) -> float:
+    """Average bits/dim per example over an iterable of data batches (e.g. a dataloader's images)."""
+    total, count = 0.0, 0
+    for i, x0 in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        total += float(bits_per_dim_terms(diffusion, denoise_fn, x0, clip_denoised, generator).total.sum())
+        count += x0.shape[0]
+    if count == 0:
+        raise ValueError("mean_bits_per_dim got no data")
+    return total / count

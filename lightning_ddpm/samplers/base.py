@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..core.types import Prediction, PredictFn
 from ..core.diffusion import GaussianDiffusion
+from ..core.sigmas import log_sigmas_of, sigma_to_t
 
 __all__ = [
     "Generators", "StepCallback", "Denoise", "Grid", "Sampler", "SPACINGS", "INTEGER_SPACINGS",
@@ -97,15 +98,6 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (inv_max + ramp * (inv_min - inv_max)) ** rho
 
 
-def sigma_to_t(sigmas: Tensor, log_sigmas: Tensor) -> Tensor:
-    """Fractional timesteps of ``sigmas``: linear interpolation of log sigma between training steps."""
-    log_sigma = sigmas.log()
-    low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
-    lo, hi = log_sigmas[low], log_sigmas[low + 1]
-    w = ((log_sigma - lo) / (hi - lo)).clamp(0, 1)
-    return low.to(torch.float64) + w
-
-
 class Grid(NamedTuple):
     """The steps of one sampling run."""
 
@@ -169,7 +161,7 @@ class Sampler:
         if diffusion.schedule.has_zero_terminal_snr and self.sigma_max is None:
             raise ValueError("spacing='karras' needs a finite sigma_max; a zero-terminal-SNR schedule has "
                              "sigma_max = inf (set sigma_max, or use spacing='trailing')")
-        log_sigmas = 0.5 * ((1.0 - ab).log() - ab.log())
+        log_sigmas = log_sigmas_of(ab)
         sigma_min, sigma_max = float(log_sigmas[0].exp()), float(log_sigmas[-1].exp())
         if self.sigma_max is not None:
             if self.sigma_max <= sigma_min:
