@@ -15,9 +15,47 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from .types import DenoiseFn, Prediction, PredictFn, Process
+from .parameterizations import Parameterization
+from .types import DenoiseFn, Prediction, PredictFn, Process, StepCoefficients
+from .variances import Variance
 
-__all__ = ["Prediction", "Denoiser", "DenoiseFn", "PredictFn"]
+__all__ = ["Prediction", "Denoiser", "DenoiseFn", "PredictFn", "split_output", "interpret", "clip_x0"]
+
+
+def split_output(model_output: Tensor, x_t: Tensor, variance: Variance) -> tuple[Tensor, Tensor | None]:
+    """Split a network output into (mean part, variance part or None), checking its shape against x_t."""
+    channels = x_t.shape[1] if x_t.ndim > 1 else 1
+    expected = (x_t.shape[0], channels * variance.output_factor, *x_t.shape[2:])
+    if tuple(model_output.shape) != expected:
+        raise ValueError(
+            f"model output has shape {tuple(model_output.shape)}, expected {expected} for "
+            f"variance={variance.name!r} ({variance.output_factor}x the {channels} data channels on dim 1)"
+        )
+    model_output = model_output.to(x_t.dtype)
+    if variance.output_factor == 2:
+        mean_out, var_out = model_output.chunk(2, dim=1)
+        return mean_out, var_out
+    return model_output, None
+
+
+def interpret(model_output: Tensor, x_t: Tensor, t: Tensor, parameterization: Parameterization, variance: Variance,
+              c: StepCoefficients) -> Prediction:
+    """A network output at (x_t, t) as a :class:`Prediction`: the parameterization's x0 and eps, and the
+    variance's ``variance_frac``; ``c`` holds the schedule constants at t."""
+    mean_out, var_out = split_output(model_output, x_t, variance)
+    if t.is_floating_point() and parameterization.name == "mu":
+        raise ValueError(
+            "parameterization 'mu' predicts the posterior mean of one discrete step and is defined at "
+            "integer timesteps only; use a spacing other than 'karras' (or a sampler on integer timesteps)"
+        )
+    pred_x0, pred_eps = parameterization.to_x0_eps(mean_out, x_t, c)
+    return Prediction(pred_x0, pred_eps, variance.fraction(var_out))
+
+
+def clip_x0(prediction: Prediction, x_t: Tensor, c: StepCoefficients) -> Prediction:
+    """Clip x0 to [-1, 1] and re-derive eps from it, so the pair stays consistent with x_t."""
+    x0 = prediction.x0.clamp(-1.0, 1.0)
+    return prediction._replace(x0=x0, eps=(x_t - c.sqrt_alpha_bar * x0) / c.sqrt_one_minus_alpha_bar)
 
 
 class Denoiser(nn.Module):

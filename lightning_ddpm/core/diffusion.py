@@ -4,6 +4,10 @@ Plain PyTorch. The network is any ``denoise_fn(x_t, t) -> output`` whose output 
 parameterization interprets (2x channels on dim 1 for ``learned_range``); :meth:`GaussianDiffusion.predict`
 turns that output into a :class:`~lightning_ddpm.core.denoiser.Prediction`, the only thing samplers,
 guidance and bits/dim look at.
+
+What lives elsewhere, with entry points here of the same names: reading the network's output
+(``core/denoiser.py``), the losses and their weightings (``core/losses.py``, ``core/weightings.py``),
+the bits/dim loops (``core/likelihood.py``) and the sigma <-> t map (``core/sigmas.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .denoiser import clip_x0, interpret, split_output
 from .dtypes import precise_dtype
 from .likelihood import (LN2, BitsPerDim, bits_per_dim_terms, discretized_gaussian_log_likelihood, mean_bits_per_dim,
                          mean_flat, normal_kl)
@@ -218,29 +223,11 @@ class GaussianDiffusion(nn.Module):
 
     def split_output(self, model_output: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor | None]:
         """Split the model output into (mean part, variance part or None), checking its shape."""
-        channels = x_t.shape[1] if x_t.ndim > 1 else 1
-        expected = (x_t.shape[0], channels * self.output_channels_factor, *x_t.shape[2:])
-        if tuple(model_output.shape) != expected:
-            raise ValueError(
-                f"model output has shape {tuple(model_output.shape)}, expected {expected} for "
-                f"variance={self.variance!r} ({self.output_channels_factor}x the {channels} data channels on dim 1)"
-            )
-        model_output = model_output.to(x_t.dtype)
-        if self.var.output_factor == 2:
-            mean_out, var_out = model_output.chunk(2, dim=1)
-            return mean_out, var_out
-        return model_output, None
+        return split_output(model_output, x_t, self.var)
 
     def predict(self, model_output: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False) -> Prediction:
         """The network's output at (x_t, t) as a :class:`Prediction` (the parameterization's x0 and eps)."""
-        mean_out, var_out = self.split_output(model_output, x_t)
-        if t.is_floating_point() and self.parameterization == "mu":
-            raise ValueError(
-                "parameterization 'mu' predicts the posterior mean of one discrete step and is defined at "
-                "integer timesteps only; use a spacing other than 'karras' (or a sampler on integer timesteps)"
-            )
-        pred_x0, pred_eps = self.param.to_x0_eps(mean_out, x_t, self.coefficients(t, x_t))
-        prediction = Prediction(pred_x0, pred_eps, self.var.fraction(var_out))
+        prediction = interpret(model_output, x_t, t, self.param, self.var, self.coefficients(t, x_t))
         return self.clip(prediction, x_t, t) if clip_denoised else prediction
 
     def target(self, x0: Tensor, noise: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -256,9 +243,7 @@ class GaussianDiffusion(nn.Module):
 
         The one place where x0 is clipped: samplers call it after guidance, bits/dim before the bound.
         """
-        c = self.coefficients(t, x_t)
-        x0 = prediction.x0.clamp(-1.0, 1.0)
-        return prediction._replace(x0=x0, eps=(x_t - c.sqrt_alpha_bar * x0) / c.sqrt_one_minus_alpha_bar)
+        return clip_x0(prediction, x_t, self.coefficients(t, x_t))
 
     def reverse_variance(self, variance_frac: Tensor | None, t: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         """sigma_t^2 of p(x_{t-1} | x_t) and its log: fixed, or learned (Nichol & Dhariwal 2021, eq. 15)
