@@ -12,7 +12,7 @@ from lightning_ddpm.core.registry import Registry
 from lightning_ddpm.samplers import SAMPLERS
 from lightning_ddpm.core.schedules import SCHEDULES
 from lightning_ddpm.core.timestep_sampling import TIMESTEP_SAMPLERS
-from lightning_ddpm.core.variances import VARIANCES
+from lightning_ddpm.core.variances import VARIANCES, get_variance
 from lightning_ddpm.core.weightings import LOSS_WEIGHTINGS
 
 REGISTRIES = {
@@ -32,6 +32,15 @@ def test_every_registry_words_unknown_and_taken_names_alike(kind):
     taken = registry.names()[0]
     with pytest.raises(ValueError, match=rf"^{kind} name '{taken}' is already registered .*registered: "):
         registry.copy().register(taken, object())
+
+
+@pytest.mark.parametrize("kind", sorted(set(REGISTRIES) - {"distribution", "dataset"}))  # those two are data tables
+def test_every_built_in_entry_is_a_definition_registered_by_decorator(kind):
+    """One way to extend: a class or function under ``@X.register("name")``, never a hand-built instance."""
+    import inspect
+
+    for name, entry in REGISTRIES[kind].items():
+        assert inspect.isclass(entry) or inspect.isfunction(entry), f"{kind} {name!r} is {entry!r}"
 
 
 def test_registering_the_same_definition_again_replaces_it():
@@ -73,7 +82,8 @@ def test_every_variance_lies_between_the_bounds_and_matches_the_posterior_at_its
     x = torch.zeros(19, 3, dtype=torch.float64)
     t = torch.arange(1, 20)
     frac = torch.rand(19, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    variance, log_variance = VARIANCES.get(name)(d, frac if VARIANCES.get(name).learned else None, t, x)
+    var = get_variance(name)
+    variance, log_variance = var(d, frac if var.learned else None, t, x)
     assert variance.shape == log_variance.shape == x.shape
     torch.testing.assert_close(variance.log(), log_variance)
     low, high = d.schedule.posterior_variance[1:, None], d.schedule.betas[1:, None]
@@ -83,7 +93,7 @@ def test_every_variance_lies_between_the_bounds_and_matches_the_posterior_at_its
     ends = {"fixed_small": {None: low}, "fixed_large": {None: high}}.get(name, {0.0: low, 1.0: high})
     for v, expected in ends.items():
         at_v = None if v is None else torch.full_like(frac, v)
-        end, log_end = VARIANCES.get(name)(d, at_v, t, x)
+        end, log_end = var(d, at_v, t, x)
         torch.testing.assert_close(end, expected.expand_as(x), rtol=1e-12, atol=0)
         torch.testing.assert_close(log_end, expected.log().expand_as(x), rtol=1e-12, atol=0)
 

@@ -19,6 +19,9 @@ from .types import StepCoefficients
 __all__ = ["StepCoefficients", "Parameterization", "PARAMETERIZATIONS", "get_parameterization", "available_parameterizations"]
 
 
+PARAMETERIZATIONS: Registry[type[Parameterization] | Parameterization] = Registry("parameterization")
+
+
 class Parameterization:
     """Base class; subclasses define the output <-> (x0, eps) maps."""
 
@@ -44,6 +47,7 @@ def _eps_from_x0(x0: Tensor, x_t: Tensor, c: StepCoefficients) -> Tensor:
     return (x_t - c.sqrt_alpha_bar * x0) / c.sqrt_one_minus_alpha_bar
 
 
+@PARAMETERIZATIONS.register("eps")
 class EpsParameterization(Parameterization):
     """Predict the noise (Ho et al. 2020)."""
 
@@ -59,6 +63,7 @@ class EpsParameterization(Parameterization):
         return c.sqrt_one_minus_alpha_bar / c.sqrt_alpha_bar
 
 
+@PARAMETERIZATIONS.register("x0")
 class X0Parameterization(Parameterization):
     """Predict the clean sample."""
 
@@ -74,6 +79,7 @@ class X0Parameterization(Parameterization):
         return c.sqrt_alpha_bar.new_ones(()).expand_as(c.sqrt_alpha_bar)
 
 
+@PARAMETERIZATIONS.register("mu")
 class MuParameterization(Parameterization):
     """Predict the posterior mean mu_tilde(x_t, x0) directly (Ho et al. 2020, sec. 3.2)."""
 
@@ -90,6 +96,7 @@ class MuParameterization(Parameterization):
         return 1.0 / c.posterior_mean_coef1
 
 
+@PARAMETERIZATIONS.register("v")
 class VParameterization(Parameterization):
     """Predict v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)."""
 
@@ -107,9 +114,6 @@ class VParameterization(Parameterization):
         return c.sqrt_one_minus_alpha_bar
 
 
-PARAMETERIZATIONS: Registry[Parameterization] = Registry("parameterization")
-for _p in (EpsParameterization(), X0Parameterization(), MuParameterization(), VParameterization()):
-    PARAMETERIZATIONS.register(_p.name, _p)
 
 
 def available_parameterizations() -> list[str]:
@@ -118,4 +122,4 @@ def available_parameterizations() -> list[str]:
 
 def get_parameterization(name: str) -> Parameterization:
     """The parameterization registered as ``name``."""
-    return PARAMETERIZATIONS.get(name)
+    return PARAMETERIZATIONS.build(name)

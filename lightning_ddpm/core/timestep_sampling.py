@@ -16,6 +16,10 @@ from .registry import Registry
 __all__ = ["UniformTimestepSampler", "LossSecondMomentSampler", "TIMESTEP_SAMPLERS", "make_timestep_sampler"]
 
 
+TIMESTEP_SAMPLERS: Registry[type[UniformTimestepSampler]] = Registry("timestep_sampler")
+
+
+@TIMESTEP_SAMPLERS.register("uniform")
 class UniformTimestepSampler:
     """t ~ U{0, ..., T-1}, weight 1."""
 
@@ -41,6 +45,7 @@ class UniformTimestepSampler:
         pass
 
 
+@TIMESTEP_SAMPLERS.register("loss_second_moment")
 class LossSecondMomentSampler(UniformTimestepSampler):
     """p(t) proportional to sqrt(E[L_t^2]) over the last ``history`` losses of each t.
 
@@ -126,9 +131,6 @@ class LossSecondMomentSampler(UniformTimestepSampler):
         self._next = state.get("next_slot", self.loss_counts % self.history).to(self._next.device).clone()
 
 
-TIMESTEP_SAMPLERS: Registry[type[UniformTimestepSampler]] = Registry("timestep_sampler")
-TIMESTEP_SAMPLERS.register("uniform", UniformTimestepSampler)
-TIMESTEP_SAMPLERS.register("loss_second_moment", LossSecondMomentSampler)
 
 
 def make_timestep_sampler(name: str, num_timesteps: int) -> UniformTimestepSampler:

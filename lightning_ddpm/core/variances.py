@@ -14,6 +14,9 @@ from .types import Process
 __all__ = ["Variance", "VARIANCES", "get_variance", "available_variances"]
 
 
+VARIANCES: Registry[type[Variance] | Variance] = Registry("variance")
+
+
 class Variance:
     """Base class: ``(variance, log_variance)`` at t, shaped like x_t."""
 
@@ -56,6 +59,23 @@ class FixedVariance(Variance):
         return f"FixedVariance({self.name!r})"
 
 
+@VARIANCES.register("fixed_small")
+class FixedSmall(FixedVariance):
+    """sigma_t^2 = beta_tilde_t, the posterior variance (Ho et al. 2020)."""
+
+    def __init__(self) -> None:
+        super().__init__("fixed_small", "posterior_variance", "posterior_log_variance_clipped")
+
+
+@VARIANCES.register("fixed_large")
+class FixedLarge(FixedVariance):
+    """sigma_t^2 = beta_t (beta_tilde_1 at t = 0)."""
+
+    def __init__(self) -> None:
+        super().__init__("fixed_large", "large_variance", "large_log_variance")
+
+
+@VARIANCES.register("learned_range")
 class LearnedRange(Variance):
     """log sigma_t^2 = v log beta_t + (1 - v) log beta_tilde_t with v = (output + 1) / 2 from extra channels
     (Nichol & Dhariwal 2021, eq. 15); the prediction carries v as ``variance_frac``."""
@@ -75,10 +95,6 @@ class LearnedRange(Variance):
         return log_variance.exp(), log_variance
 
 
-VARIANCES: Registry[Variance] = Registry("variance")
-for _v in (FixedVariance("fixed_small", "posterior_variance", "posterior_log_variance_clipped"),
-           FixedVariance("fixed_large", "large_variance", "large_log_variance"), LearnedRange()):
-    VARIANCES.register(_v.name, _v)
 
 
 def available_variances() -> list[str]:
@@ -87,4 +103,4 @@ def available_variances() -> list[str]:
 
 def get_variance(name: str) -> Variance:
     """The variance registered as ``name``."""
-    return VARIANCES.get(name)
+    return VARIANCES.build(name)

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.registry import Registry
 from .base import (
-    INTEGER_SPACINGS, SPACINGS, Generators, Grid, Sampler, StepCallback, karras_sigmas, randn, sigma_to_t,
+    INTEGER_SPACINGS, SAMPLERS, SPACINGS, Generators, Grid, Sampler, StepCallback, karras_sigmas, randn, sigma_to_t,
     timestep_schedule,
 )
-from .ddim import DDIMSampler
-from .ddpm import DDPMSampler
-from .dpm_solver import DPMSolverPP2MSampler, DPMSolverPP2MSDESampler
-from .karras import EulerSampler, HeunSampler
-from .unipc import UniPCSampler
+
+# The import order is the registration order, the order SAMPLERS.names() lists them in.
+from .ddpm import DDPMSampler  # isort: skip
+from .ddim import DDIMSampler  # isort: skip
+from .dpm_solver import DPMSolverPP2MSampler, DPMSolverPP2MSDESampler  # isort: skip
+from .unipc import UniPCSampler  # isort: skip
+from .karras import EulerSampler, HeunSampler  # isort: skip
 
 __all__ = [
     "timestep_schedule", "karras_sigmas", "sigma_to_t", "Grid", "Sampler", "DDPMSampler", "DDIMSampler",
@@ -28,14 +29,6 @@ __all__ = [
     "SPACINGS", "INTEGER_SPACINGS", "SAMPLERS", "make_sampler", "randn", "Generators", "StepCallback",
 ]
 
-SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
-SAMPLERS.register("ddpm", DDPMSampler)
-SAMPLERS.register("ddim", DDIMSampler)
-SAMPLERS.register("dpmpp_2m", DPMSolverPP2MSampler)
-SAMPLERS.register("dpmpp_2m_sde", DPMSolverPP2MSDESampler)
-SAMPLERS.register("unipc", UniPCSampler)
-SAMPLERS.register("euler", EulerSampler)
-SAMPLERS.register("heun", HeunSampler)
 
 
 def make_sampler(spec: str | dict | Sampler, num_timesteps: int | None = None, **kwargs: Any) -> Sampler:

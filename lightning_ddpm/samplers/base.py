@@ -16,11 +16,12 @@ from torch import Tensor
 
 from ..core.types import Prediction, PredictFn
 from ..core.diffusion import GaussianDiffusion
+from ..core.registry import Registry
 from ..core.sigmas import log_sigmas_of, sigma_to_t
 
 __all__ = [
     "Generators", "StepCallback", "Denoise", "Grid", "Sampler", "SPACINGS", "INTEGER_SPACINGS",
-    "randn", "timestep_schedule", "karras_sigmas", "sigma_to_t",
+    "randn", "timestep_schedule", "karras_sigmas", "sigma_to_t", "SAMPLERS",
 ]
 
 INTEGER_SPACINGS = ("leading", "trailing", "linspace")
@@ -217,6 +218,11 @@ class Sampler:
     def __repr__(self) -> str:
         cap = "" if self.sigma_max is None else f", sigma_max={self.sigma_max}"
         return f"{type(self).__name__}(num_steps={self.num_steps}, spacing={self.spacing!r}{cap}{self._options()})"
+
+
+# Every sampler class registers itself under its name (``@SAMPLERS.register("ddim")``), in the order
+# samplers/__init__.py imports the modules.
+SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
 
 
 def solver_alpha_bar(grid: Grid) -> list[float]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..core.diffusion import GaussianDiffusion
-from .base import Denoise, Generators, Grid, Sampler, StepCallback, noise_like
+from .base import SAMPLERS, Denoise, Generators, Grid, Sampler, StepCallback, noise_like
 
 __all__ = ["DDIMSampler"]
 
 
+@SAMPLERS.register("ddim")
 class DDIMSampler(Sampler):
     """DDIM (Song et al. 2021, eq. 12).
 

@@ -8,11 +8,12 @@ import torch
 from torch import Tensor
 
 from ..core.diffusion import GaussianDiffusion
-from .base import Denoise, Generators, Grid, Sampler, StepCallback, noise_like
+from .base import SAMPLERS, Denoise, Generators, Grid, Sampler, StepCallback, noise_like
 
 __all__ = ["DDPMSampler"]
 
 
+@SAMPLERS.register("ddpm")
 class DDPMSampler(Sampler):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2), optionally over a respaced process.
 

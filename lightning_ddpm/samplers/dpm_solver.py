@@ -14,7 +14,7 @@ import math
 from torch import Tensor
 
 from ..core.diffusion import GaussianDiffusion
-from .base import SPACINGS, Denoise, Generators, Grid, Sampler, StepCallback, noise_like, solver_alpha_bar
+from .base import SAMPLERS, SPACINGS, Denoise, Generators, Grid, Sampler, StepCallback, noise_like, solver_alpha_bar
 
 __all__ = ["DPMSolverPP2MSampler", "DPMSolverPP2MSDESampler"]
 
@@ -24,6 +24,7 @@ def _alpha_sigma_lambda(alpha_bar: float) -> tuple[float, float, float]:
     return alpha, sigma, (math.inf if sigma == 0 else math.log(alpha / sigma))
 
 
+@SAMPLERS.register("dpmpp_2m")
 class DPMSolverPP2MSampler(Sampler):
     """DPM-Solver++(2M): deterministic, second order (``dpmpp_2m``).
 
@@ -62,6 +63,7 @@ class DPMSolverPP2MSampler(Sampler):
         return (s_next / s_i) * x - (a_next * math.expm1(-h)) * d
 
 
+@SAMPLERS.register("dpmpp_2m_sde")
 class DPMSolverPP2MSDESampler(DPMSolverPP2MSampler):
     """SDE-DPM-Solver++(2M) (``dpmpp_2m_sde``): the same multistep data prediction on the reverse SDE.
 

@@ -16,7 +16,7 @@ import warnings
 from torch import Tensor
 
 from ..core.diffusion import GaussianDiffusion
-from .base import Denoise, Generators, Grid, Sampler, StepCallback, solver_alpha_bar
+from .base import SAMPLERS, Denoise, Generators, Grid, Sampler, StepCallback, solver_alpha_bar
 
 __all__ = ["EulerSampler", "HeunSampler"]
 
@@ -26,6 +26,7 @@ __all__ = ["EulerSampler", "HeunSampler"]
 HEUN_SPAN_WARNING = 100.0
 
 
+@SAMPLERS.register("euler")
 class EulerSampler(Sampler):
     """Euler's method in sigma (``euler``): x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i."""
 
@@ -73,6 +74,7 @@ class EulerSampler(Sampler):
         return x
 
 
+@SAMPLERS.register("heun")
 class HeunSampler(EulerSampler):
     """Heun's method in sigma (``heun``, Karras et al. 2022, Algorithm 1): second order, 2N - 1 evaluations."""
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..core.diffusion import GaussianDiffusion
-from .base import SPACINGS, Denoise, Generators, Grid, Sampler, StepCallback, solver_alpha_bar
+from .base import SAMPLERS, SPACINGS, Denoise, Generators, Grid, Sampler, StepCallback, solver_alpha_bar
 
 __all__ = ["UniPCSampler"]
 
@@ -48,6 +48,7 @@ def _coefficients(rks: list[float], h: float, order: int, corrector: bool) -> tu
     return h_phi_1, b_h, rhos
 
 
+@SAMPLERS.register("unipc")
 class UniPCSampler(Sampler):
     """UniPC-bh2 with data prediction (``unipc``).
 
