@@ -1,3 +1,4 @@
+import inspect
 import math
 import warnings
 
@@ -431,3 +432,26 @@ def test_heun_warns_when_its_first_step_spans_decades_of_sigma():
             denoise, cosine, x_T)
         make_sampler({"name": "heun", "init_args": {"num_steps": 10}}).sample(denoise, linear, x_T)
         make_sampler({"name": "euler", "init_args": {"num_steps": 10}}).sample(denoise, cosine, x_T)  # no corrector
+
+
+def _spec_cases():
+    for name, cls in SAMPLERS.items():
+        for spacing in cls.spacings:
+            options = {"num_steps": 7, "spacing": spacing, "clip_denoised": True}
+            if spacing == "karras" and "sigma_max" in inspect.signature(cls).parameters:
+                options["sigma_max"] = 50.0
+            yield pytest.param(name, options, id=f"{name}-{spacing}")
+
+
+@pytest.mark.parametrize("name,options", list(_spec_cases()))
+def test_every_sampler_round_trips_through_its_config_spec(name, options):
+    """A sampler rebuilt from its ``{name, init_args}`` (what a config or a saved config holds) is the same sampler:
+    the same spec and the same grid, for every registered sampler and every spacing it allows."""
+    sampler = make_sampler({"name": name, "init_args": options})
+    spec = sampler.spec()
+    assert spec["name"] == name and {k: spec["init_args"][k] for k in options} == options
+    again = make_sampler(spec)
+    assert type(again) is type(sampler) and again.spec() == spec
+    d = GaussianDiffusion(make_schedule("cosine", num_timesteps=40))
+    first, second = sampler.grid(d), again.grid(d)
+    assert torch.equal(first.t, second.t) and torch.equal(first.alpha_bar, second.alpha_bar)

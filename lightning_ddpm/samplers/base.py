@@ -8,8 +8,9 @@ sigma = sqrt((1 - alpha_bar) / alpha_bar) of Karras et al. 2022, in which x / al
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -145,6 +146,17 @@ class Sampler:
         self.spacing = spacing
         self.clip_denoised = clip_denoised
         self.sigma_max = sigma_max
+
+    def spec(self) -> dict[str, Any]:
+        """``{"name": ..., "init_args": {...}}``, the form configs use: ``make_sampler(s.spec())`` rebuilds ``s``.
+
+        The name is the registered one (a class path for an unregistered class); ``init_args`` hold every
+        constructor argument, read back from the attribute of the same name.
+        """
+        cls = type(self)
+        name = next((n for n, c in SAMPLERS.items() if c is cls), f"{cls.__module__}.{cls.__qualname__}")
+        params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        return {"name": name, "init_args": {p: getattr(self, p) for p in params}}
 
     def timesteps(self, num_timesteps: int) -> Tensor:
         """The integer timesteps of an integer spacing (``grid`` gives every spacing's)."""
