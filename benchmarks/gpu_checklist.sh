@@ -38,7 +38,7 @@ step() {
 }
 
 tests() {
-    step cuda_tests 540 python3 -m pytest -m cuda -q -p no:cacheprovider -rs --durations=10 tests/test_cuda.py
+    step cuda_tests 540 python3 -m pytest -m cuda -q -p no:cacheprovider -rs --durations=10 tests/integration/test_cuda.py
 }
 
 train() {

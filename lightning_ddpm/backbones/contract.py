@@ -1,6 +1,6 @@
 """What the library asks of a backbone: ``forward(x, t, cond=None) -> output`` (a Protocol).
 
-``tests/test_backbone_contract.py`` runs every registered backbone, and the README's custom one, over
+``tests/backbones/test_backbone_contract.py`` runs every registered backbone, and the README's custom one, over
 the inputs below.
 """
 

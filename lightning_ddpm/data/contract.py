@@ -1,7 +1,7 @@
 """What the command line, the module and the callbacks ask of a data module (a Protocol).
 
 Any ``LightningDataModule`` with these members works with ``lightning-ddpm`` and ``DiffusionModule``;
-``tests/test_data_contract.py`` checks the shipped ones against it.
+``tests/data/test_data_contract.py`` checks the shipped ones against it.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from lightning_ddpm.backbones import UNet
 from lightning_ddpm.training.checkpoints import SafeCheckpointIO
 from lightning_ddpm.data import ImageDataModule, ImageFolderDataset, Toy2DDataModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROWS = {
     m.group(1): m.group(2)
     for m in re.finditer(r"^\| ([a-z0-9-]+) \| .* \| `(.*)` \|$", (ROOT / "docs/errors.md").read_text(), re.M)
@@ -84,7 +84,7 @@ def _cli(tmp: Path, *args: str):
 
 
 def _corrupt(tmp_path: Path):
-    from tests.test_cli_user import _flip_tensor_bytes
+    from tests.cli.test_cli_user import _flip_tensor_bytes
 
     path = _checkpoint(tmp_path)
     _flip_tensor_bytes(path)

@@ -15,7 +15,7 @@ from lightning_ddpm import DiffusionModule
 from lightning_ddpm.samplers import DDIMSampler
 from tests.helpers import run_cli_process
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 2}}
 FSDP2 = ["--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
          "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",

@@ -10,7 +10,7 @@ from lightning_ddpm import DiffusionModule
 from lightning_ddpm.cli import run_cli
 from tests.helpers import RecordWeights
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 8, "num_blocks": 1}}
 
 

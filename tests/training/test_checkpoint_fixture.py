@@ -13,7 +13,7 @@ from lightning_ddpm import DiffusionModule
 from lightning_ddpm.callbacks import EMA
 from tests.fixtures.make_pre_refactor import MODELS, samples
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

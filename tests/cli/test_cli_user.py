@@ -21,7 +21,7 @@ from lightning_ddpm.callbacks import EMA
 from lightning_ddpm.training.checkpoints import DIGEST_KEY, SafeCheckpointIO
 from lightning_ddpm.cli import CLIError, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY_COND = str(ROOT / "configs/toy2d_cond.yaml")
 TOY = str(ROOT / "configs/toy2d.yaml")
 TINY_MLP = json.dumps({"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 1}})
@@ -224,7 +224,7 @@ def test_the_plain_install_has_every_config_dependency_and_the_dev_extra_only_te
     core = " ".join(project["dependencies"])
     assert "scikit-learn" in core, "configs/digits.yaml reads sklearn's digits on a plain `pip install -e .`"
     dev = [d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["dev"]]
-    # test tools only: diffusers is the samplers' independent oracle (tests/test_samplers_diffusers.py)
+    # test tools only: diffusers is the samplers' independent oracle (tests/samplers/test_samplers_diffusers.py)
     assert set(dev) <= {"pytest", "pyyaml", "diffusers", "safetensors"}, f"the dev extra holds test tools only, got {dev}"
 
 

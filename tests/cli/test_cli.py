@@ -12,7 +12,7 @@ from lightning_ddpm import DiffusionModule
 from lightning_ddpm.cli import run_cli
 from tests.helpers import RecordStartStep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TINY_MLP = json.dumps({"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 1}})
 TINY_UNET = json.dumps({"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,

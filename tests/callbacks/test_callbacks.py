@@ -17,7 +17,7 @@ from lightning_ddpm.callbacks import EMA, BitsPerDimCallback, FIDCallback, Sampl
 from lightning_ddpm.data import ImageDataModule, Toy2DDataModule
 from tests.helpers import RecordWeights, TinyFeatures, run_cli_process
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
 TINY_UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
                                             "dropout": 0.0}}
@@ -156,7 +156,7 @@ class CountingMLP(MLP):
 
 
 def test_ema_excludes_buffers(tmp_path):
-    module = DiffusionModule(backbone={"name": "tests.test_callbacks.CountingMLP", "init_args": {"hidden_dim": 8}},
+    module = DiffusionModule(backbone={"name": "tests.callbacks.test_callbacks.CountingMLP", "init_args": {"hidden_dim": 8}},
                              data_shape=[2], num_timesteps=20)
     ema = EMA(decay=0.9)
     _trainer(tmp_path, [ema], max_steps=5, val_check_interval=2, limit_val_batches=1,
@@ -444,7 +444,7 @@ def test_sample_pictures_are_drawn_by_every_rank_and_match_one_process(tmp_path)
 
     from lightning_ddpm.samplers import DDIMSampler
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     mlp = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
     callbacks = [
         {"class_path": "lightning_ddpm.callbacks.SampleLogger",

@@ -13,7 +13,7 @@ import torch
 from benchmarks.toy_quality import BEFORE, ablation_steps, recipe_from_config, within_3sd
 from lightning_ddpm.data import sample_toy2d
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pentagram_points_lie_on_the_five_strokes():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 2, "dropout": 0.1}}  # dropout uses the global RNG
 
 

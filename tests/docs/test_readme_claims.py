@@ -31,7 +31,7 @@ def test_the_sampler_table_defaults():
 
     from lightning_ddpm.samplers import SAMPLERS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| `\w+[^|]*` \|(.*)$", readme, flags=re.M))
     assert set(rows) == set(SAMPLERS.names()), "one table row per registered sampler"
     for name, row in rows.items():

@@ -17,7 +17,7 @@ from lightning_ddpm.cli import run_cli
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TINY = {
     "mlp": {"name": "mlp", "init_args": {"hidden_dim": 64, "num_blocks": 2}},
@@ -231,7 +231,7 @@ def test_resume_on_cuda_is_bit_exact(tmp_path):
         module = DiffusionModule(backbone=TINY["unet"], data_shape=[1, 8, 8], num_timesteps=100, clip_denoised=True)
         g = torch.Generator().manual_seed(0)
         # 4 batches an epoch and a checkpoint every 4 steps: the resume starts a fresh epoch (a plain
-        # DataLoader cannot resume mid-epoch; the library's data modules can, tests/test_resume.py)
+        # DataLoader cannot resume mid-epoch; the library's data modules can, tests/integration/test_resume.py)
         loader = torch.utils.data.DataLoader([torch.randn(16, 1, 8, 8, generator=g) for _ in range(4)],
                                              batch_size=None)
         Trainer(accelerator="cuda", devices=1, max_steps=max_steps, deterministic=True, logger=False,
@@ -264,7 +264,7 @@ def test_the_progress_bar_refresh_reads_nothing_back_from_the_gpu(tmp_path):
 
 
 def test_fsdp2_fits_on_one_gpu(tmp_path, accelerator="cuda", precision="bf16-mixed"):
-    """ModelParallelStrategy (FSDP2) on one device: the NCCL path of tests/test_sharded.py's CPU runs."""
+    """ModelParallelStrategy (FSDP2) on one device: the NCCL path of tests/integration/test_sharded.py's CPU runs."""
     callbacks = json.dumps([
         {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",

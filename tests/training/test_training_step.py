@@ -14,7 +14,7 @@ from lightning_ddpm import DDPMSampler, DiffusionModule, GaussianDiffusion, make
 from lightning_ddpm.data import SampleRequests
 from tests.helpers import run_cli_process
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
 LIBRARY = str(ROOT / "lightning_ddpm")
 
@@ -277,7 +277,7 @@ def test_adam_is_fused_and_ddp_skips_the_schedule_buffers(tmp_path):
 
 def test_the_step_loss_is_logged_as_a_host_copy_on_logging_steps_only(tmp_path):
     """With a progress bar too: the bar re-reads a logged step value at every refresh, which for a device
-    tensor is a host sync every step on a GPU (tests/test_cuda.py checks that on CUDA)."""
+    tensor is a host sync every step on a GPU (tests/integration/test_cuda.py checks that on CUDA)."""
     module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20)
     logged, log = [], module.log
 

@@ -1,7 +1,7 @@
 """diffusers interop, both ways: folders and objects -> DiffusionModule -> folders diffusers' pipelines load.
 
 Everything runs on randomly initialised diffusers models (this machine cannot download the published
-checkpoints); the U-Net weight mapping itself is tested in tests/test_interop_unet.py.
+checkpoints); the U-Net weight mapping itself is tested in tests/interop/test_interop_unet.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32
             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
             norm_num_groups=8, norm_eps=1e-6, freq_shift=1, flip_sin_to_cos=False, attention_head_dim=None)
 T = 50
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _unet(seed: int = 0, **config) -> "diffusers.UNet2DModel":
@@ -328,7 +328,7 @@ def test_the_fine_tuning_config_accepts_the_published_cifar10_layout(tmp_path):
     diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**PUBLISHED_CIFAR10_SCHEDULER)).save_pretrained(folder)
     from pathlib import Path
 
-    config = Path(__file__).resolve().parents[1] / "configs/cifar10_finetune_diffusers.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs/cifar10_finetune_diffusers.yaml"
     cli = run_cli(["--config", str(config), f"--trainer.default_root_dir={tmp_path}", "--model.init_from", str(folder)],
                   run=False)
     cli.model.setup("validate")

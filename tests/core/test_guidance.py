@@ -11,7 +11,7 @@ from lightning_ddpm.core.denoiser import Denoiser, Prediction
 from lightning_ddpm.core.guidance import guided_denoiser
 from tests.conftest import small_schedule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _model(channels_out=3):

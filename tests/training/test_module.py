@@ -132,7 +132,7 @@ def test_examples_run_warning_free(tmp_path, example):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-W", "error", str(root / "examples" / example[0]), *example[1:]]
     if example[0] == "train_toy2d_plain.py":
         cmd += ["--out", str(tmp_path / "plain.png")]

@@ -10,7 +10,7 @@ from torch import nn
 from lightning_ddpm import available_backbones, build_backbone, register_backbone
 from lightning_ddpm.backbones import MLP, UNet, registry
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Small settings per built-in backbone; a newly registered one is checked with its defaults.
 TINY = {
@@ -264,7 +264,7 @@ def test_mlp_fourier_x_scale_option():
 
 def test_fsdp_units_are_the_blocks_and_hold_most_parameters():
     """ModelParallelStrategy shards each ResBlock / attention block (U-Net) and residual block (MLP)
-    as a unit of its own, the backbone taking the rest; tests/test_sharded.py runs it on 2 processes."""
+    as a unit of its own, the backbone taking the rest; tests/integration/test_sharded.py runs it on 2 processes."""
     from lightning_ddpm.backbones.sharding import shard_units
     from lightning_ddpm.backbones.unet import AttentionBlock, ResBlock
 

@@ -14,7 +14,7 @@ from lightning_ddpm import DiffusionModule
 from lightning_ddpm.backbones import BACKBONES, build_backbone, registry
 from lightning_ddpm.backbones.contract import Backbone
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # small settings per built-in backbone; a backbone registered elsewhere is built with its defaults
 SMALL = {"unet": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "norm_groups": 4,
                   "dropout": 0.0},

@@ -1,0 +1,1 @@
+"""Tests of the torch-only core (lightning_ddpm/core/)."""

@@ -1,0 +1,1 @@
+"""Tests of what the README, docs/ and benchmarks/ promise."""

@@ -1,0 +1,1 @@
+"""Tests of runs across the layers: resume, multi-process (DDP, FSDP2) and CUDA."""
