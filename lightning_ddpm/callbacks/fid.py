@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..samplers import DDIMSampler, Sampler, make_sampler
 from ..data.batches import unpack_batch
 from .ema import ema_weights
+from .sampling import resolve_sampler
 
 
 def inception_extractor(features: str, weights_path: str | None) -> nn.Module:
@@ -136,18 +137,9 @@ class FIDCallback(pl.Callback):
             # the real statistics come from validation: say so now rather than after the whole run
             raise ValueError("FIDCallback(at_train_end=True) needs validation batches for its real statistics; "
                              "trainer.limit_val_batches is 0")
-        if hasattr(pl_module, "diffusion") and self._default_sampler:
-            # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
-            self.sampler = DDIMSampler(num_steps=min(100, pl_module.diffusion.num_timesteps))
-        elif hasattr(pl_module, "diffusion") and not isinstance(self._sampler_spec, Sampler):
-            self.sampler = make_sampler(self._sampler_spec, num_timesteps=pl_module.diffusion.num_timesteps)
-        if hasattr(pl_module, "diffusion") and self._final_sampler_spec is not None and not isinstance(
-                self._final_sampler_spec, Sampler):
-            self.final_sampler = make_sampler(self._final_sampler_spec, num_timesteps=pl_module.diffusion.num_timesteps)
-        if hasattr(pl_module, "diffusion"):
-            for sampler in (self.sampler, self.final_sampler):
-                if sampler is not None:
-                    sampler.grid(pl_module.diffusion)  # fail before training
+        self.sampler = resolve_sampler(self._sampler_spec, self.sampler, pl_module, 100)
+        if self._final_sampler_spec is not None:
+            self.final_sampler = resolve_sampler(self._final_sampler_spec, self.final_sampler, pl_module, 100)
         self.build_metrics()
         for metric in self._metrics():
             metric.to(pl_module.device)
