@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..samplers import DDIMSampler, Sampler, make_sampler
 from ..data.batches import unpack_batch
-from .ema import ema_weights
+from .sampling import iter_samples, resolve_sampler
 
 
 def inception_extractor(features: str, weights_path: str | None) -> nn.Module:
@@ -33,7 +33,8 @@ class FIDCallback(pl.Callback):
 
     Real statistics come from the validation images Lightning feeds the first validation
     epoch (DDP-sharded, cached; ``reset_real_features=False``). Each rank generates its share
-    of exactly ``num_samples`` with the EMA weights; torchmetrics sums the statistics over ranks.
+    of exactly ``num_samples`` with the EMA weights (sample i from seed + i, so the same images at any
+    world size); torchmetrics sums the statistics over ranks.
 
     Args:
         num_samples: generated images per evaluation (50k for paper numbers; fewer during training).
@@ -50,7 +51,8 @@ class FIDCallback(pl.Callback):
         inception_score: also log ``val/is`` (needs Inception logits, so not with a custom extractor).
         kid: also log ``val/kid_mean`` and ``val/kid_std``.
         kid_subset_size: KID subset size (at most the number of samples).
-        seed: seed of the generation noise (rank r uses seed + r).
+        seed: seed of the generation: sample i's noise and label come from seed + i alone, whatever the
+            number of ranks (the same generated set at any world size).
     """
 
     def __init__(
@@ -136,18 +138,9 @@ class FIDCallback(pl.Callback):
             # the real statistics come from validation: say so now rather than after the whole run
             raise ValueError("FIDCallback(at_train_end=True) needs validation batches for its real statistics; "
                              "trainer.limit_val_batches is 0")
-        if hasattr(pl_module, "diffusion") and self._default_sampler:
-            # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
-            self.sampler = DDIMSampler(num_steps=min(100, pl_module.diffusion.num_timesteps))
-        elif hasattr(pl_module, "diffusion") and not isinstance(self._sampler_spec, Sampler):
-            self.sampler = make_sampler(self._sampler_spec, num_timesteps=pl_module.diffusion.num_timesteps)
-        if hasattr(pl_module, "diffusion") and self._final_sampler_spec is not None and not isinstance(
-                self._final_sampler_spec, Sampler):
-            self.final_sampler = make_sampler(self._final_sampler_spec, num_timesteps=pl_module.diffusion.num_timesteps)
-        if hasattr(pl_module, "diffusion"):
-            for sampler in (self.sampler, self.final_sampler):
-                if sampler is not None:
-                    sampler.grid(pl_module.diffusion)  # fail before training
+        self.sampler = resolve_sampler(self._sampler_spec, self.sampler, pl_module, 100)
+        if self._final_sampler_spec is not None:
+            self.final_sampler = resolve_sampler(self._final_sampler_spec, self.final_sampler, pl_module, 100)
         self.build_metrics()
         for metric in self._metrics():
             metric.to(pl_module.device)
@@ -195,37 +188,27 @@ class FIDCallback(pl.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({k.replace("val/", "final/"): v for k, v in values.items()}, step=trainer.global_step)
 
-    def _share(self, trainer: pl.Trainer, total: int) -> int:
-        """This rank's share: the first ``total % world`` ranks take one more, so the sum is exactly ``total``."""
-        world, rank = max(trainer.world_size, 1), trainer.global_rank
-        return total // world + (1 if rank < total % world else 0)
-
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: int,
                  sampler: Sampler | None = None) -> dict[str, float]:
-        """Generate this rank's share with EMA weights, sync the statistics, return the metrics."""
-        share = self._share(trainer, total)
-        generator = torch.Generator(pl_module.device).manual_seed(self.seed + trainer.global_rank)
+        """Generate this rank's share with EMA weights, sync the statistics, return the metrics.
+
+        Sample i (its noise and, for a class-conditional model, its label) comes from seed + i alone and each
+        rank draws a block of them (:func:`~lightning_ddpm.callbacks.sampling.iter_samples`), so the generated
+        set is the same at any world size."""
         show = trainer.is_global_zero and trainer.progress_bar_callback is not None
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
-        num_classes = getattr(pl_module, "num_classes", None)
-        with ema_weights(trainer, pl_module), tqdm(total=share, desc=f"FID samples (rank 0 of {trainer.world_size})",
-                                                    disable=not show, leave=False) as bar:
-            # Every rank draws the largest share in the same batches (a rank with one sample fewer drops its
-            # last): under a sharded strategy (FSDP2) each forward needs every rank.
-            most, done = -(-total // max(trainer.world_size, 1)), 0
-            while done < most:
-                n = min(self.batch_size, most - done)
-                labels = torch.randint(0, num_classes, (n,), device=pl_module.device, generator=generator) \
-                    if num_classes else None
-                images = pl_module.sample(n, sampler=sampler or self.sampler, generator=generator, labels=labels)
-                keep = min(n, share - done)
-                if keep > 0:
-                    self._update(images[:keep], real=False)
-                    bar.update(keep)
-                done += n
+        with tqdm(total=-(-total // max(trainer.world_size, 1)), desc=f"FID samples (rank 0 of {trainer.world_size})",
+                  disable=not show, leave=False) as bar:
+            # Every rank draws the largest share in the same batches (the last pads its share with repeats, which
+            # are dropped): under a sharded strategy (FSDP2) each forward needs every rank.
+            for drawn in iter_samples(trainer, pl_module, total, sampler or self.sampler, seed=self.seed,
+                                      labels="random", batch_size=self.batch_size):
+                if drawn.real > 0:
+                    self._update(drawn.samples[:drawn.real], real=False)
+                bar.update(drawn.real)
         elapsed = time.perf_counter() - start
         # compute() syncs and then restores the local state: count the samples of all ranks explicitly.
         local = self.fid.fake_features_num_samples.detach().float()

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..training.plotting import load_png, save_image_grid, save_samples_picture
 from ..samplers import DDIMSampler, Sampler, make_sampler
-from .ema import ema_weights
+from .sampling import draw_samples, resolve_sampler
 
 
 class SampleLogger(pl.Callback):
@@ -63,16 +63,7 @@ class SampleLogger(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._default_sampler and isinstance(getattr(pl_module, "default_sampler", None), Sampler):
-            # the model's sampler setting: one place says how a config's model is sampled
-            self.sampler = pl_module.default_sampler
-        elif hasattr(pl_module, "diffusion") and self._default_sampler:
-            # the default DDIM sampler shortens itself for small T; a sampler given explicitly must fit
-            self.sampler = DDIMSampler(num_steps=min(50, pl_module.diffusion.num_timesteps))
-        elif hasattr(pl_module, "diffusion") and not isinstance(self._sampler_spec, Sampler):
-            self.sampler = make_sampler(self._sampler_spec, num_timesteps=pl_module.diffusion.num_timesteps)
-        if hasattr(pl_module, "diffusion"):
-            self.sampler.grid(pl_module.diffusion)  # fail before training, not at step N
+        self.sampler = resolve_sampler(self._sampler_spec, self.sampler, pl_module, 50, module_default=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -102,16 +93,8 @@ class SampleLogger(pl.Callback):
             per_class = max(1, self.num_samples // num_classes)
             all_labels = torch.arange(num_classes).repeat_interleave(per_class)
         num = len(all_labels) if all_labels is not None else self.num_samples
-        # Equal shares (the last rank pads with repeats of the last sample): every rank runs the
-        # same number of forward passes, which a sharded strategy's collectives need.
-        share = -(-num // trainer.world_size)
-        mine = [min(i, num - 1) for i in range(trainer.global_rank * share, (trainer.global_rank + 1) * share)]
-        generators = [torch.Generator(pl_module.device).manual_seed(self.seed + i) for i in mine]
-        labels = all_labels[mine].to(pl_module.device) if all_labels is not None else None
-        with ema_weights(trainer, pl_module):
-            samples = pl_module.sample(len(mine), sampler=self.sampler, generator=generators, labels=labels)
-        if trainer.world_size > 1:
-            samples = trainer.strategy.all_gather(samples).reshape(-1, *samples.shape[1:])[:num]
+        # every rank draws its share, sample i from seed + i; gathered in order on every rank
+        samples = draw_samples(trainer, pl_module, num, sampler=self.sampler, seed=self.seed, labels=all_labels)
         if not trainer.is_global_zero:
             return None
         self.last_samples = samples.cpu()

@@ -1,0 +1,105 @@
+"""The callbacks' shared sampling (callbacks/sampling.py): sample i from seed + i alone, each rank its block, so the
+generated set is the same at any world size. Ranks are simulated with a stand-in trainer (global_rank, world_size):
+the samples do not depend on anything else, and a 2-process run of each case would take minutes here."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lightning_ddpm import DDIMSampler, DiffusionModule
+from lightning_ddpm.callbacks import FIDCallback
+from lightning_ddpm.callbacks.sampling import draw_samples, iter_samples, rank_share
+from tests.helpers import TinyFeatures
+
+TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
+TINY_UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                                            "dropout": 0.0}}
+
+
+def _rank(rank: int, world_size: int) -> SimpleNamespace:
+    """What the sampling and FID's evaluate read of a trainer, for one rank of ``world_size``."""
+    return SimpleNamespace(global_rank=rank, world_size=world_size, is_global_zero=rank == 0, callbacks=[],
+                           progress_bar_callback=None, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+
+
+def _set(module, world_size: int, num: int, **kw) -> tuple[torch.Tensor, list[int]]:
+    """The samples every rank keeps, in rank order, and their indices."""
+    kept, index = [], []
+    for rank in range(world_size):
+        for drawn in iter_samples(_rank(rank, world_size), module, num, **kw):
+            kept.append(drawn.samples[:drawn.real])
+            index += drawn.index[:drawn.real]
+    return torch.cat(kept), index
+
+
+def test_rank_share_is_contiguous_blocks_padded_with_the_last_index():
+    assert rank_share(7, 0, 2) == ([0, 1, 2, 3], 4) and rank_share(7, 1, 2) == ([4, 5, 6, 6], 3)
+    assert rank_share(5, 3, 4) == ([4, 4], 0)  # a rank past the end repeats the last sample and keeps none
+    assert rank_share(5, 0, 1) == ([0, 1, 2, 3, 4], 5)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_the_samples_are_the_same_at_any_world_size(world_size):
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20)
+    kw = {"sampler": DDIMSampler(num_steps=3), "seed": 11, "batch_size": 3}
+    alone, index = _set(module, 1, 7, **kw)
+    shared, shared_index = _set(module, world_size, 7, **kw)
+    assert index == shared_index == list(range(7))
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-6)
+    # sample i is what one generator seeded 11 + i gives, alone
+    one = module.sample(1, sampler=DDIMSampler(num_steps=3), generator=[torch.Generator().manual_seed(11 + 4)])
+    torch.testing.assert_close(alone[4:5], one, rtol=1e-5, atol=1e-6)
+    whole = draw_samples(_rank(0, 1), module, 7, **kw)
+    torch.testing.assert_close(whole, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_random_labels_are_drawn_per_sample():
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20, num_classes=3)
+    seen = []
+    sample = module.sample
+
+    def recording(*args, **kwargs):
+        seen.extend(kwargs["labels"].tolist())
+        return sample(*args, **kwargs)
+
+    module.sample = recording
+    kw = {"sampler": DDIMSampler(num_steps=2), "seed": 3, "labels": "random", "batch_size": 4}
+    alone = _set(module, 1, 9, **kw)[0]
+    labels_alone, seen[:] = list(seen), []
+    shared = _set(module, 2, 9, **kw)[0]
+    labels_shared = list(seen)
+    assert labels_shared[:9] == labels_alone  # rank 0: samples 0..4, rank 1: 5..8 (then its pad)
+    assert len(set(labels_alone)) > 1
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_fid_generates_the_same_images_at_any_world_size():
+    """FIDCallback's generated images, gathered in rank order, are the same with 1 and 2 ranks (rank r used to
+    draw from seed + r, so the set changed with the number of ranks); and so is the count, exactly N."""
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True,
+                             num_classes=2)
+    real = torch.rand(16, 1, 8, 8) * 2 - 1
+
+    def generated(world_size: int) -> torch.Tensor:
+        fid = FIDCallback(num_samples=7, batch_size=3, feature_extractor=TinyFeatures(),
+                          sampler=DDIMSampler(num_steps=2), seed=5)
+        fid.build_metrics()
+        fid._update(real, real=True)
+        update, images = fid._update, []
+
+        def recording(batch, real):
+            images.append(batch)
+            update(batch, real)
+
+        fid._update = recording
+        for rank in range(world_size):
+            fid.evaluate(_rank(rank, world_size), module, 7)
+        return torch.cat(images)
+
+    alone, shared = generated(1), generated(2)
+    assert alone.shape == shared.shape == (7, 1, 8, 8)
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-6)
