@@ -24,10 +24,11 @@ from ..data.batches import check_image_range, check_labels, unpack_batch
 from .checkpoints import (DIGEST_KEY, check_checkpoint_file, checkpoint_digest, gather_rng_states, restore_rng_states,
                           verify_checkpoint)
 from ..core.guidance import guided_denoiser
-from ..core.imports import import_object, settings_agree, split_spec
+from ..core.imports import settings_agree
 from ..interop.module import DiffusersInterop
 from .metrics import TimestepLosses
 from .nonfinite import NonFiniteGuard
+from .optim import make_optimizer, optimizer_spec
 from ..samplers import Generators, Sampler, make_sampler, randn
 from ..core.schedules import make_schedule
 from ..core.seeding import seed_of
@@ -182,8 +183,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         # smaller); an explicit num_steps > T is an error, raised here rather than after training.
         self.default_sampler: Sampler = make_sampler(sampler, num_timesteps=num_timesteps)
         self.default_sampler.grid(self.diffusion)
-        self.optimizer_spec = optimizer or {"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}
-        split_spec(self.optimizer_spec, "optimizer")  # fail now, not at fit time
+        self.optimizer_spec = optimizer_spec(optimizer)  # checked now, not at fit time
         # The epoch's loss, overall and by timestep quartile; accumulated on the device, logged per epoch.
         self.epoch_losses = nn.ModuleDict({f"{stage}_losses": TimestepLosses(num_timesteps) for stage in STAGES})
 
@@ -420,27 +420,8 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
     # -- optimisation --------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        name, init_args = split_spec(self.optimizer_spec, "optimizer")
-        optimizer_cls = import_object(name, "optimizer")
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
-        if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(init_args):
-            # One fused kernel per step instead of several foreach ops, and it can skip a non-finite
-            # step on the device (found_inf) without a host synchronisation.
-            init_args["fused"] = _fused_supported(params)
-        try:
-            optimizer = optimizer_cls(params, **init_args)
-        except TypeError as err:
-            raise ValueError(f"bad optimizer init_args for {name!r}: {err}") from err
-        if optimizer.defaults.get("fused"):
-            # Fused optimizers announce that they unscale gradients themselves, and Lightning then forbids
-            # gradient clipping under mixed precision. We never let GradScaler hand them its scale: it
-            # unscales first (so clipping sees true gradients), and the non-finite guard passes found_inf.
-            optimizer._step_supports_amp_scaling = False
-        if self.lr_warmup_steps == 0:
-            return optimizer
-        warmup = self.lr_warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return make_optimizer(self.optimizer_spec, [p for p in self.backbone.parameters() if p.requires_grad],
+                              self.lr_warmup_steps)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -490,12 +471,3 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         """The rank's device: Lightning restores a checkpoint before it moves the module there."""
         return self.trainer.strategy.root_device if self._trainer is not None else self.device
 
-
-def _fused_supported(params: list[Tensor]) -> bool:
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:
-        devices = {"cuda"}
-    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
