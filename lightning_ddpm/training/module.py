@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,10 +20,9 @@ from ..backbones.sharding import shard_backbone
 from ..core.denoiser import Denoiser
 from ..core.diffusion import GaussianDiffusion
 from ..data.batches import check_image_range, check_labels, unpack_batch
-from .checkpoints import (DIGEST_KEY, check_checkpoint_file, checkpoint_digest, gather_rng_states, restore_rng_states,
-                          verify_checkpoint)
+from .checkpoints import (COMPATIBLE_SETTINGS, check_loaded_checkpoint, check_local_checkpoint_file, restore_module_state,
+                          root_device, save_module_state)
 from ..core.guidance import guided_denoiser
-from ..core.imports import settings_agree
 from ..interop.module import DiffusersInterop
 from .metrics import TimestepLosses
 from .nonfinite import NonFiniteGuard
@@ -428,46 +426,24 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DiffusionModule:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint`` after checking the file (clear error if truncated)."""
-        if isinstance(checkpoint_path, (str, Path)) and "://" not in str(checkpoint_path):
-            check_checkpoint_file(checkpoint_path)
+        check_local_checkpoint_file(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
-    # Settings that change the meaning or the shape of the weights: a checkpoint must agree on them.
-    _COMPATIBLE = ("backbone", "data_shape", "num_classes", "schedule", "num_timesteps", "schedule_kwargs",
-                   "rescale_to_zero_terminal_snr", "parameterization", "variance")
+    _COMPATIBLE = COMPATIBLE_SETTINGS  # the settings a checkpoint must agree on (the CLI reads them too)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
-        # The global RNG now drives only dropout; keep every rank's state (CPU and its own device's) so that
-        # a resume continues each rank's stream. Every rank calls this hook; rank 0's file gets all states.
-        checkpoint["rng_states"] = gather_rng_states(self._root_device())
-        if self._trainer is None or self.trainer.is_global_zero:  # only rank 0 writes the file
-            # Last, over everything above: on load, a flipped byte in any tensor is caught.
-            checkpoint[DIGEST_KEY] = checkpoint_digest(checkpoint)
+        is_global_zero = self._trainer is None or self.trainer.is_global_zero
+        save_module_state(checkpoint, self.timestep_sampler, self._root_device(), is_global_zero)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "state_dict" in checkpoint:  # ModelParallelStrategy loads the weights itself and removes them first
-            verify_checkpoint(checkpoint)
-        saved = checkpoint.get("hyper_parameters") or {}
-        different = [
-            f"{key}: checkpoint {saved[key]!r} vs this model {self.hparams[key]!r}"
-            for key in self._COMPATIBLE
-            if key in saved and key in self.hparams and not settings_agree(key, saved[key], self.hparams[key])
-        ]
-        if different:
-            raise ValueError("checkpoint is from an incompatible config: " + "; ".join(different))
+        check_loaded_checkpoint(checkpoint, self.hparams, self._COMPATIBLE)
         # The checkpoint holds every weight: init_from must not put the published ones back at a later setup
         # (load_from_checkpoint, then Trainer.validate or predict), nor need its folder any more.
         self._init_loaded = True
-        if checkpoint.get("timestep_sampler"):
-            self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
-        # The global RNG belongs to the caller: restore it only to continue an interrupted fit.
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        states = (checkpoint.get("rng_states") or {}) if fitting else {}
-        if states:
-            restore_rng_states(states, self._root_device(), self.trainer.global_rank, self.trainer.world_size)
+        restore_module_state(checkpoint, self.timestep_sampler, self.trainer if self._trainer is not None else None,
+                             self.device)
 
     def _root_device(self) -> torch.device:
         """The rank's device: Lightning restores a checkpoint before it moves the module there."""
-        return self.trainer.strategy.root_device if self._trainer is not None else self.device
+        return root_device(self.trainer if self._trainer is not None else None, self.device)
 
