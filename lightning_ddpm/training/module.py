@@ -27,9 +27,9 @@ from ..interop.module import DiffusersInterop
 from .metrics import TimestepLosses
 from .nonfinite import NonFiniteGuard
 from .optim import make_optimizer, optimizer_spec
+from .seeding import request_generators, step_generator
 from ..samplers import Generators, Sampler, make_sampler, randn
 from ..core.schedules import make_schedule
-from ..core.seeding import seed_of
 from ..core.timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
 
 __all__ = ["DiffusionModule"]
@@ -286,15 +286,10 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         return step == 0 or (step + 1) % self.trainer.log_every_n_steps == 0
 
     def _generator(self, stage: str, batch_idx: int) -> torch.Generator:
-        """A generator on the module's device for this step: training keys on the optimizer step, the
-        micro-batch within it (gradient accumulation) and the rank; evaluation on the batch and rank."""
+        """A generator on the module's device for this step (see ``seeding.step_generator``)."""
         rank = self.global_rank if self._trainer is not None else 0
-        if stage == "train":
-            accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-            key = ("train", torch.initial_seed(), self.global_step, batch_idx % accumulate, rank)
-        else:
-            key = (stage, batch_idx, rank)
-        return torch.Generator(self.device).manual_seed(seed_of(key))
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return step_generator(stage, batch_idx, self.device, self.global_step, accumulate, rank)
 
     def _log_epoch(self, stage: str) -> None:
         metric = self.epoch_losses[f"{stage}_losses"]
@@ -410,9 +405,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         """Generate one sample per request; a request batch is a dict with ``seed`` and optional ``labels``."""
         if not isinstance(batch, dict) or "seed" not in batch:
             raise ValueError("predict batches are sample requests: a dict with 'seed' (and optional 'labels')")
-        # One generator per request: its sample depends on its seed alone (starting and per-step noise),
-        # not on how requests were batched or shared between ranks (the README's promise).
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in batch["seed"].tolist()]
+        generators = request_generators(batch["seed"].tolist(), self.device)  # one per request
         return self.sample(len(generators), generator=generators, labels=batch.get("labels")).cpu()
 
     # -- optimisation --------------------------------------------------------------------------
