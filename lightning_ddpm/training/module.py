@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones import BackboneSpec, build_backbone, check_backbone
-from ..backbones.sharding import shard_backbone
 from ..core.denoiser import Denoiser
 from ..core.diffusion import GaussianDiffusion
 from ..data.batches import check_image_range, check_labels, unpack_batch
@@ -26,6 +25,7 @@ from ..core.guidance import guided_denoiser
 from ..interop.module import DiffusersInterop
 from .metrics import TimestepLosses
 from .nonfinite import NonFiniteGuard
+from .fsdp import shard_over_mesh
 from .optim import make_optimizer, optimizer_spec
 from .seeding import request_generators, step_generator
 from ..samplers import Generators, Sampler, make_sampler, randn
@@ -205,17 +205,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
 
         Lightning calls this hook under every strategy; only ModelParallelStrategy sets a device mesh.
         """
-        mesh = self.device_mesh
-        if mesh is None:
-            return
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                f"ModelParallelStrategy: tensor_parallel_size is {mesh['tensor_parallel'].size()}; lightning-ddpm "
-                "shards the backbone with FSDP2 only (tensor_parallel_size=1, data_parallel_size=<number of "
-                "devices>). Its default 'auto' makes every device of a node tensor-parallel: set both sizes."
-            )
-        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        shard_backbone(self.backbone, dp_mesh)
+        shard_over_mesh(self.backbone, self.device_mesh)
 
     # -- batches and the denoiser --------------------------------------------------------------
 
