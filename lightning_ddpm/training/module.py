@@ -15,10 +15,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from ..backbones import BackboneSpec, build_backbone, check_backbone
+from ..backbones import BackboneSpec
 from ..core.denoiser import Denoiser
-from ..core.diffusion import GaussianDiffusion
 from ..data.batches import check_image_range, check_labels, unpack_batch
+from .build import build_diffusion, build_linked_backbone, check_settings, linked_backbone_args
 from .checkpoints import (COMPATIBLE_SETTINGS, check_loaded_checkpoint, check_local_checkpoint_file, restore_module_state,
                           root_device, save_module_state)
 from ..core.guidance import guided_denoiser
@@ -29,7 +29,6 @@ from .fsdp import shard_over_mesh
 from .optim import make_optimizer, optimizer_spec
 from .seeding import request_generators, step_generator
 from ..samplers import Generators, Sampler, make_sampler, randn
-from ..core.schedules import make_schedule
 from ..core.timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
 
 __all__ = ["DiffusionModule"]
@@ -119,17 +118,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
                 "(give a name or {name, init_args} mapping to make checkpoints self-contained)",
                 stacklevel=2,
             )
-        self.data_shape = tuple(int(s) for s in data_shape)
-        if not self.data_shape or any(s < 1 for s in self.data_shape):
-            raise ValueError(f"data_shape must be a non-empty list of positive sizes, got {list(data_shape)}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be None or >= 1, got {num_classes}")
-        if not 0.0 <= cond_drop_prob < 1.0:
-            raise ValueError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
+        self.data_shape = check_settings(data_shape, num_classes, cond_drop_prob, guidance_scale, lr_warmup_steps)
         self.num_classes = num_classes
         self.guidance_scale = guidance_scale
         self.cond_drop_prob = cond_drop_prob
@@ -137,42 +126,13 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.use_channels_last = channels_last and len(self.data_shape) == 3
 
-        self.diffusion = GaussianDiffusion(
-            make_schedule(
-                schedule, num_timesteps, rescale_to_zero_terminal_snr=rescale_to_zero_terminal_snr,
-                **(schedule_kwargs or {}),
-            ),
-            parameterization=parameterization,
-            variance=variance,
-            loss=loss,
-            loss_weighting=loss_weighting,
-            min_snr_gamma=min_snr_gamma,
-            hybrid_lambda=hybrid_lambda,
-            clip_denoised=clip_denoised,
-        )
-        amplification = float(1.0 / (1.0 - self.diffusion.schedule.betas[-1]).sqrt())
-        if parameterization == "eps" and not clip_denoised and amplification > 10:
-            # README "Sample quality": sliced W2 633 (eps) vs 0.080 (v) on two moons with the cosine schedule.
-            warnings.warn(
-                f"parameterization='eps' with beta_T={self.diffusion.schedule.betas[-1].item():.3g} and clip_denoised=False: "
-                f"the first reverse step multiplies eps errors by {amplification:.0f}x, which gives far outliers on "
-                "unclipped data; prefer parameterization='v' (or clip_denoised=True for data in [-1, 1])",
-                stacklevel=2,
-            )
-        shared = {
-            "in_channels": self.data_shape[0],
-            "out_channels": self.data_shape[0] * self.diffusion.output_channels_factor,
-            "image_size": list(self.data_shape[1:]) if len(self.data_shape) == 3 else None,
-            "num_classes": num_classes,
-        }
+        self.diffusion = build_diffusion(schedule, num_timesteps, schedule_kwargs, rescale_to_zero_terminal_snr,
+                                         parameterization, variance, loss, loss_weighting, min_snr_gamma,
+                                         hybrid_lambda, clip_denoised)
+        shared = linked_backbone_args(self.data_shape, num_classes, self.diffusion)
         self.linked_backbone_args = shared  # what the data and the diffusion decide (also for diffusers export)
-        self.backbone = build_backbone(backbone, defaults=shared)
-        check_backbone(self.backbone, self.data_shape, shared["out_channels"], num_classes, self.diffusion.variance)
-        if self.use_channels_last:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        if compile:
-            # In place (nn.Module.compile): parameter names and checkpoints stay those of the plain backbone.
-            self.backbone.compile(**(compile if isinstance(compile, dict) else {}))
+        self.backbone = build_linked_backbone(backbone, shared, self.data_shape, self.diffusion,
+                                              self.use_channels_last, compile)
         # Every rank computes the same schedule constants: DDP need not broadcast them before each forward.
         self._ddp_params_and_buffers_to_ignore = [f"diffusion.{name}" for name, _ in self.diffusion.named_buffers()]
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, num_timesteps)
