@@ -28,7 +28,8 @@ from .nonfinite import NonFiniteGuard
 from .fsdp import shard_over_mesh
 from .optim import make_optimizer, optimizer_spec
 from .seeding import request_generators, step_generator
-from ..samplers import Generators, Sampler, make_sampler, randn
+from ..samplers import Generators, Sampler, make_sampler
+from .sampling import check_sample_args, initial_noise
 from ..core.timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
 
 __all__ = ["DiffusionModule"]
@@ -324,26 +325,15 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         # a bare name caps its default steps at T, as everywhere else a sampler is named
         sampler = (self.default_sampler if sampler is None
                    else make_sampler(sampler, num_timesteps=self.diffusion.num_timesteps))
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        if scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {scale}")
+        scale = check_sample_args(num_samples, self.data_shape, guidance_scale, self.guidance_scale, labels, x_T)
         model = self.denoiser()
-        if guidance_scale is not None and labels is None and guidance_scale != 1.0:
-            warnings.warn(f"guidance_scale={guidance_scale} has no effect without labels (guidance mixes the "
-                          "conditional and unconditional predictions); pass labels=... to guide", stacklevel=2)
-        if x_T is not None and tuple(x_T.shape) != (num_samples, *self.data_shape):
-            raise ValueError(f"x_T must have shape (num_samples, *data_shape) = {(num_samples, *self.data_shape)}, "
-                             f"got {tuple(x_T.shape)}")
         if labels is not None:
             if self.num_classes is None:
                 raise ValueError("labels given to an unconditional model (num_classes is None)")
             cond = check_labels(torch.as_tensor(labels).cpu(), num_samples, self.num_classes).to(self.device)
             model = guided_denoiser(model, cond, self.num_classes, scale)
-        if x_T is None:
-            # At least float32 whatever the weights' precision: a 1000-step trajectory accumulated in bf16 would
-            # lose the detail each step adds; float64 weights (64-true) sample in float64.
-            dtype = torch.promote_types(self.network_dtype, torch.float32)
-            x_T = randn((num_samples, *self.data_shape), generator, self.device, dtype)
+        if x_T is None:  # in at least float32 (see initial_noise)
+            x_T = initial_noise(num_samples, self.data_shape, generator, self.device, self.network_dtype)
         was_training = self.training
         self.eval()
         try:
