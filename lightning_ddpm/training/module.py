@@ -17,20 +17,20 @@ from torch import Tensor, nn
 
 from ..backbones import BackboneSpec
 from ..core.denoiser import Denoiser
+from ..core.guidance import guided_denoiser
+from ..core.timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
 from ..data.batches import check_image_range, check_labels, unpack_batch
+from ..interop.module import DiffusersInterop
+from ..samplers import Generators, Sampler, make_sampler
 from .build import build_diffusion, build_linked_backbone, check_settings, linked_backbone_args
 from .checkpoints import (COMPATIBLE_SETTINGS, check_loaded_checkpoint, check_local_checkpoint_file, restore_module_state,
                           root_device, save_module_state)
-from ..core.guidance import guided_denoiser
-from ..interop.module import DiffusersInterop
+from .fsdp import shard_over_mesh
 from .metrics import TimestepLosses
 from .nonfinite import NonFiniteGuard
-from .fsdp import shard_over_mesh
 from .optim import make_optimizer, optimizer_spec
-from .seeding import request_generators, step_generator
-from ..samplers import Generators, Sampler, make_sampler
 from .sampling import check_sample_args, initial_noise
-from ..core.timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
+from .seeding import request_generators, step_generator
 
 __all__ = ["DiffusionModule"]
 
