@@ -9,6 +9,9 @@ digest of every tensor in the checkpoint (``checkpoint_digest``) and checks it o
 The RNG states a resume restores are per rank: every rank's CPU generator and the generator of its
 own device (``gather_rng_states``), gathered into the one file rank 0 writes, and each rank takes
 its own back (``restore_rng_states``).
+
+``save_module_state``, ``check_loaded_checkpoint`` and ``restore_module_state`` are what
+``DiffusionModule``'s checkpoint hooks do with these.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ..core.imports import settings_agree
+
 DIGEST_KEY = "lightning_ddpm_digest"
+
+# Settings that change the meaning or the shape of the weights: a checkpoint must agree on them.
+COMPATIBLE_SETTINGS = ("backbone", "data_shape", "num_classes", "schedule", "num_timesteps", "schedule_kwargs",
+                       "rescale_to_zero_terminal_snr", "parameterization", "variance")
 
 # device type -> (get_state(device), set_state(state, device)) of the generator that random ops on such a
 # device draw from (dropout on a GPU); the CPU's is the global torch generator, saved for every rank anyway.
@@ -143,15 +152,64 @@ def check_checkpoint_file(path: str | Path) -> Path:
     return file
 
 
+def check_local_checkpoint_file(path: Any) -> None:
+    """:func:`check_checkpoint_file` for a local path; URLs (fsspec) and file-like objects are torch's to read."""
+    if isinstance(path, (str, Path)) and "://" not in str(path):
+        check_checkpoint_file(path)
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO that checks the file first, so ``--ckpt_path`` errors name the problem."""
 
     def load_checkpoint(
         self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        if isinstance(path, (str, Path)) and "://" not in str(path):
-            check_checkpoint_file(path)
+        check_local_checkpoint_file(path)
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except RuntimeError as err:
             raise ValueError(f"checkpoint {str(path)!r} cannot be read ({err}); it may be corrupt") from err
+
+
+def root_device(trainer: Any, device: torch.device) -> torch.device:
+    """The rank's device: Lightning restores a checkpoint before it moves the module (on ``device``) there."""
+    return trainer.strategy.root_device if trainer is not None else device
+
+
+def save_module_state(checkpoint: dict[str, Any], timestep_sampler: Any, device: torch.device,
+                      is_global_zero: bool) -> None:
+    """Add the timestep sampler's state, every rank's RNG states and (on rank 0) the digest to ``checkpoint``."""
+    checkpoint["timestep_sampler"] = timestep_sampler.state_dict()
+    # The global RNG now drives only dropout; keep every rank's state (CPU and its own device's) so that
+    # a resume continues each rank's stream. Every rank calls this hook; rank 0's file gets all states.
+    checkpoint["rng_states"] = gather_rng_states(device)
+    if is_global_zero:  # only rank 0 writes the file
+        # Last, over everything above: on load, a flipped byte in any tensor is caught.
+        checkpoint[DIGEST_KEY] = checkpoint_digest(checkpoint)
+
+
+def check_loaded_checkpoint(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any],
+                            keys: tuple[str, ...] = COMPATIBLE_SETTINGS) -> None:
+    """Raise if ``checkpoint`` is corrupt (its digest) or from a config whose ``keys`` differ from ``hparams``."""
+    if "state_dict" in checkpoint:  # ModelParallelStrategy loads the weights itself and removes them first
+        verify_checkpoint(checkpoint)
+    saved = checkpoint.get("hyper_parameters") or {}
+    different = [
+        f"{key}: checkpoint {saved[key]!r} vs this model {hparams[key]!r}"
+        for key in keys
+        if key in saved and key in hparams and not settings_agree(key, saved[key], hparams[key])
+    ]
+    if different:
+        raise ValueError("checkpoint is from an incompatible config: " + "; ".join(different))
+
+
+def restore_module_state(checkpoint: Mapping[str, Any], timestep_sampler: Any, trainer: Any,
+                         device: torch.device) -> None:
+    """Give the timestep sampler its state back and, when ``trainer`` is fitting, this rank its RNG state."""
+    if checkpoint.get("timestep_sampler"):
+        timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
+    # The global RNG belongs to the caller: restore it only to continue an interrupted fit.
+    fitting = trainer is not None and trainer.state.fn == "fit"
+    states = (checkpoint.get("rng_states") or {}) if fitting else {}
+    if states:
+        restore_rng_states(states, root_device(trainer, device), trainer.global_rank, trainer.world_size)

@@ -9,29 +9,28 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from ..backbones import BackboneSpec, build_backbone, check_backbone
-from ..backbones.sharding import shard_backbone
+from ..backbones import BackboneSpec
 from ..core.denoiser import Denoiser
-from ..core.diffusion import GaussianDiffusion
-from ..data.batches import check_image_range, check_labels, unpack_batch
-from .checkpoints import (DIGEST_KEY, check_checkpoint_file, checkpoint_digest, gather_rng_states, restore_rng_states,
-                          verify_checkpoint)
 from ..core.guidance import guided_denoiser
-from ..core.imports import import_object, settings_agree, split_spec
+from ..core.timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
+from ..data.batches import check_image_range, check_labels, unpack_batch
 from ..interop.module import DiffusersInterop
+from ..samplers import Generators, Sampler, make_sampler
+from .build import build_diffusion, build_linked_backbone, check_settings, linked_backbone_args
+from .checkpoints import (COMPATIBLE_SETTINGS, check_loaded_checkpoint, check_local_checkpoint_file, restore_module_state,
+                          root_device, save_module_state)
+from .fsdp import shard_over_mesh
 from .metrics import TimestepLosses
 from .nonfinite import NonFiniteGuard
-from ..samplers import Generators, Sampler, make_sampler, randn
-from ..core.schedules import make_schedule
-from ..core.seeding import seed_of
-from ..core.timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
+from .optim import make_optimizer, optimizer_spec
+from .sampling import check_sample_args, initial_noise
+from .seeding import request_generators, step_generator
 
 __all__ = ["DiffusionModule"]
 
@@ -120,17 +119,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
                 "(give a name or {name, init_args} mapping to make checkpoints self-contained)",
                 stacklevel=2,
             )
-        self.data_shape = tuple(int(s) for s in data_shape)
-        if not self.data_shape or any(s < 1 for s in self.data_shape):
-            raise ValueError(f"data_shape must be a non-empty list of positive sizes, got {list(data_shape)}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be None or >= 1, got {num_classes}")
-        if not 0.0 <= cond_drop_prob < 1.0:
-            raise ValueError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps must be >= 0, got {lr_warmup_steps}")
+        self.data_shape = check_settings(data_shape, num_classes, cond_drop_prob, guidance_scale, lr_warmup_steps)
         self.num_classes = num_classes
         self.guidance_scale = guidance_scale
         self.cond_drop_prob = cond_drop_prob
@@ -138,42 +127,13 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.use_channels_last = channels_last and len(self.data_shape) == 3
 
-        self.diffusion = GaussianDiffusion(
-            make_schedule(
-                schedule, num_timesteps, rescale_to_zero_terminal_snr=rescale_to_zero_terminal_snr,
-                **(schedule_kwargs or {}),
-            ),
-            parameterization=parameterization,
-            variance=variance,
-            loss=loss,
-            loss_weighting=loss_weighting,
-            min_snr_gamma=min_snr_gamma,
-            hybrid_lambda=hybrid_lambda,
-            clip_denoised=clip_denoised,
-        )
-        amplification = float(1.0 / (1.0 - self.diffusion.schedule.betas[-1]).sqrt())
-        if parameterization == "eps" and not clip_denoised and amplification > 10:
-            # README "Sample quality": sliced W2 633 (eps) vs 0.080 (v) on two moons with the cosine schedule.
-            warnings.warn(
-                f"parameterization='eps' with beta_T={self.diffusion.schedule.betas[-1].item():.3g} and clip_denoised=False: "
-                f"the first reverse step multiplies eps errors by {amplification:.0f}x, which gives far outliers on "
-                "unclipped data; prefer parameterization='v' (or clip_denoised=True for data in [-1, 1])",
-                stacklevel=2,
-            )
-        shared = {
-            "in_channels": self.data_shape[0],
-            "out_channels": self.data_shape[0] * self.diffusion.output_channels_factor,
-            "image_size": list(self.data_shape[1:]) if len(self.data_shape) == 3 else None,
-            "num_classes": num_classes,
-        }
+        self.diffusion = build_diffusion(schedule, num_timesteps, schedule_kwargs, rescale_to_zero_terminal_snr,
+                                         parameterization, variance, loss, loss_weighting, min_snr_gamma,
+                                         hybrid_lambda, clip_denoised)
+        shared = linked_backbone_args(self.data_shape, num_classes, self.diffusion)
         self.linked_backbone_args = shared  # what the data and the diffusion decide (also for diffusers export)
-        self.backbone = build_backbone(backbone, defaults=shared)
-        check_backbone(self.backbone, self.data_shape, shared["out_channels"], num_classes, self.diffusion.variance)
-        if self.use_channels_last:
-            self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        if compile:
-            # In place (nn.Module.compile): parameter names and checkpoints stay those of the plain backbone.
-            self.backbone.compile(**(compile if isinstance(compile, dict) else {}))
+        self.backbone = build_linked_backbone(backbone, shared, self.data_shape, self.diffusion,
+                                              self.use_channels_last, compile)
         # Every rank computes the same schedule constants: DDP need not broadcast them before each forward.
         self._ddp_params_and_buffers_to_ignore = [f"diffusion.{name}" for name, _ in self.diffusion.named_buffers()]
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, num_timesteps)
@@ -182,8 +142,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         # smaller); an explicit num_steps > T is an error, raised here rather than after training.
         self.default_sampler: Sampler = make_sampler(sampler, num_timesteps=num_timesteps)
         self.default_sampler.grid(self.diffusion)
-        self.optimizer_spec = optimizer or {"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}
-        split_spec(self.optimizer_spec, "optimizer")  # fail now, not at fit time
+        self.optimizer_spec = optimizer_spec(optimizer)  # checked now, not at fit time
         # The epoch's loss, overall and by timestep quartile; accumulated on the device, logged per epoch.
         self.epoch_losses = nn.ModuleDict({f"{stage}_losses": TimestepLosses(num_timesteps) for stage in STAGES})
 
@@ -207,17 +166,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
 
         Lightning calls this hook under every strategy; only ModelParallelStrategy sets a device mesh.
         """
-        mesh = self.device_mesh
-        if mesh is None:
-            return
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                f"ModelParallelStrategy: tensor_parallel_size is {mesh['tensor_parallel'].size()}; lightning-ddpm "
-                "shards the backbone with FSDP2 only (tensor_parallel_size=1, data_parallel_size=<number of "
-                "devices>). Its default 'auto' makes every device of a node tensor-parallel: set both sizes."
-            )
-        dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        shard_backbone(self.backbone, dp_mesh)
+        shard_over_mesh(self.backbone, self.device_mesh)
 
     # -- batches and the denoiser --------------------------------------------------------------
 
@@ -288,15 +237,10 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         return step == 0 or (step + 1) % self.trainer.log_every_n_steps == 0
 
     def _generator(self, stage: str, batch_idx: int) -> torch.Generator:
-        """A generator on the module's device for this step: training keys on the optimizer step, the
-        micro-batch within it (gradient accumulation) and the rank; evaluation on the batch and rank."""
+        """A generator on the module's device for this step (see ``seeding.step_generator``)."""
         rank = self.global_rank if self._trainer is not None else 0
-        if stage == "train":
-            accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-            key = ("train", torch.initial_seed(), self.global_step, batch_idx % accumulate, rank)
-        else:
-            key = (stage, batch_idx, rank)
-        return torch.Generator(self.device).manual_seed(seed_of(key))
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return step_generator(stage, batch_idx, self.device, self.global_step, accumulate, rank)
 
     def _log_epoch(self, stage: str) -> None:
         metric = self.epoch_losses[f"{stage}_losses"]
@@ -381,26 +325,15 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         # a bare name caps its default steps at T, as everywhere else a sampler is named
         sampler = (self.default_sampler if sampler is None
                    else make_sampler(sampler, num_timesteps=self.diffusion.num_timesteps))
-        scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        if scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {scale}")
+        scale = check_sample_args(num_samples, self.data_shape, guidance_scale, self.guidance_scale, labels, x_T)
         model = self.denoiser()
-        if guidance_scale is not None and labels is None and guidance_scale != 1.0:
-            warnings.warn(f"guidance_scale={guidance_scale} has no effect without labels (guidance mixes the "
-                          "conditional and unconditional predictions); pass labels=... to guide", stacklevel=2)
-        if x_T is not None and tuple(x_T.shape) != (num_samples, *self.data_shape):
-            raise ValueError(f"x_T must have shape (num_samples, *data_shape) = {(num_samples, *self.data_shape)}, "
-                             f"got {tuple(x_T.shape)}")
         if labels is not None:
             if self.num_classes is None:
                 raise ValueError("labels given to an unconditional model (num_classes is None)")
             cond = check_labels(torch.as_tensor(labels).cpu(), num_samples, self.num_classes).to(self.device)
             model = guided_denoiser(model, cond, self.num_classes, scale)
-        if x_T is None:
-            # At least float32 whatever the weights' precision: a 1000-step trajectory accumulated in bf16 would
-            # lose the detail each step adds; float64 weights (64-true) sample in float64.
-            dtype = torch.promote_types(self.network_dtype, torch.float32)
-            x_T = randn((num_samples, *self.data_shape), generator, self.device, dtype)
+        if x_T is None:  # in at least float32 (see initial_noise)
+            x_T = initial_noise(num_samples, self.data_shape, generator, self.device, self.network_dtype)
         was_training = self.training
         self.eval()
         try:
@@ -412,90 +345,38 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         """Generate one sample per request; a request batch is a dict with ``seed`` and optional ``labels``."""
         if not isinstance(batch, dict) or "seed" not in batch:
             raise ValueError("predict batches are sample requests: a dict with 'seed' (and optional 'labels')")
-        # One generator per request: its sample depends on its seed alone (starting and per-step noise),
-        # not on how requests were batched or shared between ranks (the README's promise).
-        generators = [torch.Generator(self.device).manual_seed(seed) for seed in batch["seed"].tolist()]
+        generators = request_generators(batch["seed"].tolist(), self.device)  # one per request
         return self.sample(len(generators), generator=generators, labels=batch.get("labels")).cpu()
 
     # -- optimisation --------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        name, init_args = split_spec(self.optimizer_spec, "optimizer")
-        optimizer_cls = import_object(name, "optimizer")
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
-        if optimizer_cls in (torch.optim.Adam, torch.optim.AdamW) and not {"fused", "foreach"} & set(init_args):
-            # One fused kernel per step instead of several foreach ops, and it can skip a non-finite
-            # step on the device (found_inf) without a host synchronisation.
-            init_args["fused"] = _fused_supported(params)
-        try:
-            optimizer = optimizer_cls(params, **init_args)
-        except TypeError as err:
-            raise ValueError(f"bad optimizer init_args for {name!r}: {err}") from err
-        if optimizer.defaults.get("fused"):
-            # Fused optimizers announce that they unscale gradients themselves, and Lightning then forbids
-            # gradient clipping under mixed precision. We never let GradScaler hand them its scale: it
-            # unscales first (so clipping sees true gradients), and the non-finite guard passes found_inf.
-            optimizer._step_supports_amp_scaling = False
-        if self.lr_warmup_steps == 0:
-            return optimizer
-        warmup = self.lr_warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return make_optimizer(self.optimizer_spec, [p for p in self.backbone.parameters() if p.requires_grad],
+                              self.lr_warmup_steps)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DiffusionModule:  # type: ignore[override]
         """Lightning's ``load_from_checkpoint`` after checking the file (clear error if truncated)."""
-        if isinstance(checkpoint_path, (str, Path)) and "://" not in str(checkpoint_path):
-            check_checkpoint_file(checkpoint_path)
+        check_local_checkpoint_file(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
-    # Settings that change the meaning or the shape of the weights: a checkpoint must agree on them.
-    _COMPATIBLE = ("backbone", "data_shape", "num_classes", "schedule", "num_timesteps", "schedule_kwargs",
-                   "rescale_to_zero_terminal_snr", "parameterization", "variance")
+    _COMPATIBLE = COMPATIBLE_SETTINGS  # the settings a checkpoint must agree on (the CLI reads them too)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["timestep_sampler"] = self.timestep_sampler.state_dict()
-        # The global RNG now drives only dropout; keep every rank's state (CPU and its own device's) so that
-        # a resume continues each rank's stream. Every rank calls this hook; rank 0's file gets all states.
-        checkpoint["rng_states"] = gather_rng_states(self._root_device())
-        if self._trainer is None or self.trainer.is_global_zero:  # only rank 0 writes the file
-            # Last, over everything above: on load, a flipped byte in any tensor is caught.
-            checkpoint[DIGEST_KEY] = checkpoint_digest(checkpoint)
+        is_global_zero = self._trainer is None or self.trainer.is_global_zero
+        save_module_state(checkpoint, self.timestep_sampler, self._root_device(), is_global_zero)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "state_dict" in checkpoint:  # ModelParallelStrategy loads the weights itself and removes them first
-            verify_checkpoint(checkpoint)
-        saved = checkpoint.get("hyper_parameters") or {}
-        different = [
-            f"{key}: checkpoint {saved[key]!r} vs this model {self.hparams[key]!r}"
-            for key in self._COMPATIBLE
-            if key in saved and key in self.hparams and not settings_agree(key, saved[key], self.hparams[key])
-        ]
-        if different:
-            raise ValueError("checkpoint is from an incompatible config: " + "; ".join(different))
+        check_loaded_checkpoint(checkpoint, self.hparams, self._COMPATIBLE)
         # The checkpoint holds every weight: init_from must not put the published ones back at a later setup
         # (load_from_checkpoint, then Trainer.validate or predict), nor need its folder any more.
         self._init_loaded = True
-        if checkpoint.get("timestep_sampler"):
-            self.timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])
-        # The global RNG belongs to the caller: restore it only to continue an interrupted fit.
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        states = (checkpoint.get("rng_states") or {}) if fitting else {}
-        if states:
-            restore_rng_states(states, self._root_device(), self.trainer.global_rank, self.trainer.world_size)
+        restore_module_state(checkpoint, self.timestep_sampler, self.trainer if self._trainer is not None else None,
+                             self.device)
 
     def _root_device(self) -> torch.device:
         """The rank's device: Lightning restores a checkpoint before it moves the module there."""
-        return self.trainer.strategy.root_device if self._trainer is not None else self.device
+        return root_device(self.trainer if self._trainer is not None else None, self.device)
 
-
-def _fused_supported(params: list[Tensor]) -> bool:
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:
-        devices = {"cuda"}
-    return bool(params) and all(p.device.type in devices and p.is_floating_point() for p in params)
