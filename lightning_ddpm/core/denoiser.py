@@ -43,10 +43,10 @@ def interpret(model_output: Tensor, x_t: Tensor, t: Tensor, parameterization: Pa
     """A network output at (x_t, t) as a :class:`Prediction`: the parameterization's x0 and eps, and the
     variance's ``variance_frac``; ``c`` holds the schedule constants at t."""
     mean_out, var_out = split_output(model_output, x_t, variance)
-    if t.is_floating_point() and parameterization.name == "mu":
+    if t.is_floating_point() and not parameterization.fractional_timesteps:
         raise ValueError(
-            "parameterization 'mu' predicts the posterior mean of one discrete step and is defined at "
-            "integer timesteps only; use a spacing other than 'karras' (or a sampler on integer timesteps)"
+            f"parameterization {parameterization.name!r} is defined at integer timesteps only "
+            "(fractional_timesteps = False); use a spacing other than 'karras' (or a sampler on integer timesteps)"
         )
     pred_x0, pred_eps = parameterization.to_x0_eps(mean_out, x_t, c)
     return Prediction(pred_x0, pred_eps, variance.fraction(var_out))

@@ -48,12 +48,6 @@ class ReverseStep(NamedTuple):
     pred_eps: Tensor
 
 
-def _check_choice(field: str, value: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"unknown {field} {value!r}; choose one of: {', '.join(choices)}")
-
-
 class GaussianDiffusion(nn.Module):
     """DDPM forward/reverse process over a :class:`NoiseSchedule`.
 
@@ -85,7 +79,7 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: bool = False,
     ) -> None:
         super().__init__()
-        _check_choice("parameterization", parameterization, available_parameterizations())
+        param = get_parameterization(parameterization)
         if min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         self.var = get_variance(variance)
@@ -98,14 +92,16 @@ class GaussianDiffusion(nn.Module):
                 f"got variance={variance!r} (use loss='simple' or 'vlb' with a fixed variance)"
             )
         self.weighting.check(self.var)
-        if schedule.has_zero_terminal_snr and parameterization in ("eps", "mu"):
+        if schedule.has_zero_terminal_snr and not param.zero_terminal_snr:
+            usable = " or ".join(repr(n) for n in available_parameterizations()
+                                 if get_parameterization(n).zero_terminal_snr)
             raise ValueError(
                 f"a zero-terminal-SNR schedule cannot recover x0 from parameterization={parameterization!r} "
-                "at the last step; use parameterization='v' or 'x0' (Lin et al. 2024)"
+                f"at the last step; use parameterization={usable} (Lin et al. 2024)"
             )
         self.schedule = schedule
         self.parameterization = parameterization
-        self.param = get_parameterization(parameterization)
+        self.param = param
         self.variance = variance
         self.loss_type = loss if isinstance(loss, str) else loss.name
         self.loss_weighting = loss_weighting if isinstance(loss_weighting, str) else loss_weighting.name

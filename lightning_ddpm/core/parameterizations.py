@@ -26,6 +26,11 @@ class Parameterization:
     """Base class; subclasses define the output <-> (x0, eps) maps."""
 
     name: str = ""
+    # Whether x0 is recoverable (well conditioned) at alpha_bar = 0, the last step of a zero-terminal-SNR
+    # schedule (Lin et al. 2024): GaussianDiffusion refuses such a schedule otherwise.
+    zero_terminal_snr: bool = True
+    # Whether the output means anything between the training timesteps (Karras grids sample fractional t).
+    fractional_timesteps: bool = True
 
     def to_x0_eps(self, output: Tensor, x_t: Tensor, c: StepCoefficients) -> tuple[Tensor, Tensor]:
         """Model output -> (pred_x0, pred_eps)."""
@@ -52,6 +57,7 @@ class EpsParameterization(Parameterization):
     """Predict the noise (Ho et al. 2020)."""
 
     name = "eps"
+    zero_terminal_snr = False  # x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) divides by zero
 
     def to_x0_eps(self, output: Tensor, x_t: Tensor, c: StepCoefficients) -> tuple[Tensor, Tensor]:
         return (x_t - c.sqrt_one_minus_alpha_bar * output) / c.sqrt_alpha_bar, output
@@ -84,6 +90,10 @@ class MuParameterization(Parameterization):
     """Predict the posterior mean mu_tilde(x_t, x0) directly (Ho et al. 2020, sec. 3.2)."""
 
     name = "mu"
+    # x0 = (mu - coef2 x_t) / coef1 with coef1 = sqrt(alpha_bar_{T-1}) at the last step: the output's error is
+    # amplified by 1 / sqrt(alpha_bar_{T-1}), 60 to 15000 for the built-in schedules at T = 1000.
+    zero_terminal_snr = False
+    fractional_timesteps = False  # the posterior mean of one discrete step
 
     def to_x0_eps(self, output: Tensor, x_t: Tensor, c: StepCoefficients) -> tuple[Tensor, Tensor]:
         x0 = (output - c.posterior_mean_coef2 * x_t) / c.posterior_mean_coef1

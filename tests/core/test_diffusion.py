@@ -108,7 +108,7 @@ def test_bad_arguments(kwargs, match):
 
 def test_zero_terminal_snr_needs_v_or_x0():
     s = make_schedule("linear", num_timesteps=T, rescale_to_zero_terminal_snr=True)
-    with pytest.raises(ValueError, match="use parameterization='v' or 'x0'"):
+    with pytest.raises(ValueError, match="use parameterization='x0' or 'v'"):
         GaussianDiffusion(s, parameterization="eps")
     d = GaussianDiffusion(s, parameterization="v")
     x0 = torch.rand(4, 2, dtype=torch.float64)

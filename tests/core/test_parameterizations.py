@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from lightning_ddpm import GaussianDiffusion
-from lightning_ddpm.core.parameterizations import get_parameterization
+from lightning_ddpm.core.parameterizations import PARAMETERIZATIONS as PARAMETERIZATIONS_REGISTRY
+from lightning_ddpm.core.parameterizations import X0Parameterization, get_parameterization
+from lightning_ddpm.core.schedules import available_schedules, make_schedule
 from tests.conftest import PARAMETERIZATIONS, small_schedule
 
 
@@ -59,3 +61,41 @@ def test_x0_scale_is_the_derivative(schedule_name, parameterization):
 def test_unknown_parameterization():
     with pytest.raises(ValueError, match=r"unknown parameterization 'epsilon'; choose one of: eps, x0, mu, v"):
         get_parameterization("epsilon")
+
+
+@pytest.mark.parametrize("schedule", [s for s in available_schedules() if s != "custom"])
+def test_zero_terminal_snr_flag_matches_the_conditioning_of_x0(schedule):
+    """A parameterization says whether x0 is recoverable at alpha_bar = 0; the flag agrees with |d x0 / d output|
+    at the last step of every built-in zero-terminal-SNR schedule (<= 1 when it claims so, >= 50 when not)."""
+    s = make_schedule(schedule, num_timesteps=1000, rescale_to_zero_terminal_snr=True)
+    d = GaussianDiffusion(s, parameterization="v")
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    c = d.coefficients(torch.tensor([999]), x)
+    for name in PARAMETERIZATIONS:
+        p = get_parameterization(name)
+        scale = float(p.x0_scale(c))
+        assert (scale <= 1.0) if p.zero_terminal_snr else (scale >= 50.0), (name, scale)
+        if not p.zero_terminal_snr:
+            with pytest.raises(ValueError, match=f"parameterization={name!r}"):
+                GaussianDiffusion(s, parameterization=name)
+
+
+class _FlaggedX0(X0Parameterization):
+    name = "flagged_x0"
+    zero_terminal_snr = False
+    fractional_timesteps = False
+
+
+def test_the_flags_of_a_registered_parameterization_are_honoured(monkeypatch):
+    """The zero-terminal-SNR and fractional-timestep refusals read the parameterization's flags, not its name."""
+    monkeypatch.setattr(PARAMETERIZATIONS_REGISTRY, "_entries", dict(PARAMETERIZATIONS_REGISTRY._entries))
+    PARAMETERIZATIONS_REGISTRY.register("flagged_x0")(_FlaggedX0)
+    s = make_schedule("linear", num_timesteps=20, rescale_to_zero_terminal_snr=True)
+    with pytest.raises(ValueError, match="parameterization='flagged_x0' at the last step; use parameterization="
+                                         "'x0' or 'v'"):
+        GaussianDiffusion(s, parameterization="flagged_x0")
+    d = GaussianDiffusion(small_schedule("linear"), parameterization="flagged_x0")
+    x = torch.zeros(2, 2)
+    d.predict(x, x, torch.tensor([3, 4]))  # integer timesteps: fine
+    with pytest.raises(ValueError, match="parameterization 'flagged_x0' is defined at integer timesteps only"):
+        d.predict(x, x, torch.tensor([3.5, 4.0]))
