@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..data.batches import unpack_batch
+from ..training.sampling import evaluating
 from .ema import ema_weights
 
 
@@ -46,13 +47,10 @@ class BitsPerDimCallback(pl.Callback):
             return
         data = torch.cat(self._subset)
         generator = torch.Generator(pl_module.device).manual_seed(self.seed + trainer.global_rank)
-        was_training = pl_module.training
-        pl_module.eval()
-        with ema_weights(trainer, pl_module), torch.no_grad():
+        with evaluating(pl_module), ema_weights(trainer, pl_module), torch.no_grad():
             bpd = torch.cat([
                 pl_module.diffusion.bits_per_dim(pl_module.denoiser(), chunk, generator=generator)
                 for chunk in data.split(self.batch_size)
             ])
-        pl_module.train(was_training)
         self.last = float(bpd.mean())
         pl_module.log("val/bpd", bpd.mean().float(), sync_dist=True)

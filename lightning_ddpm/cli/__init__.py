@@ -6,7 +6,7 @@
 What it adds to LightningCLI (README, "Command line"):
 - with ``--ckpt_path``, settings the user wrote (config files or command line) win over the
   checkpoint's hyperparameters, except those that change what the weights mean
-  (``DiffusionModule._COMPATIBLE``), which must agree;
+  (``training.checkpoints.COMPATIBLE_SETTINGS``), which must agree;
 - no argparse abbreviations (``--model.lr`` is not ``--model.lr_warmup_steps``);
 - ``--imports`` names modules to import before the classes are built (custom backbones);
 - library errors end the command with one line naming the config key they came from
@@ -39,7 +39,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from ..callbacks import SampleWriter
 from ..core.imports import settings_agree
-from ..training.checkpoints import SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
+from ..training.checkpoints import COMPATIBLE_SETTINGS, SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
 from ..training.module import DiffusionModule
 from .console import _quiet, version_line
 from .errors import (
@@ -187,7 +187,7 @@ class DiffusionCLI(LightningCLI):
         given = self._given_model()
         different = [
             f"model.{key}: given {given[key]!r}, checkpoint {saved[key]!r}"
-            for key in DiffusionModule._COMPATIBLE
+            for key in COMPATIBLE_SETTINGS
             if key in given and key in saved and not settings_agree(key, given[key], saved[key])
         ]
         if different:

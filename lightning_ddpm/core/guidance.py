@@ -20,6 +20,13 @@ from .denoiser import Prediction
 ConditionalModel = Callable[[Tensor, Tensor, Tensor], Prediction]
 
 
+def drop_labels(labels: Tensor, drop_prob: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:
+    """The training side: each label replaced by ``null_label`` with probability ``drop_prob``, so that one
+    network learns the conditional and the unconditional model."""
+    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < drop_prob
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
 def guided_denoiser(
     model: ConditionalModel, labels: Tensor, null_label: int, guidance_scale: float
 ) -> Callable[[Tensor, Tensor], Prediction]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["TimestepLosses"]
+__all__ = ["TimestepLosses", "log_epoch_losses"]
 
 
 class TimestepLosses(Metric):
@@ -79,3 +79,15 @@ class TimestepLosses(Metric):
         seen = (counts > 0).tolist()  # once per epoch, after the sync: reading it back is the point
         names = [f"loss_q{q}" for q in range(self.num_bins)] + ["loss", "vlb"]
         return {name: means[i] for i, name in enumerate(names) if seen[i]}
+
+
+def log_epoch_losses(module: Any, metric: TimestepLosses, stage: str) -> None:
+    """Log the epoch's ``metric`` through ``module.log`` as ``{stage}/loss`` (``train/loss_epoch``), ``{stage}/vlb``
+    and ``{stage}/loss_q0..3``, then reset it; nothing when the stage ran no batch."""
+    if not metric.update_called:
+        return
+    names = {"loss": "train/loss_epoch" if stage == "train" else f"{stage}/loss", "vlb": f"{stage}/vlb"}
+    for key, value in metric.compute().items():  # compute() sums over ranks itself
+        # sync_dist on values that every rank already shares: a no-op that keeps Lightning from warning
+        module.log(names.get(key, f"{stage}/{key}"), value, sync_dist=True, prog_bar=key == "loss")
+    metric.reset()

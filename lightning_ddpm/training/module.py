@@ -1,8 +1,9 @@
 """DiffusionModule: Lightning glue around a backbone and a GaussianDiffusion.
 
-Every constructor argument is plain data (names, numbers, ``{name, init_args}``
-mappings), so ``DiffusionModule.load_from_checkpoint(path)`` rebuilds the model alone and
-the checkpoint holds no pickled objects.
+Every constructor argument is plain data (names, numbers, ``{name, init_args}`` mappings), so
+``load_from_checkpoint(path)`` rebuilds the model alone and the checkpoint holds no pickled objects. The
+parts live beside it: ``build`` (the diffusion and backbone), ``optim``, ``nonfinite``, ``checkpoints``,
+``seeding``, ``fsdp``, ``sampling`` and ``metrics``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from ..backbones import BackboneSpec
 from ..core.denoiser import Denoiser
-from ..core.guidance import guided_denoiser
+from ..core.guidance import drop_labels
 from ..core.timestep_sampling import LossSecondMomentSampler, make_timestep_sampler
 from ..data.batches import check_image_range, check_labels, unpack_batch
 from ..interop.module import DiffusersInterop
@@ -26,10 +27,10 @@ from .build import build_diffusion, build_linked_backbone, check_settings, linke
 from .checkpoints import (COMPATIBLE_SETTINGS, check_loaded_checkpoint, check_local_checkpoint_file, restore_module_state,
                           root_device, save_module_state)
 from .fsdp import shard_over_mesh
-from .metrics import TimestepLosses
+from .metrics import TimestepLosses, log_epoch_losses
 from .nonfinite import NonFiniteGuard
 from .optim import make_optimizer, optimizer_spec
-from .sampling import check_sample_args, initial_noise
+from .sampling import check_sample_args, conditioned, evaluating, initial_noise
 from .seeding import request_generators, step_generator
 
 __all__ = ["DiffusionModule"]
@@ -38,20 +39,18 @@ STAGES = ("train", "val", "test")
 
 
 class DiffusionModule(DiffusersInterop, pl.LightningModule):
-    """A denoising diffusion model ready for ``Trainer.fit``.
+    """A denoising diffusion model ready for ``Trainer.fit``; every argument is plain data.
 
     Args:
-        backbone: a registered name (``unet``, ``mlp``), a dotted class path, or a
-            ``{"name", "init_args"}`` mapping. An ``nn.Module`` instance is accepted too
-            (then ``load_from_checkpoint`` needs ``backbone=`` again); the annotation leaves it
-            out so that the CLI keeps mappings as plain data for the checkpoint.
-        data_shape: shape of one example, e.g. ``[3, 32, 32]`` or ``[2]`` (linked from the data in the CLI).
-        num_classes: number of classes for a class-conditional model, else ``None`` (linked from the data).
+        backbone: a registered name (``unet``, ``mlp``), a class path or a ``{"name", "init_args"}`` mapping (an
+            ``nn.Module`` works too, but then ``load_from_checkpoint`` needs ``backbone=`` again).
+        data_shape: one example's shape, e.g. ``[3, 32, 32]`` or ``[2]`` (linked from the data in the CLI).
+        num_classes: the number of classes of a class-conditional model, else ``None`` (linked from the data).
         schedule: a schedule name (see ``available_schedules()``).
         num_timesteps: T.
         schedule_kwargs: the schedule's options, e.g. ``{"beta_start": 1e-4, "beta_end": 0.02}``.
         rescale_to_zero_terminal_snr: Lin et al. 2024.
-        parameterization: ``eps``, ``x0``, ``mu`` or ``v``.
+        parameterization: ``eps``, ``x0``, ``mu``, ``v`` or a name registered in ``core.parameterizations``.
         variance: ``fixed_small``, ``fixed_large`` or ``learned_range``.
         loss: ``simple``, ``vlb`` or ``hybrid``.
         loss_weighting: ``none``, ``elbo``, ``min_snr`` or a name registered in ``core.weightings.LOSS_WEIGHTINGS``.
@@ -59,29 +58,24 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         hybrid_lambda: lambda of L_hybrid.
         timestep_sampler: ``uniform`` or ``loss_second_moment``.
         clip_denoised: clip pred_x0 to [-1, 1] when sampling (on for images, off for 2-D data).
-        cond_drop_prob: probability of replacing a label with the null label in training
-            (classifier-free guidance, Ho & Salimans 2022); used only when ``num_classes`` is set.
+        cond_drop_prob: the probability of training on the null label instead of the class (classifier-free
+            guidance, Ho & Salimans 2022); used only when ``num_classes`` is set.
         optimizer: ``{"name": "torch.optim.Adam", "init_args": {"lr": 2e-4}}`` by default (Ho et al.).
-        lr_warmup_steps: linear warm-up of the learning rate over this many optimizer steps (5000 in Ho et al.).
-        sampler: the default sampler for ``sample`` and ``predict``: ``"ddpm"``, ``"ddim"`` or a mapping
-            such as ``{"name": "dpmpp_2m", "init_args": {"num_steps": 10}}``; any name registered in
-            ``lightning_ddpm.samplers.SAMPLERS``, or a class path.
-        guidance_scale: default classifier-free guidance scale w of ``sample`` and ``predict`` for a
-            class-conditional model (0: unconditional, 1: conditional, > 1: guided).
-        max_nonfinite_steps: a training step whose gradients (or, under 16-mixed, loss) are NaN or inf is
-            skipped; skipped steps are reported and this many in a row stop training, checked every
-            ``log_every_n_steps`` steps without a per-step host synchronisation (see ``nonfinite.py``).
-        compile: ``torch.compile`` the backbone for training and sampling: ``True``, or a mapping of
-            ``torch.compile`` options such as ``{"mode": "max-autotune"}``. The state dict is unchanged.
-        channels_last: keep image batches and the backbone in channels-last memory format (what GPU
-            convolutions want). On a CPU under bf16, ``False`` measured 2-8% faster: PyTorch's CPU
-            GroupNorm backward is slow on channels-last (see the README's benchmark results).
-        init_from: a diffusers folder (a DDPM pipeline folder or a bare ``UNet2DModel`` folder, e.g.
-            google/ddpm-cifar10-32 downloaded beforehand) whose U-Net weights initialise the ``unet``
-            backbone at setup (validate the published model, or fine-tune it); its architecture and schedule
-            must be this model's (dropout aside). Nothing is downloaded. A checkpoint given to the trainer
-            (``--ckpt_path``, a resumed fit) is restored after setup and takes precedence, and a module loaded
-            from a checkpoint (``load_from_checkpoint``) never applies it again (nor needs the folder).
+        lr_warmup_steps: linear learning-rate warm-up over this many optimizer steps (5000 in Ho et al.).
+        sampler: the default sampler of ``sample`` and ``predict``: a name in ``lightning_ddpm.samplers.SAMPLERS``,
+            a class path, or a mapping such as ``{"name": "dpmpp_2m", "init_args": {"num_steps": 10}}``.
+        guidance_scale: the default classifier-free guidance w of a class-conditional model (0: unconditional,
+            1: conditional, > 1: guided).
+        max_nonfinite_steps: steps with NaN/inf gradients (or, under 16-mixed, loss) are skipped and reported;
+            this many in a row stop training (checked every ``log_every_n_steps``, see ``nonfinite.py``).
+        compile: ``torch.compile`` the backbone: ``True`` or a mapping of options such as
+            ``{"mode": "max-autotune"}``. The state dict is unchanged.
+        channels_last: image batches and backbone in channels-last memory format (what GPU convolutions want;
+            on a CPU under bf16, ``False`` measured 2-8% faster, see the README's benchmarks).
+        init_from: a diffusers folder (a DDPM pipeline or a bare ``UNet2DModel``) whose U-Net weights initialise
+            the ``unet`` backbone at setup; its architecture and schedule must be this model's. Nothing is
+            downloaded; a checkpoint given to the trainer takes precedence, and ``load_from_checkpoint`` never
+            applies it again.
     """
 
     def __init__(
@@ -210,8 +204,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         if stage == "train":
             t, weights = self.timestep_sampler.sample(x0.shape[0], self.device, generator=generator)
             if labels is not None and self.cond_drop_prob > 0:
-                drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.cond_drop_prob
-                labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+                labels = drop_labels(labels, self.cond_drop_prob, self.num_classes, generator)
         else:
             t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device, generator=generator)
             weights = None
@@ -243,14 +236,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         return step_generator(stage, batch_idx, self.device, self.global_step, accumulate, rank)
 
     def _log_epoch(self, stage: str) -> None:
-        metric = self.epoch_losses[f"{stage}_losses"]
-        if not metric.update_called:
-            return
-        names = {"loss": "train/loss_epoch" if stage == "train" else f"{stage}/loss", "vlb": f"{stage}/vlb"}
-        for key, value in metric.compute().items():  # compute() sums over ranks itself
-            # sync_dist on values that every rank already shares: a no-op that keeps Lightning from warning
-            self.log(names.get(key, f"{stage}/{key}"), value, sync_dist=True, prog_bar=key == "loss")
-        metric.reset()
+        log_epoch_losses(self, self.epoch_losses[f"{stage}_losses"], stage)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -262,12 +248,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         self._log_epoch("test")
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
-        loss, t = self._shared_step(batch, "train", batch_idx)
-        if self.nonfinite.on_device:
-            self.nonfinite.remember(loss, t)  # the optimizer skips the step on the device if it must
-        elif self.nonfinite.host_skip(loss, t, self.global_step, self._trainer):
-            return None  # Lightning skips backward and the optimizer step
-        return loss
+        return self.nonfinite.training_step(*self._shared_step(batch, "train", batch_idx), self)
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "val", batch_idx)[0]
@@ -275,28 +256,18 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._shared_step(batch, "test", batch_idx)[0]
 
+    # The non-finite guard's hooks (see nonfinite.py): skipped steps without a per-step host synchronisation.
     def on_train_start(self) -> None:
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        self._trained_params = [p for p in self.backbone.parameters() if p.requires_grad]
-        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
-        self.nonfinite.start(optimizer, scaler, self.device, self._trained_params)
-        self._checked_step = -1
+        self.nonfinite.on_train_start(self)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.nonfinite.on_device:
-            self.nonfinite.before_optimizer_step(optimizer, self._trained_params, self.global_step)
-        else:  # the host fallback: a finite loss can still have NaN/inf gradients
-            self.nonfinite.host_skip_gradients(self._trained_params, self.global_step, self._trainer)
+        self.nonfinite.on_before_optimizer_step(optimizer, self)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.global_step
-        if self.nonfinite.on_device and step % self.trainer.log_every_n_steps == 0 and step != self._checked_step:
-            self._checked_step = step
-            self.nonfinite.check(self.trainer)  # the one read-back of the counts, every log_every_n_steps
+        self.nonfinite.on_train_batch_end(self)
 
     def on_train_end(self) -> None:
-        if self.nonfinite.on_device:
-            self.nonfinite.check(self.trainer)
+        self.nonfinite.on_train_end(self)
 
     # -- sampling ------------------------------------------------------------------------------
 
@@ -326,20 +297,11 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         sampler = (self.default_sampler if sampler is None
                    else make_sampler(sampler, num_timesteps=self.diffusion.num_timesteps))
         scale = check_sample_args(num_samples, self.data_shape, guidance_scale, self.guidance_scale, labels, x_T)
-        model = self.denoiser()
-        if labels is not None:
-            if self.num_classes is None:
-                raise ValueError("labels given to an unconditional model (num_classes is None)")
-            cond = check_labels(torch.as_tensor(labels).cpu(), num_samples, self.num_classes).to(self.device)
-            model = guided_denoiser(model, cond, self.num_classes, scale)
+        model = conditioned(self.denoiser(), labels, num_samples, self.num_classes, scale, self.device)
         if x_T is None:  # in at least float32 (see initial_noise)
             x_T = initial_noise(num_samples, self.data_shape, generator, self.device, self.network_dtype)
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             return sampler.sample(model, self.diffusion, x_T, generator=generator, callback=callback)
-        finally:
-            self.train(was_training)
 
     def predict_step(self, batch: Any, batch_idx: int = 0) -> Tensor:
         """Generate one sample per request; a request batch is a dict with ``seed`` and optional ``labels``."""
@@ -362,21 +324,14 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         check_local_checkpoint_file(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
-    _COMPATIBLE = COMPATIBLE_SETTINGS  # the settings a checkpoint must agree on (the CLI reads them too)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         is_global_zero = self._trainer is None or self.trainer.is_global_zero
-        save_module_state(checkpoint, self.timestep_sampler, self._root_device(), is_global_zero)
+        # the rank's device: Lightning restores a checkpoint before it moves the module there
+        save_module_state(checkpoint, self.timestep_sampler, root_device(self._trainer, self.device), is_global_zero)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_loaded_checkpoint(checkpoint, self.hparams, self._COMPATIBLE)
+        check_loaded_checkpoint(checkpoint, self.hparams, COMPATIBLE_SETTINGS)
         # The checkpoint holds every weight: init_from must not put the published ones back at a later setup
         # (load_from_checkpoint, then Trainer.validate or predict), nor need its folder any more.
         self._init_loaded = True
-        restore_module_state(checkpoint, self.timestep_sampler, self.trainer if self._trainer is not None else None,
-                             self.device)
-
-    def _root_device(self) -> torch.device:
-        """The rank's device: Lightning restores a checkpoint before it moves the module there."""
-        return root_device(self.trainer if self._trainer is not None else None, self.device)
-
+        restore_module_state(checkpoint, self.timestep_sampler, self._trainer, self.device)

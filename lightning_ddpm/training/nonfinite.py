@@ -41,6 +41,45 @@ class NonFiniteGuard:
         self._steps: list[int] = []  # the optimizer steps flagged in the buffers since the last check
         self._flags = self._t_ranges = self._one = None
         self._group: Any = None  # FSDP2: the process group the gradients are sharded over
+        self._params: list[Tensor] = []  # the trained parameters, listed once at the start of fit
+        self._checked_step = -1
+
+    # -- the module's training hooks, one call each ------------------------------------------------
+
+    def on_train_start(self, module: Any) -> None:
+        """Choose the path from the fit's optimizer and precision; list the trained parameters once."""
+        trainer = module.trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        self._params = [p for p in module.backbone.parameters() if p.requires_grad]
+        self.start(trainer.optimizers[0] if trainer.optimizers else None, scaler, module.device, self._params)
+        self._checked_step = -1
+
+    def training_step(self, loss: Tensor, t: Tensor, module: Any) -> Tensor | None:
+        """The step's loss, or None to have Lightning skip backward and the optimizer step (host path only)."""
+        if self.on_device:
+            self.remember(loss, t)  # the optimizer skips the step on the device if it must
+            return loss
+        return None if self.host_skip(loss, t, module.global_step, module._trainer) else loss
+
+    def on_before_optimizer_step(self, optimizer: Any, module: Any) -> None:
+        if self.on_device:
+            self.before_optimizer_step(optimizer, self._params, module.global_step)
+        else:  # the host fallback: a finite loss can still have NaN/inf gradients
+            self.host_skip_gradients(self._params, module.global_step, module._trainer)
+
+    def on_train_batch_end(self, module: Any) -> None:
+        """Read the counts back every ``log_every_n_steps`` optimizer steps (once per step, whatever the
+        gradient accumulation)."""
+        step, trainer = module.global_step, module.trainer
+        if self.on_device and step % trainer.log_every_n_steps == 0 and step != self._checked_step:
+            self._checked_step = step
+            self.check(trainer)
+
+    def on_train_end(self, module: Any) -> None:
+        if self.on_device:
+            self.check(module.trainer)
+
+    # -- the two paths -------------------------------------------------------------------------------
 
     def start(self, optimizer: Any, scaler: bool, device: torch.device, parameters: Sequence[Tensor] = ()) -> None:
         """Choose the device path where the optimizer can skip on the device, or a scaler skips.
@@ -148,7 +187,7 @@ class NonFiniteGuard:
                 )
         if skipped:
             warnings.warn(f"non-finite {what} {where}: step skipped ({skipped} skipped since the last check, "
-                          f"{self.in_a_row}/{self.max_in_a_row} in a row)", stacklevel=3)
+                          f"{self.in_a_row}/{self.max_in_a_row} in a row)", stacklevel=4)  # the module's hook
 
 
 def _shard_group(tensors: list[Tensor]) -> Any:

@@ -1,17 +1,24 @@
-"""The argument checks and the starting noise of ``DiffusionModule.sample``."""
+"""The pieces of ``DiffusionModule.sample``: argument checks, the class-conditional (guided) denoiser, the
+starting noise, and eval mode for the duration of a draw."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from torch import nn
+
+from ..core.guidance import guided_denoiser
+from ..core.types import PredictFn
+from ..data.batches import check_labels
 from ..samplers import Generators, randn
 
-__all__ = ["check_sample_args", "initial_noise"]
+__all__ = ["check_sample_args", "conditioned", "evaluating", "initial_noise"]
 
 
 def check_sample_args(num_samples: int, data_shape: tuple[int, ...], guidance_scale: float | None,
@@ -36,3 +43,25 @@ def initial_noise(num_samples: int, data_shape: Sequence[int], generator: Genera
     accumulated in bf16 would lose the detail each step adds; float64 weights (64-true) sample in float64."""
     dtype = torch.promote_types(network_dtype, torch.float32)
     return randn((num_samples, *data_shape), generator, device, dtype)
+
+
+def conditioned(model: PredictFn, labels: Tensor | Sequence[int] | None, num_samples: int, num_classes: int | None,
+                scale: float, device: torch.device) -> PredictFn:
+    """``model`` with the labels bound and classifier-free guidance at ``scale``; ``model`` itself without labels."""
+    if labels is None:
+        return model
+    if num_classes is None:
+        raise ValueError("labels given to an unconditional model (num_classes is None)")
+    cond = check_labels(torch.as_tensor(labels).cpu(), num_samples, num_classes).to(device)
+    return guided_denoiser(model, cond, num_classes, scale)
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block, back in the mode it was in afterwards (errors included)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
