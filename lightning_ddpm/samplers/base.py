@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from ..core.noise import Generators, noise_like, randn  # noqa: F401  (re-exported: the samplers' API)
 from ..core.types import Prediction, PredictFn
 from ..core.diffusion import GaussianDiffusion
 from ..core.registry import Registry
@@ -29,27 +30,11 @@ INTEGER_SPACINGS = ("leading", "trailing", "linspace")
 SPACINGS = (*INTEGER_SPACINGS, "karras")
 # callback(step, num_steps, x_prev, pred_x0) after each step; step counts from 1.
 StepCallback = Callable[[int, int, Tensor, Tensor], None]
-# One generator for the batch, or one per example: then example i's noise depends on generators[i]
-# alone, so a sample does not depend on how requests were batched or shared across ranks.
-Generators = torch.Generator | Sequence[torch.Generator] | None
 # denoise(x_t, i) -> the (clipped, if asked) prediction at the grid's i-th timestep.
 Denoise = Callable[[Tensor, int], Prediction]
 # The solvers that divide by sigma or take log(alpha) replace alpha_bar = 0 (a zero-terminal-SNR schedule's
 # last step) by 2^-24: they start at sigma = 4096 instead of infinity, as diffusers does for such schedules.
 MIN_ALPHA_BAR = 2.0**-24
-
-
-def randn(shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype) -> Tensor:
-    """Standard normal noise of ``shape`` (batch first) from one generator or one per example."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
-
-
-def noise_like(x: Tensor, generator: Generators) -> Tensor:
-    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def _check_spacing(spacing: str, allowed: Sequence[str], refused: dict[str, str] | None = None) -> None:
