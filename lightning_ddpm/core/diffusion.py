@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .denoiser import clip_x0, interpret, split_output
+from .noise import Generators, randn
 from .dtypes import precise_dtype
 from .likelihood import (LN2, BitsPerDim, bits_per_dim_terms, discretized_gaussian_log_likelihood, mean_bits_per_dim,
                          mean_flat, normal_kl)
@@ -199,11 +200,12 @@ class GaussianDiffusion(nn.Module):
         return mean, variance, variance.log()
 
     def q_sample(
-        self, x0: Tensor, t: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None
+        self, x0: Tensor, t: Tensor, noise: Tensor | None = None, generator: Generators = None
     ) -> Tensor:
-        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4)."""
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4); the noise from
+        ``generator``, or from ``generator[i]`` for example i when given one per example."""
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = randn(x0.shape, generator, x0.device, x0.dtype)
         return self.gather("sqrt_alphas_cumprod", t, x0) * x0 + self.gather(
             "sqrt_one_minus_alphas_cumprod", t, x0
         ) * noise
@@ -312,14 +314,14 @@ class GaussianDiffusion(nn.Module):
         x0: Tensor,
         t: Tensor,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
     ) -> dict[str, Tensor]:
         """Per-example losses at timesteps ``t``; ``loss`` is what to minimise, shape (B,).
 
         Keys: ``loss``; ``mse`` (unweighted, on the target); ``vlb`` (bits/dim) for vlb/hybrid.
         """
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = randn(x0.shape, generator, x0.device, x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         return self.loss_fn(self, denoise_fn(x_t, t), x0, noise, x_t, t)
 
@@ -330,7 +332,7 @@ class GaussianDiffusion(nn.Module):
         denoise_fn: PredictFn,
         x0: Tensor,
         clip_denoised: bool | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> BitsPerDim:
         """The full bound in bits/dim, split into its terms: :func:`~lightning_ddpm.core.likelihood.bits_per_dim_terms`."""
@@ -342,7 +344,7 @@ class GaussianDiffusion(nn.Module):
         denoise_fn: PredictFn,
         x0: Tensor,
         clip_denoised: bool | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """NLL upper bound in bits/dim per example, shape (B,); data in [-1, 1]."""

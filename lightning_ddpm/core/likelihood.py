@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .dtypes import precise_dtype
+from .noise import Generators
 from .types import Prediction, PredictFn
 
 __all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "mean_flat", "LN2", "BitsPerDim", "bits_per_dim_terms",
@@ -64,8 +65,7 @@ class BoundProcess(Protocol):
     @property
     def num_timesteps(self) -> int: ...
 
-    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> Tensor: ...
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None, generator: Generators = None) -> Tensor: ...
 
     def vlb_terms(self, model_output: Tensor | Prediction, x0: Tensor, x_t: Tensor, t: Tensor,
                   clip_denoised: bool = False) -> Tensor: ...
@@ -79,13 +79,14 @@ def bits_per_dim_terms(
     denoise_fn: PredictFn,
     x0: Tensor,
     clip_denoised: bool = False,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> BitsPerDim:
     """The full bound L = L_T + sum_t L_{t-1} + L_0 in bits/dim, one model call per t.
 
     ``denoise_fn`` returns a raw network output or a :class:`Prediction` (e.g. a ``Denoiser``).
-    Each term uses its own noise draw (unbiased, as in improved-diffusion). ``callback(i, T)``
+    Each term uses its own noise draw (unbiased, as in improved-diffusion), from ``generator`` or, given one
+    generator per example, from example i's own (then its estimate does not depend on the batch). ``callback(i, T)``
     is called after each of the T terms, e.g. to drive a progress bar.
     """
     batch, T = x0.shape[0], diffusion.num_timesteps

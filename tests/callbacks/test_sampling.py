@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_ddpm import DDIMSampler, DiffusionModule
-from lightning_ddpm.callbacks import FIDCallback
+from lightning_ddpm.callbacks import BitsPerDimCallback, FIDCallback
 from lightning_ddpm.callbacks.sampling import draw_samples, iter_samples, rank_share
 from tests.helpers import TinyFeatures
 
@@ -103,3 +103,53 @@ def test_fid_generates_the_same_images_at_any_world_size():
     alone, shared = generated(1), generated(2)
     assert alone.shape == shared.shape == (7, 1, 8, 8)
     torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_generators_make_the_forward_noise_and_bits_per_dim_independent_of_the_batch():
+    """q_sample and bits/dim take one generator per example: example i's draws come from generators[i] alone."""
+    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=6)
+    x0 = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    t = torch.tensor([0, 1, 2, 3, 5])
+    gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
+    together = module.diffusion.q_sample(x0, t, generator=gens(range(5)))
+    alone = torch.cat([module.diffusion.q_sample(x0[i:i + 1], t[i:i + 1], generator=gens([i])) for i in range(5)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=0)
+    with torch.no_grad():
+        batched = module.diffusion.bits_per_dim(module.denoiser(), x0, generator=gens(range(5)))
+        split = torch.cat([module.diffusion.bits_per_dim(module.denoiser(), x0[i:i + 2], generator=gens(range(i, i + 2)))
+                           for i in (0, 2)] + [module.diffusion.bits_per_dim(module.denoiser(), x0[4:], generator=gens([4]))])
+    torch.testing.assert_close(batched, split, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 5"):
+        module.diffusion.q_sample(x0, t, generator=gens(range(2)))
+
+
+@pytest.mark.parametrize("num_examples", [7, 40])
+def test_bits_per_dim_is_the_same_at_any_world_size(num_examples):
+    """BitsPerDimCallback: the first num_examples validation examples over all ranks, example i noised from
+    seed + i, so the per-example values and their mean do not depend on the world size (ranks dealt the data
+    as Lightning's distributed sampler deals it; 40 > the 30 examples: the sampler's padding must not count)."""
+    torch.manual_seed(0)
+    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=6)
+    data = torch.utils.data.TensorDataset(torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+
+    def per_example(world_size: int) -> dict[int, float]:
+        values = {}
+        for rank in range(world_size):
+            sampler = torch.utils.data.DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=False)
+            loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)
+            trainer = SimpleNamespace(**vars(_rank(rank, world_size)), sanity_checking=False, val_dataloaders=loader)
+            bpd = BitsPerDimCallback(num_examples=num_examples, batch_size=3, seed=5)
+            for i, batch in enumerate(loader):
+                bpd.on_validation_batch_end(trainer, module, None, batch, i)
+            index, values_ = bpd.per_example(trainer, module)
+            assert not set(index) & set(values), "an example counted on two ranks"
+            values.update(zip(index, values_.tolist()))
+        return values
+
+    one = per_example(1)
+    assert sorted(one) == list(range(min(num_examples, 30)))
+    for world_size in (2, 3, 4):
+        other = per_example(world_size)
+        assert sorted(other) == sorted(one)
+        torch.testing.assert_close(torch.tensor([other[i] for i in sorted(one)]), torch.tensor([one[i] for i in sorted(one)]),
+                                   rtol=1e-6, atol=1e-6)
