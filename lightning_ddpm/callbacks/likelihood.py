@@ -43,6 +43,14 @@ class BitsPerDimCallback(pl.Callback):
         self._validations = 0
         self.last: float | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        # every_n_validations counts the run's validations (as FIDCallback's does): a resumed run evaluates where
+        # an uninterrupted one does. The subset is not kept; the next validation collects it again.
+        return {"validations": self._validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._validations = int(state_dict.get("validations", 0))
+
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if trainer.sanity_checking or self._collected or dataloader_idx != 0:

@@ -153,3 +153,26 @@ def test_bits_per_dim_is_the_same_at_any_world_size(num_examples):
         assert sorted(other) == sorted(one)
         torch.testing.assert_close(torch.tensor([other[i] for i in sorted(one)]), torch.tensor([one[i] for i in sorted(one)]),
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_bits_per_dim_counts_the_runs_validations_across_a_resume():
+    """every_n_validations counts the run's validations: the counter is in the callback's checkpoint state, so a
+    callback restored after validation 1 evaluates at validation 2, 4, ... as the uninterrupted one does."""
+    trainer = SimpleNamespace(**vars(_rank(0, 1)), sanity_checking=False)
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda *a, **k: None)
+
+    def run(callback: BitsPerDimCallback, first: int, last: int) -> list[int]:
+        """The run's validations first..last (counted from 1) at which the callback evaluates."""
+        evaluated, current = [], [0]
+        callback.per_example = lambda trainer, pl_module: (evaluated.append(current[0]),  # noqa: E731
+                                                           ([0], torch.ones(1, dtype=torch.float64)))[1]
+        for current[0] in range(first, last + 1):
+            callback.on_validation_epoch_end(trainer, module)
+        return evaluated
+
+    straight = run(BitsPerDimCallback(every_n_validations=2), 1, 5)
+    first = BitsPerDimCallback(every_n_validations=2)
+    run(first, 1, 1)
+    resumed = BitsPerDimCallback(every_n_validations=2)
+    resumed.load_state_dict(first.state_dict())
+    assert straight == [2, 4] and run(resumed, 2, 5) == [2, 4]
