@@ -20,9 +20,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
 from ..backbones.sharding import is_sharded, reshard, shard_backbone
+from .config import Configurable
 
 
-class EMA(WeightAveraging):
+class EMA(Configurable, WeightAveraging):
     """Exponential moving average with warm-up: decay_n = min(decay, (1 + n) / (10 + n)) at the n-th update.
 
     Args:

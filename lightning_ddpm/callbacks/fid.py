@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..samplers import DDIMSampler, Sampler, make_sampler
 from ..data.batches import unpack_batch
 from .sampling import iter_samples, resolve_sampler
+from .config import Configurable
 
 
 def inception_extractor(features: str, weights_path: str | None) -> nn.Module:
@@ -28,7 +29,7 @@ def inception_extractor(features: str, weights_path: str | None) -> nn.Module:
                               feature_extractor_weights_path=weights_path)
 
 
-class FIDCallback(pl.Callback):
+class FIDCallback(Configurable, pl.Callback):
     """Logs ``val/fid`` (and ``val/is``, ``val/kid_mean``) of ``num_samples`` generated images.
 
     Real statistics come from the validation images Lightning feeds the first validation

@@ -11,13 +11,14 @@ from torch import Tensor
 from ..core.dtypes import precise_dtype
 from ..data.batches import unpack_batch
 from ..training.sampling import evaluating
+from .config import Configurable
 from .ema import ema_weights
 from .sampling import sample_generators
 
 __all__ = ["BitsPerDimCallback"]
 
 
-class BitsPerDimCallback(pl.Callback):
+class BitsPerDimCallback(Configurable, pl.Callback):
     """Every ``every_n_validations`` validation epochs, bits/dim over the first ``num_examples`` validation
     examples, kept from the first validation pass (as FID keeps its real statistics): the subset is fixed.
 

@@ -9,9 +9,10 @@ import lightning.pytorch as pl
 import torch
 
 from ..training.plotting import save_samples_picture
+from .config import Configurable
 
 
-class SampleWriter(pl.Callback):
+class SampleWriter(Configurable, pl.Callback):
     """Every rank saves its share with the request indices; rank 0 merges them in request order.
 
     Outputs in ``output_dir``: ``samples.pt`` ({"samples", "labels"}), ``samples.npy`` for

@@ -13,9 +13,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..training.plotting import load_png, save_image_grid, save_samples_picture
 from ..samplers import DDIMSampler, Sampler, make_sampler
 from .sampling import draw_samples, resolve_sampler
+from .config import Configurable
 
 
-class SampleLogger(pl.Callback):
+class SampleLogger(Configurable, pl.Callback):
     """Every ``every_n_steps`` optimizer steps and/or ``every_n_epochs`` epochs, and at the end of fit,
     with the EMA weights when an :class:`~lightning_ddpm.callbacks.EMA` callback is active.
 
