@@ -1,7 +1,8 @@
 """The ``lightning-ddpm`` command: LightningCLI over DiffusionModule and any LightningDataModule.
 
-    lightning-ddpm fit --config configs/toy2d.yaml
+    lightning-ddpm fit --config configs/toy2d.yaml      # or --config toy2d: the config shipped in the package
     lightning-ddpm predict --config configs/toy2d.yaml --ckpt_path <run>/checkpoints/last.ckpt
+    lightning-ddpm configs [copy [NAME ...] [--to DIR]]  # list the shipped configs, or copy them out
 
 What it adds to LightningCLI (README, "Command line"):
 - with ``--ckpt_path``, settings the user wrote (config files or command line) win over the
@@ -14,7 +15,7 @@ What it adds to LightningCLI (README, "Command line"):
 
 Here: the CLI class (checkpoint-hyperparameter merging, error location) and the entry point; beside it
 ``errors`` (one-line errors), ``overrides`` (one callback, one backbone key), ``outputs`` (where a run
-writes), ``export`` (the ``export`` subcommand) and ``console`` (console filtering, ``--version``).
+writes), ``export`` and ``configs`` (those subcommands) and ``console`` (console filtering, ``--version``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .errors import (
     _trainer_key,
     _unwrap,
 )
+from .configs import configs_command, resolve_config_args
 from .export import export
 from .outputs import SaveConfigWithAbsolutePaths, _place_outputs, _resumes_from, _shown
 from .overrides import _backbone_overrides, _callback_overrides, _overridden_backbone
@@ -343,6 +345,11 @@ class DiffusionCLI(LightningCLI):
 def run_cli(args: list[str] | None = None, **kwargs: Any) -> DiffusionCLI:
     """Build and run the CLI (``args`` as on the command line); returns it for inspection."""
     _quiet()
+    # --config NAME: a config shipped in the package (lightning_ddpm/configs/NAME.yaml), when NAME is no file here
+    if args is None:
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    elif isinstance(args, (list, tuple)):
+        args = resolve_config_args([str(a) for a in args])
     parser_kwargs = {"allow_abbrev": False, "prog": PROG, **kwargs.pop("parser_kwargs", {})}
     return DiffusionCLI(
         DiffusionModule,
@@ -369,6 +376,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["export"]:
             export(argv[1:])
+            return
+        if argv[:1] == ["configs"]:
+            configs_command(argv[1:])
             return
         run_cli(args)
     except USER_ERRORS as err:

@@ -54,7 +54,12 @@ def _suggestion(message: str, parser: Any) -> str:
         siblings = [str(p.name) for p in path.parent.glob("*")] if path.parent.is_dir() else []
         close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
         if not close:
-            return ""
+            from .configs import shipped_configs
+
+            shipped = difflib.get_close_matches(path.stem, list(shipped_configs()), n=1, cutoff=0.6)
+            if shipped:
+                return f"; did you mean the shipped config, --config {shipped[0]}?"
+            return f"; a shipped config is named without a path (--config toy2d; `{PROG} configs` lists them)"
         suggested = path.parent / close[0]
         try:  # as the user typed it: relative to the working directory when it lies below it
             suggested = suggested.relative_to(Path.cwd())

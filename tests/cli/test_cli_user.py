@@ -219,13 +219,17 @@ def test_digest_covers_every_tensor_and_ignores_non_tensors():
             verify_checkpoint(broken)
 
 
-def test_the_plain_install_has_every_config_dependency_and_the_dev_extra_only_test_tools():
+def test_the_plain_install_has_every_config_dependency_and_the_dev_extra_only_development_tools():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = " ".join(project["dependencies"])
     assert "scikit-learn" in core, "configs/digits.yaml reads sklearn's digits on a plain `pip install -e .`"
     dev = [d.split(">")[0].split("=")[0] for d in project["optional-dependencies"]["dev"]]
-    # test tools only: diffusers is the samplers' independent oracle (tests/samplers/test_samplers_diffusers.py)
-    assert set(dev) <= {"pytest", "pyyaml", "diffusers", "safetensors"}, f"the dev extra holds test tools only, got {dev}"
+    # test tools (diffusers is the samplers' independent oracle, tests/samplers/test_samplers_diffusers.py), the
+    # wheel test's build tools, and the linter and type checker CI runs, pinned so that CI and pre-commit agree
+    tools = {"pytest", "pyyaml", "diffusers", "safetensors", "build", "setuptools", "ruff", "mypy"}
+    assert set(dev) <= tools, f"the dev extra holds development tools only, got {dev}"
+    pinned = [d for d in project["optional-dependencies"]["dev"] if d.startswith(("ruff", "mypy"))]
+    assert len(pinned) == 2 and all("==" in d for d in pinned), pinned
 
 
 def _project_folder(tmp_path: Path) -> Path:

@@ -27,6 +27,14 @@ TINY_UNET_ERRORS = {"name": "unet", "init_args": {"ch": 8, "ch_mult": [1], "num_
                                                   "norm_groups": 4}}
 
 
+def _configs_in(folder: Path, *calls: list[str]):
+    """``lightning-ddpm configs ...`` run from ``folder``, once per call."""
+    from lightning_ddpm.cli.configs import configs_command
+
+    for args in calls:
+        configs_command([*args[:1], *args[1:], "--to", str(folder / "configs")] if args[:1] == ["copy"] else args)
+
+
 def _run_cli_in(folder: Path, args: list[str]):
     """The CLI as run from ``folder`` (relative config paths as a user types them)."""
     import os
@@ -235,6 +243,9 @@ CASES = {
     "guidance-negative": lambda tmp: _module(data_shape=[2], num_classes=3, guidance_scale=-1),
     "cli-unknown-option": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.max_step", "10"]),
     "cli-config-file": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yml"]),
+    "cli-config-shipped": lambda tmp: _run_cli_in(tmp, ["fit", "--config", "toydd"]),
+    "configs-copy-exists": lambda tmp: _configs_in(tmp, ["copy", "toy2d"], ["copy", "toy2d"]),
+    "configs-copy-unknown": lambda tmp: _configs_in(tmp, ["copy", "toy3d"]),
     "callback-index": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[5].init_args.decay", "0.5"]),
     "callback-name": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[FID].init_args.num_samples", "5"]),
     "callback-argument": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[0].init_args.decy", "0.5"]),
