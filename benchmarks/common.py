@@ -34,8 +34,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int,
-          reduce: Callable[[list[float]], float] = statistics.median) -> float:
+def timed(
+    fn: Callable[[], Any],
+    device: torch.device,
+    repeats: int,
+    reduce: Callable[[list[float]], float] = statistics.median,
+) -> float:
     """Seconds of ``fn`` over ``repeats`` calls (after the caller's warm-up), the median by default."""
     times = []
     for _ in range(repeats):

@@ -32,19 +32,29 @@ from lightning_ddpm.callbacks import EMA, ema_weights
 from lightning_ddpm.data import ImageDataModule
 from lightning_ddpm.training.plotting import save_image_grid
 
-BACKBONE = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [4],
-                                          "dropout": 0.1}}
+BACKBONE = {
+    "name": "unet",
+    "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [4], "dropout": 0.1},
+}
 
 # name -> (what it is, DiffusionModule settings)
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ho_linear": ("Ho et al.: eps, linear, fixed_large, L_simple",
-                  {"schedule": "linear", "parameterization": "eps", "variance": "fixed_large", "loss": "simple"}),
-    "eps_cosine": ("eps, cosine, fixed_small, L_simple (configs/digits.yaml)",
-                   {"schedule": "cosine", "parameterization": "eps", "variance": "fixed_small", "loss": "simple"}),
-    "iddpm_hybrid": ("Nichol & Dhariwal: eps, cosine, learned_range, L_hybrid",
-                     {"schedule": "cosine", "parameterization": "eps", "variance": "learned_range", "loss": "hybrid"}),
-    "v_cosine": ("v, cosine, fixed_small, L_simple",
-                 {"schedule": "cosine", "parameterization": "v", "variance": "fixed_small", "loss": "simple"}),
+    "ho_linear": (
+        "Ho et al.: eps, linear, fixed_large, L_simple",
+        {"schedule": "linear", "parameterization": "eps", "variance": "fixed_large", "loss": "simple"},
+    ),
+    "eps_cosine": (
+        "eps, cosine, fixed_small, L_simple (configs/digits.yaml)",
+        {"schedule": "cosine", "parameterization": "eps", "variance": "fixed_small", "loss": "simple"},
+    ),
+    "iddpm_hybrid": (
+        "Nichol & Dhariwal: eps, cosine, learned_range, L_hybrid",
+        {"schedule": "cosine", "parameterization": "eps", "variance": "learned_range", "loss": "hybrid"},
+    ),
+    "v_cosine": (
+        "v, cosine, fixed_small, L_simple",
+        {"schedule": "cosine", "parameterization": "v", "variance": "fixed_small", "loss": "simple"},
+    ),
 }
 
 
@@ -80,8 +90,12 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=1500, help="training steps of batch 64 per configuration")
     parser.add_argument("--num-samples", type=int, default=300, help="samples for the MMD")
-    parser.add_argument("--ddpm", action=argparse.BooleanOptionalAction, default=True,
-                        help="also sample with DDPM over all T steps (slow: T model calls)")
+    parser.add_argument(
+        "--ddpm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also sample with DDPM over all T steps (slow: T model calls)",
+    )
     parser.add_argument("--out", default="benchmarks/results/digits_quality.json")
     parser.add_argument("--plots", default="benchmarks/results/digits_quality")
     args = parser.parse_args()
@@ -90,20 +104,35 @@ def main() -> None:
     data.setup("fit")
     train, held_out = images(data.train_dataloader()), images(data.val_dataloader())
     bandwidth = median_bandwidth(held_out)
-    floor = mmd_rbf(train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:len(held_out)]],
-                    held_out, bandwidth)
+    floor = mmd_rbf(
+        train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: len(held_out)]],
+        held_out,
+        bandwidth,
+    )
     grids: dict[str, Path] = {}
     rows: list[dict[str, Any]] = [{"config": "train vs held-out (floor)", "mmd_ddim50": floor, "mmd_ddpm": floor}]
     print(f"{len(train)} training and {len(held_out)} held-out digits; RBF bandwidth {bandwidth:.2f}")
     for name in args.configs:
         description, settings = CONFIGS[name]
         pl.seed_everything(0, verbose=False)
-        module = DiffusionModule(backbone=BACKBONE, data_shape=[1, 8, 8], clip_denoised=True,
-                                 optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
-                                 lr_warmup_steps=200, **settings)
-        trainer = pl.Trainer(accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
-                             enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
-                             callbacks=[EMA(decay=0.999)])
+        module = DiffusionModule(
+            backbone=BACKBONE,
+            data_shape=[1, 8, 8],
+            clip_denoised=True,
+            optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
+            lr_warmup_steps=200,
+            **settings,
+        )
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=args.steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            gradient_clip_val=1.0,
+            callbacks=[EMA(decay=0.999)],
+        )
         start = time.perf_counter()
         trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=64, val_fraction=0.1))
         train_s = time.perf_counter() - start
@@ -112,8 +141,7 @@ def main() -> None:
         with ema_weights(trainer, module), torch.no_grad():
             generator = torch.Generator().manual_seed(0)
             start = time.perf_counter()
-            row["bpd_held_out"] = module.diffusion.mean_bits_per_dim(module.denoiser(), [held_out],
-                                                                     generator=generator)
+            row["bpd_held_out"] = module.diffusion.mean_bits_per_dim(module.denoiser(), [held_out], generator=generator)
             row["bpd_s"] = time.perf_counter() - start
             samplers = [("ddim50", DDIMSampler(num_steps=50))] + ([("ddpm", DDPMSampler())] if args.ddpm else [])
             for label, sampler in samplers:

@@ -37,9 +37,17 @@ SAMPLERS = {
 def train(config: str, folder: Path, root: Path, steps: int, sets: list[str]) -> tuple[Path, float]:
     from lightning_ddpm.cli import run_cli
 
-    args = ["fit", "--config", config, f"--trainer.default_root_dir={root}", f"--data.init_args.root={folder}",
-            f"--trainer.max_steps={steps}", "--trainer.enable_progress_bar=false", "--data.init_args.labels=true",
-            *[f"--{s}" for s in sets]]
+    args = [
+        "fit",
+        "--config",
+        config,
+        f"--trainer.default_root_dir={root}",
+        f"--data.init_args.root={folder}",
+        f"--trainer.max_steps={steps}",
+        "--trainer.enable_progress_bar=false",
+        "--data.init_args.labels=true",
+        *[f"--{s}" for s in sets],
+    ]
     start = time.perf_counter()
     run_cli(args)
     return root / "checkpoints" / "last.ckpt", time.perf_counter() - start
@@ -58,10 +66,15 @@ def diagnose(module, image_size: int) -> list[dict]:
         x_t = diffusion.q_sample(x0, t, eps)
         p = denoiser(x_t, t, labels)
         alpha_bar = float(diffusion.alphas_cumprod[t_value])
-        rows.append({"t": t_value, "sqrt_alpha_bar": math.sqrt(alpha_bar),
-                     "eps_rmse": float((p.eps - eps).pow(2).mean().sqrt()),
-                     "x0_rmse": float((p.x0 - x0).pow(2).mean().sqrt()),
-                     "x0_beyond_1": float((p.x0.abs() > 1).float().mean())})
+        rows.append(
+            {
+                "t": t_value,
+                "sqrt_alpha_bar": math.sqrt(alpha_bar),
+                "eps_rmse": float((p.eps - eps).pow(2).mean().sqrt()),
+                "x0_rmse": float((p.x0 - x0).pow(2).mean().sqrt()),
+                "x0_beyond_1": float((p.x0.abs() > 1).float().mean()),
+            }
+        )
     return rows
 
 
@@ -69,8 +82,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/imagefolder_cpu.yaml")
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--set", action="append", default=[], help="a CLI override without the leading --, e.g. "
-                        "model.parameterization=eps (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="a CLI override without the leading --, e.g. model.parameterization=eps (repeatable)",
+    )
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--per-class", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=16)
@@ -98,8 +115,15 @@ def main() -> None:
     h = module.hparams
     labels = torch.arange(len(CLASSES)).repeat_interleave(args.per_class)
     data, _ = render_batch(len(labels), args.image_size, seed=555)
-    rows = [{"sampler": "data", "saturated_%": 100 * float((data.abs() > 0.98).float().mean()),
-             "classifier_accuracy": accuracy, "std": float(data.std()), "seconds": 0.0}]
+    rows = [
+        {
+            "sampler": "data",
+            "saturated_%": 100 * float((data.abs() > 0.98).float().mean()),
+            "classifier_accuracy": accuracy,
+            "std": float(data.std()),
+            "seconds": 0.0,
+        }
+    ]
     for sampler in args.samplers:
         generators = [torch.Generator().manual_seed(i) for i in range(len(labels))]
         start = time.perf_counter()
@@ -107,16 +131,32 @@ def main() -> None:
         seconds = time.perf_counter() - start
         with torch.no_grad():
             predicted = classifier(samples.clamp(-1, 1)).argmax(1)
-        save_image((samples[:: max(1, args.per_class // 8)].clamp(-1, 1) + 1) / 2, work / f"{name}_{sampler}.png", nrow=8)
-        rows.append({"sampler": sampler, "saturated_%": 100 * float((samples.abs() > 0.98).float().mean()),
-                     "classifier_accuracy": float((predicted == labels).float().mean()), "std": float(samples.std()),
-                     "seconds": seconds})
+        save_image(
+            (samples[:: max(1, args.per_class // 8)].clamp(-1, 1) + 1) / 2, work / f"{name}_{sampler}.png", nrow=8
+        )
+        rows.append(
+            {
+                "sampler": sampler,
+                "saturated_%": 100 * float((samples.abs() > 0.98).float().mean()),
+                "classifier_accuracy": float((predicted == labels).float().mean()),
+                "std": float(samples.std()),
+                "seconds": seconds,
+            }
+        )
         print_table(rows[-1:], list(rows[-1]))
     settings = {k: h[k] for k in ("parameterization", "schedule", "variance", "clip_denoised", "guidance_scale")}
-    print(f"\n{name}: {settings}; {args.steps} steps, trained in {train_s} s; device {device_name(torch.device('cpu'))}")
+    print(
+        f"\n{name}: {settings}; {args.steps} steps, trained in {train_s} s; device {device_name(torch.device('cpu'))}"
+    )
     print_table(rows, list(rows[0]))
-    result = {"name": name, "settings": settings, "steps": args.steps, "train_s": train_s, "rows": rows,
-              "device": device_name(torch.device("cpu"))}
+    result = {
+        "name": name,
+        "settings": settings,
+        "steps": args.steps,
+        "train_s": train_s,
+        "rows": rows,
+        "device": device_name(torch.device("cpu")),
+    }
     if args.diagnose:
         result["diagnosis"] = diagnose(module, args.image_size)
         print_table(result["diagnosis"], list(result["diagnosis"][0]))

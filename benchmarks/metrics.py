@@ -23,7 +23,7 @@ def mmd_rbf(a: Tensor, b: Tensor, bandwidth: float, n: int | None = None) -> flo
     a, b = a[:n].flatten(1).double(), b[:n].flatten(1).double()
 
     def kernel(x: Tensor, y: Tensor) -> Tensor:
-        return torch.exp(-torch.cdist(x, y) ** 2 / (2 * bandwidth**2))
+        return torch.exp(-(torch.cdist(x, y) ** 2) / (2 * bandwidth**2))
 
     def off_diagonal_mean(k: Tensor) -> Tensor:
         m = k.shape[0]

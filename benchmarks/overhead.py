@@ -33,8 +33,14 @@ from lightning_ddpm import DiffusionModule
 
 MODELS = {
     "toy": ({"name": "mlp", "init_args": {"hidden_dim": 256, "num_blocks": 4}}, [2], 256),
-    "digits": ({"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2,
-                                              "attn_resolutions": [4], "dropout": 0.0}}, [1, 8, 8], 64),
+    "digits": (
+        {
+            "name": "unet",
+            "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [4], "dropout": 0.0},
+        },
+        [1, 8, 8],
+        64,
+    ),
 }
 
 
@@ -59,9 +65,16 @@ class Bare(pl.LightningModule):
 
 def fit(model: pl.LightningModule, loader: torch.utils.data.DataLoader, steps: int, warmup: int) -> list[float]:
     timer = StepTimer(warmup)
-    pl.Trainer(accelerator="cpu", max_steps=steps + warmup, logger=False, enable_checkpointing=False,
-               enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
-               callbacks=[timer]).fit(model, loader)
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        callbacks=[timer],
+    ).fit(model, loader)
     return timer.times
 
 
@@ -96,25 +109,44 @@ def main() -> None:
         module = DiffusionModule(backbone=backbone, data_shape=shape, lr_warmup_steps=0)
         data = torch.randn(batch * (args.steps + args.warmup), *shape)
         loader = torch.utils.data.DataLoader(data, batch_size=batch, drop_last=True)
-        contenders = {"ours": lambda: fit(module, loader, args.steps, args.warmup),
-                      "plain": lambda: plain(module, loader, args.warmup),
-                      "bare": lambda: fit(Bare(module), loader, args.steps, args.warmup)}
+        contenders = {
+            "ours": lambda: fit(module, loader, args.steps, args.warmup),
+            "plain": lambda: plain(module, loader, args.warmup),
+            "bare": lambda: fit(Bare(module), loader, args.steps, args.warmup),
+        }
         medians: dict[str, list[float]] = {k: [] for k in contenders}
         for r in range(args.rounds):
-            order = list(contenders)[r % 3:] + list(contenders)[: r % 3]
+            order = list(contenders)[r % 3 :] + list(contenders)[: r % 3]
             for key in order:
                 medians[key].append(statistics.median(contenders[key]()))
         row = {"model": name, "batch": batch, **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in medians.items()}}
-        for label, (a, b) in {"overhead": ("ours", "plain"), "lightning": ("bare", "plain"),
-                              "ours_vs_bare": ("ours", "bare")}.items():
+        for label, (a, b) in {
+            "overhead": ("ours", "plain"),
+            "lightning": ("bare", "plain"),
+            "ours_vs_bare": ("ours", "bare"),
+        }.items():
             ratios = [100 * (x / y - 1) for x, y in zip(medians[a], medians[b])]
             q1, q2, q3 = statistics.quantiles(ratios, n=4)
             row[f"{label}_pct"], row[f"{label}_iqr"] = q2, f"{q1:.1f}..{q3:.1f}"
         rows.append(row)
     device = device_name(torch.device("cpu"))
     print(f"device: {device}")
-    print_table(rows, ["model", "batch", "plain_ms", "bare_ms", "ours_ms", "overhead_pct", "overhead_iqr",
-                       "lightning_pct", "lightning_iqr", "ours_vs_bare_pct", "ours_vs_bare_iqr"])
+    print_table(
+        rows,
+        [
+            "model",
+            "batch",
+            "plain_ms",
+            "bare_ms",
+            "ours_ms",
+            "overhead_pct",
+            "overhead_iqr",
+            "lightning_pct",
+            "lightning_iqr",
+            "ours_vs_bare_pct",
+            "ours_vs_bare_iqr",
+        ],
+    )
     write_json(args.out, {"device": device, "torch": torch.__version__, "rows": rows})
 
 

@@ -33,8 +33,21 @@ CATEGORIES = [
     ("dropout RNG", ("bernoulli", "native_dropout")),
     ("activation", ("silu",)),
     ("copy / layout", ("copy_", "cat", "contiguous", "clone", "upsample")),
-    ("elementwise", ("aten::add", "aten::mul", "aten::sub", "aten::div", "aten::addcmul", "aten::addcdiv",
-                     "aten::sqrt", "aten::pow", "aten::lerp", "aten::_foreach")),
+    (
+        "elementwise",
+        (
+            "aten::add",
+            "aten::mul",
+            "aten::sub",
+            "aten::div",
+            "aten::addcmul",
+            "aten::addcdiv",
+            "aten::sqrt",
+            "aten::pow",
+            "aten::lerp",
+            "aten::_foreach",
+        ),
+    ),
 ]
 
 
@@ -100,10 +113,14 @@ def main() -> None:
     noise = torch.randn_like(x0)
     x_t = ours.diffusion.q_sample(x0, t, noise)
     results = {
-        "lightning-ddpm": profile(training_step(ours.backbone, lambda: ours.diffusion.training_losses(
-            ours.network(), x0, t)["loss"].mean()), device, args.steps),
-        "diffusers UNet2DModel": profile(training_step(peer, lambda: (peer(x_t, t).sample.float() - noise)
-                                                       .pow(2).mean()), device, args.steps),
+        "lightning-ddpm": profile(
+            training_step(ours.backbone, lambda: ours.diffusion.training_losses(ours.network(), x0, t)["loss"].mean()),
+            device,
+            args.steps,
+        ),
+        "diffusers UNet2DModel": profile(
+            training_step(peer, lambda: (peer(x_t, t).sample.float() - noise).pow(2).mean()), device, args.steps
+        ),
     }
     names = [label for label, _ in CATEGORIES] + ["other"]
     rows = []
@@ -114,9 +131,11 @@ def main() -> None:
             row[f"{impl} ms"] = ms
             row[f"{impl} %"] = 100 * ms / sum(totals.values())
         rows.append(row)
-    print(f"device: {device_name(device)}; {args.precision}, batch {args.batch_size}, "
-          f"{'channels-last' if args.channels_last else 'contiguous'}; "
-          f"self time per training step, mean of {args.steps}")
+    print(
+        f"device: {device_name(device)}; {args.precision}, batch {args.batch_size}, "
+        f"{'channels-last' if args.channels_last else 'contiguous'}; "
+        f"self time per training step, mean of {args.steps}"
+    )
     print_table(rows, ["category"] + [f"{impl} {unit}" for impl in results for unit in ("ms", "%")])
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "args": vars(args), "rows": rows})
 

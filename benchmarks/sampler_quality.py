@@ -66,10 +66,17 @@ def train_toy(args: argparse.Namespace) -> tuple[DiffusionModule, pl.Trainer | N
         return DiffusionModule.load_from_checkpoint(args.toy_ckpt), None
     pl.seed_everything(0, verbose=False)
     module = DiffusionModule(data_shape=[2], **settings)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=config["trainer"]["max_steps"], logger=False,
-                         enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-                         enable_progress_bar=False, gradient_clip_val=config["trainer"].get("gradient_clip_val"),
-                         callbacks=[EMA(decay=0.999)])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=config["trainer"]["max_steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        gradient_clip_val=config["trainer"].get("gradient_clip_val"),
+        callbacks=[EMA(decay=0.999)],
+    )
     trainer.fit(module, datamodule=Toy2DDataModule("two_moons", num_train=100_000, batch_size=256))
     trainer.save_checkpoint(Path(args.out).with_name("sampler_quality_two_moons.ckpt"))  # EMA weights as state_dict
     return module, trainer
@@ -79,39 +86,80 @@ def train_digits(args: argparse.Namespace) -> tuple[DiffusionModule, pl.Trainer 
     if args.digits_ckpt:
         return DiffusionModule.load_from_checkpoint(args.digits_ckpt), None
     pl.seed_everything(0, verbose=False)
-    module = DiffusionModule(backbone=DIGITS_BACKBONE, data_shape=[1, 8, 8], clip_denoised=True,
-                             optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-3}}, lr_warmup_steps=200,
-                             **DIGITS_CONFIGS["v_cosine"][1])
-    trainer = pl.Trainer(accelerator="cpu", max_steps=args.digits_steps, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, limit_val_batches=0, gradient_clip_val=1.0,
-                         enable_progress_bar=False, callbacks=[EMA(decay=0.999)])
+    module = DiffusionModule(
+        backbone=DIGITS_BACKBONE,
+        data_shape=[1, 8, 8],
+        clip_denoised=True,
+        optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
+        lr_warmup_steps=200,
+        **DIGITS_CONFIGS["v_cosine"][1],
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=args.digits_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        enable_progress_bar=False,
+        callbacks=[EMA(decay=0.999)],
+    )
     trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=64, val_fraction=0.1))
     trainer.save_checkpoint(Path(args.out).with_name("sampler_quality_digits.ckpt"))  # EMA weights as state_dict
     return module, trainer
 
 
-def sweep(name: str, module: DiffusionModule, trainer: pl.Trainer | None, num_samples: int, steps: list[int],
-          metric, held_out: Tensor) -> list[dict[str, Any]]:
+def sweep(
+    name: str,
+    module: DiffusionModule,
+    trainer: pl.Trainer | None,
+    num_samples: int,
+    steps: list[int],
+    metric,
+    held_out: Tensor,
+) -> list[dict[str, Any]]:
     """Every sampler at every step count; the metric against held-out data and against DDPM-1000."""
     rows = []
     module.eval()
     with ema_weights(trainer, module), torch.no_grad():  # a loaded checkpoint is used with its saved weights
-        draw = lambda sampler: module.sample(num_samples, sampler=sampler,  # noqa: E731
-                                             generator=torch.Generator().manual_seed(1))
+        draw = lambda sampler: module.sample(
+            num_samples,
+            sampler=sampler,  # noqa: E731
+            generator=torch.Generator().manual_seed(1),
+        )
         start = time.perf_counter()
         reference = draw(make_sampler("ddpm"))
-        rows.append({"model": name, "sampler": "ddpm", "steps": module.diffusion.num_timesteps,
-                     "nfe": module.diffusion.num_timesteps, "vs_data": metric(reference, held_out), "vs_ddpm": 0.0,
-                     "seconds": time.perf_counter() - start})
+        rows.append(
+            {
+                "model": name,
+                "sampler": "ddpm",
+                "steps": module.diffusion.num_timesteps,
+                "nfe": module.diffusion.num_timesteps,
+                "vs_data": metric(reference, held_out),
+                "vs_ddpm": 0.0,
+                "seconds": time.perf_counter() - start,
+            }
+        )
         for label, spec in SAMPLERS.items():
             for n in steps:
-                sampler = make_sampler({"name": spec["name"], "init_args": {**spec.get("init_args", {}), "num_steps": n}})
+                sampler = make_sampler(
+                    {"name": spec["name"], "init_args": {**spec.get("init_args", {}), "num_steps": n}}
+                )
                 start = time.perf_counter()
                 samples = draw(sampler)
-                rows.append({"model": name, "sampler": label, "steps": n, "nfe": network_evaluations(sampler, n),
-                             "vs_data": metric(samples, held_out), "vs_ddpm": metric(samples, reference),
-                             "seconds": time.perf_counter() - start})
-            print_table(rows[-len(steps):], ["model", "sampler", "steps", "nfe", "vs_data", "vs_ddpm", "seconds"])
+                rows.append(
+                    {
+                        "model": name,
+                        "sampler": label,
+                        "steps": n,
+                        "nfe": network_evaluations(sampler, n),
+                        "vs_data": metric(samples, held_out),
+                        "vs_ddpm": metric(samples, reference),
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
+            print_table(rows[-len(steps) :], ["model", "sampler", "steps", "nfe", "vs_data", "vs_ddpm", "seconds"])
     return rows
 
 
@@ -163,8 +211,13 @@ def replot(path: str, figure: str) -> Path:
     import json
 
     saved = json.loads(Path(path).read_text())
-    return plot(saved["rows"], saved["floors"], {"two moons": "sliced W2", "digits": "pixel MMD"}, Path(figure),
-                f"sample quality against network evaluations (EMA weights; {saved['device']})")
+    return plot(
+        saved["rows"],
+        saved["floors"],
+        {"two moons": "sliced W2", "digits": "pixel MMD"},
+        Path(figure),
+        f"sample quality against network evaluations (EMA weights; {saved['device']})",
+    )
 
 
 def main() -> None:
@@ -204,8 +257,9 @@ def main() -> None:
         start = time.perf_counter()
         module, trainer = train_digits(args)
         seconds["digits"] = time.perf_counter() - start
-        rows += sweep("digits", module, trainer, args.digits_samples, args.steps,
-                      lambda a, b: mmd_rbf(a, b, bandwidth), train)
+        rows += sweep(
+            "digits", module, trainer, args.digits_samples, args.steps, lambda a, b: mmd_rbf(a, b, bandwidth), train
+        )
     device = device_name(torch.device("cpu"))
     print(f"\ndevice: {device}; training seconds {seconds}; floors {floors}")
     print_table(rows, ["model", "sampler", "steps", "nfe", "vs_data", "vs_ddpm", "seconds"])
@@ -213,14 +267,23 @@ def main() -> None:
     for model in floors:
         ddpm1000 = next(r for r in rows if r["model"] == model and r["vs_ddpm"] == 0.0)
         best = best_at(rows, model, 10)
-        summary.append({"model": model, "ddpm_1000": ddpm1000["vs_data"], "best_at_10_nfe": best["vs_data"],
-                        "sampler": f"{best['sampler']} {best['steps']}", "ratio": best["vs_data"] / ddpm1000["vs_data"],
-                        "floor": floors[model]})
+        summary.append(
+            {
+                "model": model,
+                "ddpm_1000": ddpm1000["vs_data"],
+                "best_at_10_nfe": best["vs_data"],
+                "sampler": f"{best['sampler']} {best['steps']}",
+                "ratio": best["vs_data"] / ddpm1000["vs_data"],
+                "floor": floors[model],
+            }
+        )
     print_table(summary, ["model", "ddpm_1000", "best_at_10_nfe", "sampler", "ratio", "floor"])
-    write_json(args.out, {"device": device, "train_seconds": seconds, "floors": floors, "rows": rows,
-                          "summary": summary})
-    figure = plot(rows, floors, metrics, Path(args.figure),
-                  f"sample quality against network evaluations (EMA weights; {device})")
+    write_json(
+        args.out, {"device": device, "train_seconds": seconds, "floors": floors, "rows": rows, "summary": summary}
+    )
+    figure = plot(
+        rows, floors, metrics, Path(args.figure), f"sample quality against network evaluations (EMA weights; {device})"
+    )
     print(f"wrote {figure}")
 
 

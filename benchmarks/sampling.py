@@ -25,8 +25,13 @@ from lightning_ddpm.samplers import make_sampler
 
 MODELS = {
     "cifar": (CIFAR_UNET, [3, 32, 32]),
-    "digits": ({"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2,
-                                              "attn_resolutions": [4], "dropout": 0.1}}, [1, 8, 8]),
+    "digits": (
+        {
+            "name": "unet",
+            "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [4], "dropout": 0.1},
+        },
+        [1, 8, 8],
+    ),
     "toy": ({"name": "mlp", "init_args": {"hidden_dim": 256, "num_blocks": 4}}, [2]),
 }
 DEFAULT_SAMPLERS = ["ddim:10", "ddim:20", "ddim:50", "dpmpp_2m:10", "dpmpp_2m:20", "unipc:10", "heun:10", "ddpm"]
@@ -53,12 +58,17 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.accelerator)
     backbone, shape = MODELS[args.model]
-    module = DiffusionModule(backbone=backbone, data_shape=shape, clip_denoised=len(shape) == 3,
-                             compile=args.compile).to(device).eval()
+    module = (
+        DiffusionModule(backbone=backbone, data_shape=shape, clip_denoised=len(shape) == 3, compile=args.compile)
+        .to(device)
+        .eval()
+    )
     samplers = [sampler_of(spec, module.diffusion.num_timesteps) for spec in args.samplers]
     rows = []
     for precision, batch, (name, sampler, nfe) in itertools.product(args.precision, args.batch_size, samplers):
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        )
         with autocast:
             module.sample(batch, sampler=make_sampler({"name": "ddim", "init_args": {"num_steps": 2}}))  # warm-up
             walls = []
@@ -69,13 +79,23 @@ def main() -> None:
                 synchronize(device)
                 walls.append(time.perf_counter() - start)
         wall = statistics.median(walls)
-        rows.append({"model": args.model, "sampler": name, "nfe": nfe, "precision": precision, "batch": batch,
-                     "wall_s": wall, "samples_per_s": batch / wall})
+        rows.append(
+            {
+                "model": args.model,
+                "sampler": name,
+                "nfe": nfe,
+                "precision": precision,
+                "batch": batch,
+                "wall_s": wall,
+                "samples_per_s": batch / wall,
+            }
+        )
         print(f"{name} (NFE {nfe}), {precision}, batch {batch}: {wall:.3g} s, {batch / wall:.4g} samples/s", flush=True)
     print(f"device: {device_name(device)}")
     print_table(rows, ["model", "sampler", "nfe", "precision", "batch", "wall_s", "samples_per_s"])
-    write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "compile": args.compile,
-                          "rows": rows})
+    write_json(
+        args.out, {"device": device_name(device), "torch": torch.__version__, "compile": args.compile, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

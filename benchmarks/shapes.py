@@ -69,9 +69,16 @@ class ShapeClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
             nn.Linear(64, len(CLASSES)),
         )
 
@@ -105,7 +112,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     folder = write_folder(args.folder, args.num_images, args.image_size, args.seed)
-    print(f"wrote {args.num_images} images of {args.image_size}x{args.image_size} under {folder}/{{{','.join(CLASSES)}}}")
+    print(
+        f"wrote {args.num_images} images of {args.image_size}x{args.image_size} under {folder}/{{{','.join(CLASSES)}}}"
+    )
 
 
 if __name__ == "__main__":

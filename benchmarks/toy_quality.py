@@ -46,19 +46,44 @@ from lightning_ddpm.data import TOY_DISTRIBUTIONS, Toy2DDataModule, sample_toy2d
 # MMD on the first 4000 points of each set (quadratic cost), kernel bandwidth 0.1 in data units.
 MMD_BANDWIDTH, MMD_POINTS = 0.1, 4000
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy2d.yaml"
-BACKBONE_KEYS = [k for k in inspect.signature(MLP).parameters if k not in ("in_channels", "out_channels", "num_classes")]
+BACKBONE_KEYS = [
+    k for k in inspect.signature(MLP).parameters if k not in ("in_channels", "out_channels", "num_classes")
+]
 
 # The quick start's recipe before issue 17 (configs/toy2d.yaml at commit f745615), every setting spelled out.
 BEFORE: dict[str, Any] = {
     **{k: p.default for k, p in inspect.signature(MLP).parameters.items() if k in BACKBONE_KEYS},
-    "hidden_dim": 256, "num_blocks": 4, "time_embed_dim": 128, "dropout": 0.0,
-    "fourier_features": 0, "fourier_scale": 1.0,
-    "schedule": "cosine", "num_timesteps": 1000, "parameterization": "v", "lr": 1e-3, "lr_warmup_steps": 100,
-    "batch_size": 256, "ema_decay": 0.999, "gradient_clip_val": 1.0, "max_steps": 3000,
+    "hidden_dim": 256,
+    "num_blocks": 4,
+    "time_embed_dim": 128,
+    "dropout": 0.0,
+    "fourier_features": 0,
+    "fourier_scale": 1.0,
+    "schedule": "cosine",
+    "num_timesteps": 1000,
+    "parameterization": "v",
+    "lr": 1e-3,
+    "lr_warmup_steps": 100,
+    "batch_size": 256,
+    "ema_decay": 0.999,
+    "gradient_clip_val": 1.0,
+    "max_steps": 3000,
 }
 # The ablation applies the differences between BEFORE and the config in this order (others after them).
-ABLATION_ORDER = ["fourier_features", "fourier_scale", "lr", "lr_warmup_steps", "ema_decay", "batch_size",
-                  "hidden_dim", "num_blocks", "time_embed_dim", "schedule", "parameterization", "max_steps"]
+ABLATION_ORDER = [
+    "fourier_features",
+    "fourier_scale",
+    "lr",
+    "lr_warmup_steps",
+    "ema_decay",
+    "batch_size",
+    "hidden_dim",
+    "num_blocks",
+    "time_embed_dim",
+    "schedule",
+    "parameterization",
+    "max_steps",
+]
 # eight_gaussians: the components' centres (unit circle) and standard deviation, from lightning_ddpm/data/toy2d.py.
 EIGHT_GAUSSIANS_SD = 0.08
 
@@ -76,30 +101,51 @@ def recipe_from_config(path: str | Path = CONFIG) -> dict[str, Any]:
     backbone_args = backbone.get("init_args", {}) if isinstance(backbone, dict) else {}
     defaults = {k: p.default for k, p in inspect.signature(MLP).parameters.items() if k in BACKBONE_KEYS}
     ema = [c["init_args"] for c in trainer.get("callbacks", []) if c["class_path"].endswith(".EMA")]
-    return _typed({
-        **defaults, **backbone_args,
-        "schedule": model["schedule"], "num_timesteps": model["num_timesteps"],
-        "parameterization": model["parameterization"], "lr": model["optimizer"]["init_args"]["lr"],
-        "lr_warmup_steps": model["lr_warmup_steps"], "batch_size": cfg["data"]["init_args"]["batch_size"],
-        "ema_decay": ema[0].get("decay", 0.9999) if ema else None,
-        "gradient_clip_val": trainer.get("gradient_clip_val"), "max_steps": trainer["max_steps"],
-    })
+    return _typed(
+        {
+            **defaults,
+            **backbone_args,
+            "schedule": model["schedule"],
+            "num_timesteps": model["num_timesteps"],
+            "parameterization": model["parameterization"],
+            "lr": model["optimizer"]["init_args"]["lr"],
+            "lr_warmup_steps": model["lr_warmup_steps"],
+            "batch_size": cfg["data"]["init_args"]["batch_size"],
+            "ema_decay": ema[0].get("decay", 0.9999) if ema else None,
+            "gradient_clip_val": trainer.get("gradient_clip_val"),
+            "max_steps": trainer["max_steps"],
+        }
+    )
 
 
 def train(distribution: str, recipe: dict[str, Any], seed: int) -> tuple[DiffusionModule, float]:
     """Train one toy model with ``recipe``; returns it (EMA weights in place) and the training seconds."""
     pl.seed_everything(seed, verbose=False)
     module = DiffusionModule(
-        backbone={"name": "mlp", "init_args": {k: recipe[k] for k in BACKBONE_KEYS}}, data_shape=[2],
-        schedule=recipe["schedule"], num_timesteps=recipe["num_timesteps"],
-        parameterization=recipe["parameterization"], variance="fixed_small", clip_denoised=False,
+        backbone={"name": "mlp", "init_args": {k: recipe[k] for k in BACKBONE_KEYS}},
+        data_shape=[2],
+        schedule=recipe["schedule"],
+        num_timesteps=recipe["num_timesteps"],
+        parameterization=recipe["parameterization"],
+        variance="fixed_small",
+        clip_denoised=False,
         optimizer={"name": "torch.optim.Adam", "init_args": {"lr": recipe["lr"]}},
-        lr_warmup_steps=recipe["lr_warmup_steps"])
+        lr_warmup_steps=recipe["lr_warmup_steps"],
+    )
     callbacks = [EMA(decay=recipe["ema_decay"])] if recipe["ema_decay"] is not None else []
     data = Toy2DDataModule(distribution, num_train=100_000, batch_size=recipe["batch_size"], seed=seed)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=recipe["max_steps"], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, gradient_clip_val=recipe["gradient_clip_val"], callbacks=callbacks)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=recipe["max_steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=recipe["gradient_clip_val"],
+        callbacks=callbacks,
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     return module, time.perf_counter() - start  # EMA copies its average into the module at the end of fit
@@ -121,8 +167,12 @@ def within_3sd(points: torch.Tensor) -> float:
 
 def evaluate(samples: torch.Tensor, distribution: str, n: int) -> dict[str, Any]:
     reference, _, floor_w2, floor_mmd = reference_and_floor(distribution, n)
-    row = {"sliced_w2": sliced_w2(samples, reference), "floor": floor_w2,
-           "mmd": mmd_rbf(samples, reference, MMD_BANDWIDTH, MMD_POINTS), "floor_mmd": floor_mmd}
+    row = {
+        "sliced_w2": sliced_w2(samples, reference),
+        "floor": floor_w2,
+        "mmd": mmd_rbf(samples, reference, MMD_BANDWIDTH, MMD_POINTS),
+        "floor_mmd": floor_mmd,
+    }
     row["ratio"] = row["sliced_w2"] / floor_w2
     if distribution == "eight_gaussians":
         row["within_3sd"] = within_3sd(samples)
@@ -155,8 +205,15 @@ class RunCache:
         start = time.perf_counter()
         with torch.no_grad():
             samples = module.sample(n, sampler=DDPMSampler(), generator=torch.Generator().manual_seed(1000 + seed))
-        row = {"key": key, "distribution": distribution, "seed": seed, "recipe": recipe, "train_s": train_s,
-               "sample_s": time.perf_counter() - start, **evaluate(samples, distribution, n)}
+        row = {
+            "key": key,
+            "distribution": distribution,
+            "seed": seed,
+            "recipe": recipe,
+            "train_s": train_s,
+            "sample_s": time.perf_counter() - start,
+            **evaluate(samples, distribution, n),
+        }
         row["samples"] = f"{len(self.rows):04d}_{distribution}_s{seed}.pt"
         torch.save(samples[:2000].clone(), self.folder / row["samples"])
         with self.index.open("a") as f:
@@ -168,8 +225,9 @@ class RunCache:
         return torch.load(self.folder / row["samples"])
 
 
-def save_overview(panels: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, str]], path: str | Path,
-                  title: str) -> Path:
+def save_overview(
+    panels: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, str]], path: str | Path, title: str
+) -> Path:
     """One figure: a row per first key (model), a column per second key (distribution); each panel scatters
     samples (blue) over data (grey) with a caption (e.g. SW2 / floor)."""
     import matplotlib
@@ -229,39 +287,75 @@ def compare(args: argparse.Namespace, cache: RunCache) -> None:
     for distribution in args.distributions:
         for seed in args.seeds:
             ablate = args.ablation and distribution in (args.ablation_distributions or args.distributions)
-            for label, recipe in (steps if ablate else [steps[0], steps[-1]]):
+            for label, recipe in steps if ablate else [steps[0], steps[-1]]:
                 row = cache.run(distribution, recipe, seed, args.num_samples)
                 ablation.append({"distribution": distribution, "seed": seed, "recipe": label, **_public(row)})
                 print_table(ablation[-1:], ["distribution", "seed", "recipe", "ratio", "within_3sd", "train_s"])
         for label, recipe in (steps[0], steps[-1]):
             rows = [cache.run(distribution, recipe, s, args.num_samples) for s in args.seeds]
             name = "before" if label == "before" else "after"
-            table.append({"distribution": distribution, "recipe": name, "seeds": len(rows),
-                          **{k: sum(r[k] for r in rows) / len(rows) for k in _metrics(rows[0])},
-                          "ratio_max": max(r["ratio"] for r in rows)})
+            table.append(
+                {
+                    "distribution": distribution,
+                    "recipe": name,
+                    "seeds": len(rows),
+                    **{k: sum(r[k] for r in rows) / len(rows) for k in _metrics(rows[0])},
+                    "ratio_max": max(r["ratio"] for r in rows),
+                }
+            )
             reference = reference_and_floor(distribution, args.num_samples)[0][:2000]
             panels[f"{name}, seed {args.seeds[0]}", distribution] = cache.samples(rows[0]), reference, _caption(rows[0])
     device = device_name(torch.device("cpu"))
-    print(f"\ndevice: {device}; {after['max_steps']} training steps per model; DDPM 1000 sampling, "
-          f"{args.num_samples} samples vs {args.num_samples} fresh data points; seeds {args.seeds}")
+    print(
+        f"\ndevice: {device}; {after['max_steps']} training steps per model; DDPM 1000 sampling, "
+        f"{args.num_samples} samples vs {args.num_samples} fresh data points; seeds {args.seeds}"
+    )
     print("\nbefore / after (mean over seeds):")
-    print_table(table, ["distribution", "recipe", "seeds", "ratio", "ratio_max", "sliced_w2", "floor", "mmd",
-                        "within_3sd", "train_s", "sample_s"])
+    print_table(
+        table,
+        [
+            "distribution",
+            "recipe",
+            "seeds",
+            "ratio",
+            "ratio_max",
+            "sliced_w2",
+            "floor",
+            "mmd",
+            "within_3sd",
+            "train_s",
+            "sample_s",
+        ],
+    )
     if args.ablation:
         print("\nablation, one change at a time:")
         print_table(ablation, ["distribution", "seed", "recipe", "ratio", "within_3sd", "mmd", "train_s"])
-    write_json(args.out, {"device": device, "before": before, "after": after, "seeds": args.seeds,
-                          "num_samples": args.num_samples, "table": table, "ablation": ablation})
+    write_json(
+        args.out,
+        {
+            "device": device,
+            "before": before,
+            "after": after,
+            "seeds": args.seeds,
+            "num_samples": args.num_samples,
+            "table": table,
+            "ablation": ablation,
+        },
+    )
     if args.figure:
-        figure = save_overview(panels, args.figure,
-                               f"DDPM samples (blue) over data (grey), {after['max_steps']} training steps; "
-                               "top: before, bottom: configs/toy2d.yaml")
+        figure = save_overview(
+            panels,
+            args.figure,
+            f"DDPM samples (blue) over data (grey), {after['max_steps']} training steps; "
+            "top: before, bottom: configs/toy2d.yaml",
+        )
         print(f"wrote {figure} ({figure.stat().st_size // 1024} KB)")
 
 
 def _metrics(row: dict[str, Any]) -> list[str]:
-    return [k for k in ("ratio", "sliced_w2", "floor", "mmd", "floor_mmd", "within_3sd", "train_s", "sample_s")
-            if k in row]
+    return [
+        k for k in ("ratio", "sliced_w2", "floor", "mmd", "floor_mmd", "within_3sd", "train_s", "sample_s") if k in row
+    ]
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
@@ -301,22 +395,37 @@ def grid(args: argparse.Namespace, cache: RunCache) -> None:
     rows = []
     for distribution in args.distributions:
         reference, _, floor_w2, floor_mmd = reference_and_floor(distribution, args.num_samples)
-        rows.append({"distribution": distribution, "model": "data vs data (floor)", "sampler": "-",
-                     "sliced_w2": floor_w2, "mmd": floor_mmd})
+        rows.append(
+            {
+                "distribution": distribution,
+                "model": "data vs data (floor)",
+                "sampler": "-",
+                "sliced_w2": floor_w2,
+                "mmd": floor_mmd,
+            }
+        )
         for schedule in args.schedules:
             for parameterization in args.parameterizations:
                 recipe = {**base, "schedule": schedule, "parameterization": parameterization}
                 module, _ = train(distribution, recipe, args.seeds[0])
-                samplers = [("DDPM 1000", DDPMSampler())] + [(f"DDIM {n}", DDIMSampler(num_steps=n))
-                                                             for n in args.ddim_steps]
+                samplers = [("DDPM 1000", DDPMSampler())] + [
+                    (f"DDIM {n}", DDIMSampler(num_steps=n)) for n in args.ddim_steps
+                ]
                 for name, sampler in samplers:
                     with torch.no_grad():
-                        samples = module.sample(args.num_samples, sampler=sampler,
-                                                generator=torch.Generator().manual_seed(1))
-                    rows.append({"distribution": distribution, "model": f"{schedule}/{parameterization}",
-                                 "sampler": name, "sliced_w2": sliced_w2(samples, reference),
-                                 "mmd": mmd_rbf(samples, reference, MMD_BANDWIDTH, MMD_POINTS)})
-                print_table(rows[-len(samplers):], ["distribution", "model", "sampler", "sliced_w2", "mmd"])
+                        samples = module.sample(
+                            args.num_samples, sampler=sampler, generator=torch.Generator().manual_seed(1)
+                        )
+                    rows.append(
+                        {
+                            "distribution": distribution,
+                            "model": f"{schedule}/{parameterization}",
+                            "sampler": name,
+                            "sliced_w2": sliced_w2(samples, reference),
+                            "mmd": mmd_rbf(samples, reference, MMD_BANDWIDTH, MMD_POINTS),
+                        }
+                    )
+                print_table(rows[-len(samplers) :], ["distribution", "model", "sampler", "sliced_w2", "mmd"])
     print(f"\ndevice: {device_name(torch.device('cpu'))}; {base['max_steps']} training steps per model")
     print_table(rows, ["distribution", "model", "sampler", "sliced_w2", "mmd"])
     write_json(args.out, {"device": device_name(torch.device("cpu")), "recipe": base, "rows": rows})
@@ -329,8 +438,7 @@ def main() -> None:
     parser.add_argument("--distributions", nargs="+", default=list(TOY_DISTRIBUTIONS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--num-samples", type=int, default=4000)
-    parser.add_argument("--no-ablation", dest="ablation", action="store_false",
-                        help="compare: only before and after")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="compare: only before and after")
     parser.add_argument("--ablation-distributions", nargs="+", help="compare: ablate these only (default: all)")
     parser.add_argument("--set", nargs="*", default=[], help="overrides of the config's recipe, key=value")
     parser.add_argument("--steps", type=int, help="override max_steps (every mode)")

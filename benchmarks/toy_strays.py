@@ -57,9 +57,12 @@ def grid9(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 DISTRIBUTIONS = {"blobs6": blobs6, "annulus": annulus, "plus": plus, "grid9": grid9}
-SAMPLERS = {"ddim50": {"name": "ddim", "init_args": {"num_steps": 50}}, "ddpm1000": {"name": "ddpm"},
-            "dpmpp20": {"name": "dpmpp_2m", "init_args": {"num_steps": 20}},
-            "unipc20": {"name": "unipc", "init_args": {"num_steps": 20}}}
+SAMPLERS = {
+    "ddim50": {"name": "ddim", "init_args": {"num_steps": 50}},
+    "ddpm1000": {"name": "ddpm"},
+    "dpmpp20": {"name": "dpmpp_2m", "init_args": {"num_steps": 20}},
+    "unipc20": {"name": "unipc", "init_args": {"num_steps": 20}},
+}
 
 
 def train(sample, backbone: dict, steps: int, seed: int = 0, ema_decay: float = 0.999):
@@ -76,7 +79,7 @@ def train(sample, backbone: dict, steps: int, seed: int = 0, ema_decay: float = 
     for _ in range(steps):
         if pos + 256 > len(data):
             order, pos = torch.randperm(len(data), generator=g), 0
-        x0, pos = data[order[pos:pos + 256]], pos + 256
+        x0, pos = data[order[pos : pos + 256]], pos + 256
         t = torch.randint(0, 1000, (256,), generator=g)
         loss = diffusion.training_losses(model, x0, t, generator=g)["loss"].mean()
         opt.zero_grad()
@@ -92,8 +95,12 @@ def train(sample, backbone: dict, steps: int, seed: int = 0, ema_decay: float = 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--distributions", nargs="+", default=["blobs6", "annulus", "plus"], choices=list(DISTRIBUTIONS))
-    parser.add_argument("--backbone", default='{"fourier_features": 64, "fourier_scale": 2.0}', help="MLP options, JSON")
+    parser.add_argument(
+        "--distributions", nargs="+", default=["blobs6", "annulus", "plus"], choices=list(DISTRIBUTIONS)
+    )
+    parser.add_argument(
+        "--backbone", default='{"fourier_features": 64, "fourier_scale": 2.0}', help="MLP options, JSON"
+    )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     parser.add_argument("--num-samples", type=int, default=4000)
@@ -112,20 +119,35 @@ def main() -> None:
                 x_T = torch.randn(args.num_samples, 2, generator=torch.Generator().manual_seed(1))
                 with torch.no_grad():
                     samples = make_sampler(SAMPLERS[sampler], num_timesteps=1000).sample(
-                        net, diffusion, x_T.clone(), generator=torch.Generator().manual_seed(2))
+                        net, diffusion, x_T.clone(), generator=torch.Generator().manual_seed(2)
+                    )
                 d = torch.cdist(samples.float(), reference).min(1).values
                 far = d > 0.5
                 outside = samples.float().norm(dim=1) > r_max + floor
-                rows.append({"distribution": name, "weights": weights, "sampler": sampler, "floor": floor,
-                             "beyond_floor": int((d > floor).sum()), "outside_r_max": int(outside.sum()), "beyond_0.25": int((d > 0.25).sum()),
-                             "beyond_0.5": int(far.sum()), "max_distance": float(d.max()),
-                             "far_x_T_radius_median": float(x_T.norm(dim=1)[far].median()) if far.any() else None,
-                             "train_s": train_s})
+                rows.append(
+                    {
+                        "distribution": name,
+                        "weights": weights,
+                        "sampler": sampler,
+                        "floor": floor,
+                        "beyond_floor": int((d > floor).sum()),
+                        "outside_r_max": int(outside.sum()),
+                        "beyond_0.25": int((d > 0.25).sum()),
+                        "beyond_0.5": int(far.sum()),
+                        "max_distance": float(d.max()),
+                        "far_x_T_radius_median": float(x_T.norm(dim=1)[far].median()) if far.any() else None,
+                        "train_s": train_s,
+                    }
+                )
                 print_table(rows[-1:], list(rows[-1]))
-    print(f"\ndevice: {device_name(torch.device('cpu'))}; backbone {backbone}; {args.steps} steps; "
-          f"{args.num_samples} samples; P(|x_T| > 3) = {math.exp(-4.5):.4f} for 2-D N(0, I)")
+    print(
+        f"\ndevice: {device_name(torch.device('cpu'))}; backbone {backbone}; {args.steps} steps; "
+        f"{args.num_samples} samples; P(|x_T| > 3) = {math.exp(-4.5):.4f} for 2-D N(0, I)"
+    )
     print_table(rows, list(rows[0]))
-    write_json(args.out, {"device": device_name(torch.device("cpu")), "backbone": backbone, "steps": args.steps, "rows": rows})
+    write_json(
+        args.out, {"device": device_name(torch.device("cpu")), "backbone": backbone, "steps": args.steps, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,21 @@ from torch import nn
 from benchmarks.common import DTYPES, count_flops, device_name, matmul_peak, print_table, synchronize, timed, write_json
 from lightning_ddpm import DiffusionModule
 
-CIFAR_UNET = {"name": "unet", "init_args": {"ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2,
-                                             "attn_resolutions": [16], "dropout": 0.1}}
+CIFAR_UNET = {
+    "name": "unet",
+    "init_args": {"ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16], "dropout": 0.1},
+}
 
 
 def make_ours(channels_last: bool) -> DiffusionModule:
-    return DiffusionModule(backbone=CIFAR_UNET, data_shape=[3, 32, 32], schedule="linear", variance="fixed_large",
-                           channels_last=channels_last, lr_warmup_steps=0)
+    return DiffusionModule(
+        backbone=CIFAR_UNET,
+        data_shape=[3, 32, 32],
+        schedule="linear",
+        variance="fixed_large",
+        channels_last=channels_last,
+        lr_warmup_steps=0,
+    )
 
 
 def make_peer() -> nn.Module:
@@ -42,11 +50,18 @@ def make_peer() -> nn.Module:
     # third entry. ("UpBlock2D", "AttnUpBlock2D", ...) puts it at 8x8: the same parameter count (all
     # three levels have 256 channels) but 3 of the 6 attention layers on 64 instead of 256 tokens,
     # which made the peer's step cheaper than ours. main() checks that both count the same FLOPs.
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                       block_out_channels=(128, 256, 256, 256),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=32, dropout=0.1, attention_head_dim=None)
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        dropout=0.1,
+        attention_head_dim=None,
+    )
 
 
 class StepTimer(pl.Callback):
@@ -78,11 +93,20 @@ def run_ours(args: argparse.Namespace, precision: str, module: DiffusionModule, 
     data = torch.rand(args.batch_size * devices * (args.warmup + args.steps), 3, 32, 32) * 2 - 1
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, drop_last=True)
     timer = StepTimer(args.warmup)
-    trainer = pl.Trainer(accelerator=args.accelerator, devices=devices, precision=precision,
-                         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         gradient_clip_val=1.0, strategy="ddp_spawn" if devices > 1 else "auto",
-                         callbacks=[timer])
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=devices,
+        precision=precision,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        callbacks=[timer],
+    )
     trainer.fit(module, loader)
     step_s = trainer.callback_metrics.get("benchmark/step_s")
     return float(step_s) if step_s is not None else float("nan")
@@ -131,8 +155,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.accelerator == "cpu" and "16-mixed" in args.precision:
         # Lightning would silently train ours in bf16-mixed while the peer ran fp16 autocast.
-        parser.error("--precision 16-mixed needs --accelerator cuda: Lightning has no fp16 AMP on CPU "
-                     "(it falls back to bf16-mixed); use 32-true or bf16-mixed on CPU")
+        parser.error(
+            "--precision 16-mixed needs --accelerator cuda: Lightning has no fp16 AMP on CPU "
+            "(it falls back to bf16-mixed); use 32-true or bf16-mixed on CPU"
+        )
 
     device = torch.device(args.accelerator if args.accelerator != "cuda" else "cuda:0")
     torch.manual_seed(0)
@@ -153,8 +179,10 @@ def main() -> None:
         peer_probe = make_peer()
         peer_flops = count_flops(lambda: (peer_probe(x, t).sample - x).pow(2).mean().backward()) / 2
         if abs(peer_flops / flops - 1) > 0.01:
-            raise RuntimeError(f"peer counts {peer_flops / 1e9:.2f} GFLOP per image, ours {flops / 1e9:.2f}: "
-                               "the two networks differ, fix make_peer() before comparing")
+            raise RuntimeError(
+                f"peer counts {peer_flops / 1e9:.2f} GFLOP per image, ours {flops / 1e9:.2f}: "
+                "the two networks differ, fix make_peer() before comparing"
+            )
     size = 4096 if device.type == "cuda" else 2048
     peaks = {p: matmul_peak(device, DTYPES[p] or torch.float32, size) for p in args.precision}
 
@@ -163,10 +191,20 @@ def main() -> None:
         images = args.batch_size * devices / step_s
         achieved = images * flops
         # The peak is one device's, so the fraction is per device.
-        return {"impl": name, "precision": precision, "batch": args.batch_size, "devices": devices,
-                "channels_last": args.channels_last, "compile": args.compile, "images_per_s": images,
-                "step_ms": step_s * 1e3, "gflop_per_image": flops / 1e9, "achieved_tflops": achieved / 1e12,
-                "peak_tflops": peaks[precision] / 1e12, "fraction_of_peak": achieved / devices / peaks[precision]}
+        return {
+            "impl": name,
+            "precision": precision,
+            "batch": args.batch_size,
+            "devices": devices,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "images_per_s": images,
+            "step_ms": step_s * 1e3,
+            "gflop_per_image": flops / 1e9,
+            "achieved_tflops": achieved / 1e12,
+            "peak_tflops": peaks[precision] / 1e12,
+            "fraction_of_peak": achieved / devices / peaks[precision],
+        }
 
     rows = []
     for precision in args.precision:
@@ -180,15 +218,37 @@ def main() -> None:
         rows.append(row("lightning-ddpm", precision, args.devices, ours_times))
         if single_times:
             rows.append(row("lightning-ddpm", precision, 1, single_times))
-            rows.append({"impl": f"scaling efficiency {args.devices} vs 1 device", "precision": precision,
-                         "images_per_s": rows[-2]["images_per_s"] / (args.devices * rows[-1]["images_per_s"])})
+            rows.append(
+                {
+                    "impl": f"scaling efficiency {args.devices} vs 1 device",
+                    "precision": precision,
+                    "images_per_s": rows[-2]["images_per_s"] / (args.devices * rows[-1]["images_per_s"]),
+                }
+            )
         if peer_times:
             rows.append(row("diffusers UNet2DModel", precision, 1, peer_times))
-            rows.append({"impl": "ratio ours/peer (per device)", "precision": precision,
-                         "images_per_s": rows[-1]["step_ms"] / (1e3 * statistics.median(single_times or ours_times))})
+            rows.append(
+                {
+                    "impl": "ratio ours/peer (per device)",
+                    "precision": precision,
+                    "images_per_s": rows[-1]["step_ms"] / (1e3 * statistics.median(single_times or ours_times)),
+                }
+            )
     print(f"device: {device_name(device)}; training step {flops / 1e9:.1f} GFLOP per image")
-    print_table(rows, ["impl", "precision", "batch", "devices", "images_per_s", "step_ms", "achieved_tflops",
-                       "peak_tflops", "fraction_of_peak"])
+    print_table(
+        rows,
+        [
+            "impl",
+            "precision",
+            "batch",
+            "devices",
+            "images_per_s",
+            "step_ms",
+            "achieved_tflops",
+            "peak_tflops",
+            "fraction_of_peak",
+        ],
+    )
     write_json(args.out, {"device": device_name(device), "torch": torch.__version__, "args": vars(args), "rows": rows})
 
 

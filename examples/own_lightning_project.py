@@ -32,8 +32,9 @@ model = DiffusionModule(
     lr_warmup_steps=50,
 )
 pl.seed_everything(0)
-trainer = pl.Trainer(max_steps=800, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False)
+trainer = pl.Trainer(
+    max_steps=800, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+)
 trainer.fit(model, datamodule=UnitCircle())
 
 samples = model.sample(1000, sampler=DDIMSampler(num_steps=50), generator=torch.Generator().manual_seed(1))

@@ -18,8 +18,14 @@ def run_cli_process(args: list[str], cwd: Path, timeout: int = 300) -> None:
     """``python -m lightning_ddpm <args>`` in a fresh process (multi-process strategies launch from it): this
     checkout importable, one OpenMP thread per process, Lightning's fork launcher off. Fails on a non-zero exit."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "lightning_ddpm", *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_ddpm", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -66,8 +72,10 @@ class DumpFirstTrainingDraws(pl.Callback):
         def recording(x0, t, noise=None, *args, **kwargs):
             del diffusion.q_sample  # record once: back to the class's method
             Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-            torch.save({"t": t.detach().cpu(), "noise": noise.detach().cpu()},
-                       Path(self.dirpath) / f"draws_rank{trainer.global_rank}.pt")
+            torch.save(
+                {"t": t.detach().cpu(), "noise": noise.detach().cpu()},
+                Path(self.dirpath) / f"draws_rank{trainer.global_rank}.pt",
+            )
             return q_sample(x0, t, noise, *args, **kwargs)
 
         diffusion.q_sample = recording
@@ -173,8 +181,10 @@ class DumpSamples(pl.Callback):
 
         logger = next(c for c in trainer.callbacks if isinstance(c, SampleLogger))
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        torch.save({"eval_calls": self.eval_calls, "samples": logger.last_samples},
-                   Path(self.dirpath) / f"samples_rank{trainer.global_rank}.pt")
+        torch.save(
+            {"eval_calls": self.eval_calls, "samples": logger.last_samples},
+            Path(self.dirpath) / f"samples_rank{trainer.global_rank}.pt",
+        )
 
 
 class NaNOutputOnRank(pl.Callback):
@@ -219,10 +229,12 @@ class DumpShards(pl.Callback):
             return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
 
         ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
-        record = {"local": local(pl_module.backbone.parameters()),
-                  "total": sum(p.numel() for p in pl_module.backbone.parameters()),
-                  "ema_local": local(ema._average_model.module.backbone.parameters()),
-                  "sharded_units": sum(isinstance(m, FSDPModule) for m in pl_module.backbone.modules())}
+        record = {
+            "local": local(pl_module.backbone.parameters()),
+            "total": sum(p.numel() for p in pl_module.backbone.parameters()),
+            "ema_local": local(ema._average_model.module.backbone.parameters()),
+            "sharded_units": sum(isinstance(m, FSDPModule) for m in pl_module.backbone.modules()),
+        }
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
         (Path(self.dirpath) / f"shards_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -231,8 +243,11 @@ class DumpShards(pl.Callback):
 
         from torch._dynamo.utils import counters
 
-        record = {"compiled_graphs": counters["stats"]["unique_graphs"],
-                  "graph_breaks": sum(counters["graph_break"].values()), "reasons": list(counters["graph_break"])}
+        record = {
+            "compiled_graphs": counters["stats"]["unique_graphs"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "reasons": list(counters["graph_break"]),
+        }
         (Path(self.dirpath) / f"compile_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -287,16 +302,20 @@ class PerRankRNG(pl.Callback):
 
         torch.manual_seed(1000 + trainer.global_rank)
         self.device_generator.manual_seed(100 + trainer.global_rank)
-        DEVICE_RNG["cpu"] = (lambda device: self.device_generator.get_state(),
-                             lambda state, device: self.device_generator.set_state(state))
+        DEVICE_RNG["cpu"] = (
+            lambda device: self.device_generator.get_state(),
+            lambda state, device: self.device_generator.set_state(state),
+        )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         torch.rand(1, generator=self.device_generator)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-        torch.save({"torch": torch.get_rng_state(), "device": self.device_generator.get_state()},
-                   Path(self.dirpath) / f"rng_rank{trainer.global_rank}.pt")
+        torch.save(
+            {"torch": torch.get_rng_state(), "device": self.device_generator.get_state()},
+            Path(self.dirpath) / f"rng_rank{trainer.global_rank}.pt",
+        )
 
 
 class DeviceWithoutFloat64(torch.overrides.TorchFunctionMode):
@@ -321,13 +340,16 @@ class DeviceWithoutFloat64(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         moved = func in (torch.Tensor.to, torch.Tensor.cuda) and any(
-            isinstance(a, (torch.device, str, torch.Tensor)) for a in [*args[1:], kwargs.get("device")])
+            isinstance(a, (torch.device, str, torch.Tensor)) for a in [*args[1:], kwargs.get("device")]
+        )
         inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         if moved or kwargs.get("device") is not None or any(self._marked(a) for a in inputs):
             for tensor in (t for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
                 if tensor.dtype in (torch.float64, torch.complex128):
-                    raise TypeError(f"{getattr(func, '__name__', func)}: float64 on a device without float64 "
-                                    "(as MPS: 'Cannot convert a MPS Tensor to float64 dtype')")
+                    raise TypeError(
+                        f"{getattr(func, '__name__', func)}: float64 on a device without float64 "
+                        "(as MPS: 'Cannot convert a MPS Tensor to float64 dtype')"
+                    )
                 self._on_device[id(tensor)] = weakref.ref(tensor)
         return out
 

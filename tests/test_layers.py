@@ -13,8 +13,17 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_ddpm"
 # layer of each top-level part; a module may import its own layer or lower ones only
-LAYERS = {"core": 0, "samplers": 1, "backbones": 1, "interop": 1, "training": 2, "data": 2, "callbacks": 3, "cli": 4,
-          "__main__": 5}
+LAYERS = {
+    "core": 0,
+    "samplers": 1,
+    "backbones": 1,
+    "interop": 1,
+    "training": 2,
+    "data": 2,
+    "callbacks": 3,
+    "cli": 4,
+    "__main__": 5,
+}
 TORCH_ONLY = ("core", "samplers", "backbones", "interop")
 
 
@@ -55,6 +64,7 @@ def _imports(module: str, path: Path, type_only: bool = False) -> set[str]:
                 found.update(n for n in names if n)
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lightning_ddpm."):
                 found.add(node.module.removeprefix("lightning_ddpm."))
+
     visit(tree.body)
     modules = _modules()
     return {m if m in modules else m.rsplit(".", 1)[0] for m in found if m in modules or m.rsplit(".", 1)[0] in modules}
@@ -65,7 +75,9 @@ def test_every_module_imports_its_own_layer_or_lower_ones():
     for module, path in _modules().items():
         if module == "__init__":
             continue  # the public names, loaded lazily
-        assert _part(module) in LAYERS, f"lightning_ddpm.{module} belongs to no layer: put it in one of {sorted(LAYERS)}"
+        assert _part(module) in LAYERS, (
+            f"lightning_ddpm.{module} belongs to no layer: put it in one of {sorted(LAYERS)}"
+        )
         for target in _imports(module, path, type_only=True):
             if target != "__init__" and LAYERS[_part(target)] > LAYERS[_part(module)]:
                 wrong.append(f"{module} -> {target}")
@@ -80,7 +92,7 @@ def test_no_import_cycles(type_only):
 
     def walk(node):
         if node in stack:
-            cycles.append(stack[stack.index(node):] + [node])
+            cycles.append(stack[stack.index(node) :] + [node])
             return
         if node in seen:
             return
@@ -102,9 +114,11 @@ def test_the_shared_types_are_a_leaf():
 @pytest.mark.parametrize("part", TORCH_ONLY)
 def test_the_torch_only_parts_load_no_lightning(part):
     modules = [f"lightning_ddpm.{m}" for m in _modules() if _part(m) == part]
-    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
-            "'torchmetrics', 'jsonargparse', 'diffusers')))")
+    code = (
+        f"import sys\nfor m in {modules!r}: __import__(m)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
+        "'torchmetrics', 'jsonargparse', 'diffusers')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", f"{part}: {result.stdout}"

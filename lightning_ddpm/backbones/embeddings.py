@@ -65,5 +65,7 @@ class TimestepEmbedding(nn.Module):
         if cond is None:
             cond = torch.full_like(t, self.num_classes, dtype=torch.long)
         elif cond.shape != t.shape:
-            raise ValueError(f"cond must hold one class label per example, shape {tuple(t.shape)}; got {tuple(cond.shape)}")
+            raise ValueError(
+                f"cond must hold one class label per example, shape {tuple(t.shape)}; got {tuple(cond.shape)}"
+            )
         return emb + self.class_embedding(cond.long())

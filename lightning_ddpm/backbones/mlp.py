@@ -95,7 +95,8 @@ class MLP(nn.Module):
         self.embed = TimestepEmbedding(time_embed_dim, time_embed_dim, num_classes)
         self.features = (
             FourierFeatures(in_channels, fourier_features, fourier_scale, x_scale=fourier_x_scale)
-            if fourier_features else None
+            if fourier_features
+            else None
         )
         self.inp = nn.Linear(self.features.out_features if self.features else in_channels, hidden_dim)
         self.blocks = nn.ModuleList(_ResidualBlock(hidden_dim, time_embed_dim, dropout) for _ in range(num_blocks))

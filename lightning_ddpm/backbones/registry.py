@@ -84,7 +84,9 @@ def resolve_backbone(name: str) -> Callable[..., nn.Module]:
     )
 
 
-def build_backbone(spec: BackboneSpec | nn.Module, /, defaults: Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+def build_backbone(
+    spec: BackboneSpec | nn.Module, /, defaults: Mapping[str, Any] | None = None, **kwargs: Any
+) -> nn.Module:
     """Instantiate a backbone.
 
     Args:

@@ -74,8 +74,9 @@ class EMA(Configurable, WeightAveraging):
         # ema = decay * ema + (1 - decay) * w, as one fused foreach op over all parameters.
         torch._foreach_lerp_(averaged, current, 1.0 - self._current_decay)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # WeightAveraging's, without AveragedModel.update_parameters: that reads its n_averaged counter (a
         # device tensor) back twice per call (bool(n_averaged == 0), n_averaged > 0), a host synchronisation
         # every step on a GPU. The host knows whether this is the first update (num_updates).
@@ -106,8 +107,9 @@ class EMA(Configurable, WeightAveraging):
             self._lerp(averaged, current, None)
         # Buffers are not averaged; the copy keeps the model's (as AveragedModel(use_buffers=False) does), so
         # that the checkpoint's state_dict holds current buffers (a user backbone's norm statistics, say).
-        buffers = list(zip(*((a.detach(), b.detach()) for a, b in zip(self._average_model.module.buffers(),
-                                                                      pl_module.buffers()))))
+        buffers = list(
+            zip(*((a.detach(), b.detach()) for a, b in zip(self._average_model.module.buffers(), pl_module.buffers())))
+        )
         if buffers:
             torch._foreach_copy_(list(buffers[0]), list(buffers[1]))
 
@@ -180,7 +182,9 @@ class EMA(Configurable, WeightAveraging):
         # Under a mesh the (still whole) copy stays on the CPU: fully_shard moves only this rank's shard to the
         # device, so no device holds the whole model twice.
         device = torch.device("cpu") if mesh is not None else self._device or pl_module.device
-        self._average_model = AveragedModel(model=pl_module, device=device, use_buffers=self._use_buffers, **self._kwargs)
+        self._average_model = AveragedModel(
+            model=pl_module, device=device, use_buffers=self._use_buffers, **self._kwargs
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # ModelParallelStrategy has sharded the module's backbone (configure_model): shard the copy the same way,
@@ -199,7 +203,9 @@ class EMA(Configurable, WeightAveraging):
         self._raw_at_end = [p.detach().clone() for _, p in self._pairs(pl_module)]
         super().on_train_end(trainer, pl_module)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._average_model is None:
             return
@@ -213,7 +219,9 @@ class EMA(Configurable, WeightAveraging):
         state = {k: _full(v) for k, v in checkpoint["state_dict"].items()}
         checkpoint["state_dict"] = state if trainer.is_global_zero or pl_module.device_mesh is None else {}
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # Outside fit (predict, validate) there is no average to restore: the checkpoint's state_dict already
         # holds the EMA weights, which is what those stages should use. Lightning would warn every time.
         if self._average_model is None:
@@ -284,5 +292,3 @@ def ema_weights(trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> It
         return
     with ema.averaged(trainer, pl_module):
         yield
-
-

@@ -25,8 +25,9 @@ def inception_extractor(features: str, weights_path: str | None) -> nn.Module:
     """
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    return NoTrainInceptionV3(name="inception-v3-compat", features_list=[features],
-                              feature_extractor_weights_path=weights_path)
+    return NoTrainInceptionV3(
+        name="inception-v3-compat", features_list=[features], feature_extractor_weights_path=weights_path
+    )
 
 
 class FIDCallback(Configurable, pl.Callback):
@@ -76,7 +77,9 @@ class FIDCallback(Configurable, pl.Callback):
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 for a covariance, got {num_samples}")
         if inception_score and feature_extractor is not None:
-            raise ValueError("inception_score needs Inception logits; it cannot be used with a custom feature_extractor")
+            raise ValueError(
+                "inception_score needs Inception logits; it cannot be used with a custom feature_extractor"
+            )
         self.num_samples, self.final_num_samples = num_samples, final_num_samples or num_samples
         self.every_n_validations, self.at_train_end = every_n_validations, at_train_end
         self._default_sampler = sampler is None
@@ -100,8 +103,9 @@ class FIDCallback(Configurable, pl.Callback):
     @property
     def state_key(self) -> str:
         # two FID callbacks in one run (e.g. a frequent cheap one and a rare full one) keep their own counters
-        return self._generate_state_key(num_samples=self.num_samples, every_n_validations=self.every_n_validations,
-                                        seed=self.seed)
+        return self._generate_state_key(
+            num_samples=self.num_samples, every_n_validations=self.every_n_validations, seed=self.seed
+        )
 
     def state_dict(self) -> dict[str, Any]:
         # every_n_validations counts the run's validations: a resumed run evaluates where an uninterrupted
@@ -124,8 +128,11 @@ class FIDCallback(Configurable, pl.Callback):
         if self.use_kid:
             from torchmetrics.image.kid import KernelInceptionDistance
 
-            self.kid = KernelInceptionDistance(feature=extractor("2048"), reset_real_features=False,
-                                               subset_size=min(self.kid_subset_size, self.num_samples))
+            self.kid = KernelInceptionDistance(
+                feature=extractor("2048"),
+                reset_real_features=False,
+                subset_size=min(self.kid_subset_size, self.num_samples),
+            )
         if self.use_inception_score:
             from torchmetrics.image.inception import InceptionScore
 
@@ -137,8 +144,10 @@ class FIDCallback(Configurable, pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.at_train_end and trainer.limit_val_batches == 0:
             # the real statistics come from validation: say so now rather than after the whole run
-            raise ValueError("FIDCallback(at_train_end=True) needs validation batches for its real statistics; "
-                             "trainer.limit_val_batches is 0")
+            raise ValueError(
+                "FIDCallback(at_train_end=True) needs validation batches for its real statistics; "
+                "trainer.limit_val_batches is 0"
+            )
         self.sampler = resolve_sampler(self._sampler_spec, self.sampler, pl_module, 100)
         if self._final_sampler_spec is not None:
             self.final_sampler = resolve_sampler(self._final_sampler_spec, self.final_sampler, pl_module, 100)
@@ -164,8 +173,15 @@ class FIDCallback(Configurable, pl.Callback):
         if self.inception is not None and not real:
             self.inception.update(prepared)
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self.real_done or trainer.sanity_checking:
             return
         images, _ = unpack_batch(batch)
@@ -184,14 +200,19 @@ class FIDCallback(Configurable, pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_train_end:
             if not self.real_done:
-                raise RuntimeError("FIDCallback(at_train_end=True) needs at least one validation epoch for real statistics")
+                raise RuntimeError(
+                    "FIDCallback(at_train_end=True) needs at least one validation epoch for real statistics"
+                )
             values = self.evaluate(trainer, pl_module, self.final_num_samples, self.final_sampler)
             for logger in trainer.loggers:
-                logger.log_metrics({k.replace("val/", "final/"): v for k, v in values.items()}, step=trainer.global_step)
+                logger.log_metrics(
+                    {k.replace("val/", "final/"): v for k, v in values.items()}, step=trainer.global_step
+                )
 
     @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: int,
-                 sampler: Sampler | None = None) -> dict[str, float]:
+    def evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, total: int, sampler: Sampler | None = None
+    ) -> dict[str, float]:
         """Generate this rank's share with EMA weights, sync the statistics, return the metrics.
 
         Sample i (its noise and, for a class-conditional model, its label) comes from seed + i alone and each
@@ -201,14 +222,25 @@ class FIDCallback(Configurable, pl.Callback):
         from tqdm.auto import tqdm
 
         start = time.perf_counter()
-        with tqdm(total=-(-total // max(trainer.world_size, 1)), desc=f"FID samples (rank 0 of {trainer.world_size})",
-                  disable=not show, leave=False) as bar:
+        with tqdm(
+            total=-(-total // max(trainer.world_size, 1)),
+            desc=f"FID samples (rank 0 of {trainer.world_size})",
+            disable=not show,
+            leave=False,
+        ) as bar:
             # Every rank draws the largest share in the same batches (the last pads its share with repeats, which
             # are dropped): under a sharded strategy (FSDP2) each forward needs every rank.
-            for drawn in iter_samples(trainer, pl_module, total, sampler or self.sampler, seed=self.seed,
-                                      labels="random", batch_size=self.batch_size):
+            for drawn in iter_samples(
+                trainer,
+                pl_module,
+                total,
+                sampler or self.sampler,
+                seed=self.seed,
+                labels="random",
+                batch_size=self.batch_size,
+            ):
                 if drawn.real > 0:
-                    self._update(drawn.samples[:drawn.real], real=False)
+                    self._update(drawn.samples[: drawn.real], real=False)
                 bar.update(drawn.real)
         elapsed = time.perf_counter() - start
         # compute() syncs and then restores the local state: count the samples of all ranks explicitly.

@@ -31,7 +31,9 @@ class BitsPerDimCallback(Configurable, pl.Callback):
     weights when an :class:`EMA` callback is active; data must be 8-bit images in [-1, 1].
     """
 
-    def __init__(self, num_examples: int = 256, every_n_validations: int = 1, batch_size: int = 128, seed: int = 0) -> None:
+    def __init__(
+        self, num_examples: int = 256, every_n_validations: int = 1, batch_size: int = 128, seed: int = 0
+    ) -> None:
         super().__init__()
         if num_examples < 1 or every_n_validations < 1 or batch_size < 1:
             raise ValueError("num_examples, every_n_validations and batch_size must be >= 1")
@@ -52,8 +54,15 @@ class BitsPerDimCallback(Configurable, pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._validations = int(state_dict.get("validations", 0))
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if trainer.sanity_checking or self._collected or dataloader_idx != 0:
             return
         x, _ = unpack_batch(batch)
@@ -83,11 +92,16 @@ class BitsPerDimCallback(Configurable, pl.Callback):
         data = torch.cat(self._subset)
         generators = sample_generators(self._index, self.seed, pl_module.device)
         with evaluating(pl_module), ema_weights(trainer, pl_module), torch.no_grad():
-            bpd = torch.cat([
-                pl_module.diffusion.bits_per_dim(pl_module.denoiser(), data[i:i + self.batch_size],
-                                                 generator=generators[i:i + self.batch_size])
-                for i in range(0, data.shape[0], self.batch_size)
-            ])
+            bpd = torch.cat(
+                [
+                    pl_module.diffusion.bits_per_dim(
+                        pl_module.denoiser(),
+                        data[i : i + self.batch_size],
+                        generator=generators[i : i + self.batch_size],
+                    )
+                    for i in range(0, data.shape[0], self.batch_size)
+                ]
+            )
         return list(self._index), bpd
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

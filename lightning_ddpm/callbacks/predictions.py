@@ -35,8 +35,15 @@ class SampleWriter(Configurable, pl.Callback):
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._indices, self._samples = [], []
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if isinstance(batch, dict) and "index" in batch and isinstance(outputs, torch.Tensor):
             self._indices.append(batch["index"].cpu())
             self._samples.append(outputs.cpu())
@@ -81,7 +88,6 @@ class SampleWriter(Configurable, pl.Callback):
         datamodule = trainer.datamodule
         if samples.ndim == 2 and hasattr(datamodule, "reference_points"):
             reference = datamodule.reference_points()
-        picture = save_samples_picture(samples, out / "samples.png", reference, labels,
-                                       title=f"{len(samples)} samples")
+        picture = save_samples_picture(samples, out / "samples.png", reference, labels, title=f"{len(samples)} samples")
         print(f"[lightning-ddpm] wrote {len(samples)} samples to {out} ({picture.name}, samples.pt)")
         return out

@@ -19,8 +19,13 @@ __all__ = ["Drawn", "draw_samples", "iter_samples", "rank_share", "resolve_sampl
 Labels = Tensor | Sequence[int] | Literal["random"] | None
 
 
-def resolve_sampler(spec: Sampler | str | dict[str, Any] | None, current: Sampler, pl_module: pl.LightningModule,
-                    default_steps: int, module_default: bool = False) -> Sampler:
+def resolve_sampler(
+    spec: Sampler | str | dict[str, Any] | None,
+    current: Sampler,
+    pl_module: pl.LightningModule,
+    default_steps: int,
+    module_default: bool = False,
+) -> Sampler:
     """The sampler a callback's ``setup`` settles on for ``pl_module`` (``current``: the one built in ``__init__``).
 
     No ``spec``: the module's ``default_sampler`` when ``module_default`` (one place says how a config's model is
@@ -63,8 +68,9 @@ def sample_generators(index: Sequence[int], seed: int, device: torch.device | st
     return [torch.Generator(device).manual_seed(seed + i) for i in index]
 
 
-def _labels(labels: Labels, index: list[int], generators: list[torch.Generator], pl_module: pl.LightningModule
-            ) -> Tensor | None:
+def _labels(
+    labels: Labels, index: list[int], generators: list[torch.Generator], pl_module: pl.LightningModule
+) -> Tensor | None:
     if labels is None:
         return None
     if isinstance(labels, str):
@@ -73,13 +79,21 @@ def _labels(labels: Labels, index: list[int], generators: list[torch.Generator],
         num_classes = getattr(pl_module, "num_classes", None)
         if not num_classes:
             return None
-        return torch.cat([torch.randint(0, num_classes, (1,), generator=g, device=pl_module.device)
-                          for g in generators])
+        return torch.cat(
+            [torch.randint(0, num_classes, (1,), generator=g, device=pl_module.device) for g in generators]
+        )
     return torch.as_tensor(labels)[index].to(pl_module.device)
 
 
-def iter_samples(trainer: pl.Trainer, pl_module: pl.LightningModule, num_samples: int, sampler: Sampler | None = None,
-                 seed: int = 0, labels: Labels = None, batch_size: int | None = None) -> Iterator[Drawn]:
+def iter_samples(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    num_samples: int,
+    sampler: Sampler | None = None,
+    seed: int = 0,
+    labels: Labels = None,
+    batch_size: int | None = None,
+) -> Iterator[Drawn]:
     """This rank's share of ``num_samples`` samples, in batches of at most ``batch_size`` (``None``: one batch),
     with the EMA weights when an :class:`~lightning_ddpm.callbacks.EMA` callback is active.
 
@@ -92,7 +106,7 @@ def iter_samples(trainer: pl.Trainer, pl_module: pl.LightningModule, num_samples
     step = batch_size or len(index)
     with ema_weights(trainer, pl_module), torch.no_grad():
         for start in range(0, len(index), step):
-            chunk = index[start:start + step]
+            chunk = index[start : start + step]
             generators = sample_generators(chunk, seed, pl_module.device)
             cond = _labels(labels, chunk, generators, pl_module)
             samples = pl_module.sample(len(chunk), sampler=sampler, generator=generators, labels=cond)
@@ -100,12 +114,20 @@ def iter_samples(trainer: pl.Trainer, pl_module: pl.LightningModule, num_samples
 
 
 @torch.no_grad()
-def draw_samples(trainer: pl.Trainer, pl_module: pl.LightningModule, num_samples: int, sampler: Sampler | None = None,
-                 seed: int = 0, labels: Labels = None, batch_size: int | None = None) -> Tensor:
+def draw_samples(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    num_samples: int,
+    sampler: Sampler | None = None,
+    seed: int = 0,
+    labels: Labels = None,
+    batch_size: int | None = None,
+) -> Tensor:
     """All ``num_samples`` samples, in order, on every rank: each rank draws its share (:func:`iter_samples`)
     and the shares are gathered. The same tensor at any world size."""
-    samples = torch.cat([drawn.samples for drawn in iter_samples(
-        trainer, pl_module, num_samples, sampler, seed, labels, batch_size)])
+    samples = torch.cat(
+        [drawn.samples for drawn in iter_samples(trainer, pl_module, num_samples, sampler, seed, labels, batch_size)]
+    )
     if trainer.world_size > 1:
         samples = trainer.strategy.all_gather(samples).reshape(-1, *samples.shape[1:])
     return samples[:num_samples]

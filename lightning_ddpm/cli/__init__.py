@@ -76,9 +76,11 @@ class DiffusionCLI(LightningCLI):
         parser.link_arguments("data.data_shape", "model.data_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.add_argument(
-            "--imports", type=list[str], default=[],
+            "--imports",
+            type=list[str],
+            default=[],
             help="Python modules to import before the classes are built, e.g. a file in the working directory "
-                 "whose @register_backbone classes the config names (--imports my_nets).",
+            "whose @register_backbone classes the config names (--imports my_nets).",
         )
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
@@ -88,7 +90,9 @@ class DiffusionCLI(LightningCLI):
             # with data_shape and num_classes from the checkpoint (_parse_ckpt_path).
             parser.set_defaults({"data": {"class_path": "lightning_ddpm.data.SampleRequestsDataModule"}})
             parser.add_argument(
-                "--untrained", action=ActionYesNo, default=False,
+                "--untrained",
+                action=ActionYesNo,
+                default=False,
                 help="Allow predict without --ckpt_path, i.e. sampling the untrained network.",
             )
         return parser
@@ -139,8 +143,10 @@ class DiffusionCLI(LightningCLI):
         subcommand = config.get("subcommand")
         config = config[subcommand] if subcommand else config
         callbacks = config.trainer.get("callbacks") or []
-        callbacks = [c.as_dict() if isinstance(c, Namespace) else dict(c)
-                     for c in (callbacks if isinstance(callbacks, list) else [callbacks])]
+        callbacks = [
+            c.as_dict() if isinstance(c, Namespace) else dict(c)
+            for c in (callbacks if isinstance(callbacks, list) else [callbacks])
+        ]
         listing = ", ".join(f"{i}: {c['class_path'].rpartition('.')[2]}" for i, c in enumerate(callbacks))
         for selector, dotted, value in overrides:
             given = f"--trainer.callbacks[{selector}].{dotted}"
@@ -152,12 +158,16 @@ class DiffusionCLI(LightningCLI):
             else:
                 matches = [i for i, name in enumerate(names) if name == selector]
                 if len(matches) != 1:
-                    raise CLIError(f"{given}: {'no' if not matches else 'more than one'} callback named {selector!r} "
-                                   f"in trainer.callbacks ({listing or 'none'}); give its index instead")
+                    raise CLIError(
+                        f"{given}: {'no' if not matches else 'more than one'} callback named {selector!r} "
+                        f"in trainer.callbacks ({listing or 'none'}); give its index instead"
+                    )
             callback = callbacks[matches[0]]
             key = dotted.removeprefix("init_args.")
             if "." in key or not dotted.startswith("init_args."):
-                raise CLIError(f"{given}: set one constructor argument, as --trainer.callbacks[{selector}].init_args.<name>")
+                raise CLIError(
+                    f"{given}: set one constructor argument, as --trainer.callbacks[{selector}].init_args.<name>"
+                )
             parameters = inspect.signature(import_object(callback["class_path"], "callback")).parameters
             if key not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
                 close = difflib.get_close_matches(key, list(parameters), n=1)
@@ -202,9 +212,13 @@ class DiffusionCLI(LightningCLI):
         data = self.config[subcommand].get("data")
         if getattr(data, "class_path", None) == "lightning_ddpm.data.SampleRequestsDataModule":
             init_args = data.get("init_args") or Namespace()
-            update["data"] = {"class_path": data.class_path, "init_args": {
-                **init_args.as_dict(),
-                **{key: saved[key] for key in _LINKED if key in saved and init_args.get(key) is None}}}
+            update["data"] = {
+                "class_path": data.class_path,
+                "init_args": {
+                    **init_args.as_dict(),
+                    **{key: saved[key] for key in _LINKED if key in saved and init_args.get(key) is None},
+                },
+            }
         self.config = self.parser.parse_object({subcommand: update}, self.config)
 
     # -- instantiation and running -------------------------------------------------------------
@@ -215,15 +229,18 @@ class DiffusionCLI(LightningCLI):
             try:
                 importlib.import_module(module)
             except ImportError as err:
-                raise CLIError(f"imports: cannot import {module!r} ({err}); run from the folder that holds it, "
-                               "or install it") from err
+                raise CLIError(
+                    f"imports: cannot import {module!r} ({err}); run from the folder that holds it, or install it"
+                ) from err
         if self.subcommand != "fit":
             # Outside fit the training callbacks' saved states (checkpointing, EMA) are not restored:
             # Lightning's advice to pass the callbacks that wrote the checkpoint does not apply.
             warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks used to create")
         if self.subcommand == "predict" and not config.get("ckpt_path") and not config.get("untrained"):
-            raise CLIError("predict needs --ckpt_path (a trained checkpoint); add --untrained to sample the "
-                           "untrained network on purpose")
+            raise CLIError(
+                "predict needs --ckpt_path (a trained checkpoint); add --untrained to sample the "
+                "untrained network on purpose"
+            )
 
     def instantiate_classes(self) -> None:
         try:
@@ -254,12 +271,17 @@ class DiffusionCLI(LightningCLI):
             held = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
             if not held or _resumes_from(ckpt_path, folder):
                 continue
-            key = "trainer.default_root_dir" if id(callback) in self._placed else f"trainer.callbacks[{i}].init_args.dirpath"
+            key = (
+                "trainer.default_root_dir"
+                if id(callback) in self._placed
+                else f"trainer.callbacks[{i}].init_args.dirpath"
+            )
             shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             raise CLIError(
                 f"{key}: {_shown(folder)} already holds checkpoints of an earlier run ({shown}); resume that run "
                 f"with --ckpt_path last, write this one elsewhere with --trainer.default_root_dir <new folder>, "
-                "or move the old checkpoints away")
+                "or move the old checkpoints away"
+            )
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -282,8 +304,10 @@ class DiffusionCLI(LightningCLI):
         if isinstance(root, RuntimeError) and message.startswith("DataLoader worker"):
             # torch's own error, raised wherever the batch was awaited: the setting the user wrote is the data's
             key = "data.init_args.num_workers"
-            message += ("; a killed worker has usually run out of memory: fewer data.init_args.num_workers or a "
-                        "smaller batch_size need less")
+            message += (
+                "; a killed worker has usually run out of memory: fewer data.init_args.num_workers or a "
+                "smaller batch_size need less"
+            )
         else:
             key = self._config_key(root.__traceback__)
         if key is None and isinstance(root, MisconfigurationException):
@@ -333,11 +357,15 @@ class DiffusionCLI(LightningCLI):
         config = self.config.get(subcommand, self.config) if subcommand else self.config
         candidates = [
             (key, init_args)
-            for key, class_path, init_args in _class_paths(config.as_dict() if isinstance(config, Namespace) else config)
+            for key, class_path, init_args in _class_paths(
+                config.as_dict() if isinstance(config, Namespace) else config
+            )
             if class_path == f"{cls.__module__}.{cls.__qualname__}" or _imports_as(class_path, cls)
         ]
         for key, init_args in candidates:  # two callbacks of one class: the one built with these arguments
-            if all(settings_agree(k, arguments.get(k, v), v) for k, v in init_args.items() if not isinstance(v, Mapping)):
+            if all(
+                settings_agree(k, arguments.get(k, v), v) for k, v in init_args.items() if not isinstance(v, Mapping)
+            ):
                 return key
         return candidates[0][0] if candidates else None
 

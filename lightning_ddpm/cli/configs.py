@@ -45,8 +45,7 @@ def _resolve(value: str) -> str:
 
 def configs_command(argv: list[str]) -> None:
     """``lightning-ddpm configs``: list the shipped configs; ``configs copy [NAME ...] [--to DIR] [--force]``."""
-    parser = argparse.ArgumentParser(prog=f"{PROG} configs", description=configs_command.__doc__,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=f"{PROG} configs", description=configs_command.__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="action")
     sub.add_parser("list", help="list the shipped configs (the default)")
     copy = sub.add_parser("copy", help="copy shipped configs into a folder, to edit them")

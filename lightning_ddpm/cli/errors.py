@@ -17,8 +17,15 @@ DEBUG_ENV = "LIGHTNING_DDPM_DEBUG"
 
 
 # What a user can get wrong in a config; other exception types are bugs and keep their traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ImportError, RuntimeError,
-               MisconfigurationException)  # Lightning's own checks of Trainer arguments (max_steps: -5)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    ImportError,
+    RuntimeError,
+    MisconfigurationException,
+)  # Lightning's own checks of Trainer arguments (max_steps: -5)
 
 
 class CLIError(ValueError):
@@ -96,8 +103,9 @@ def _trainer_key(message: str) -> str | None:
 def _unwrap(err: BaseException) -> BaseException:
     """jsonargparse wraps errors raised while building a class ("Does not validate against any of the
     Union subtypes"); the library's own error is the cause."""
-    while err.__cause__ is not None and str(err).startswith(("Does not validate against any of the Union",
-                                                             "Problem with given class_path")):
+    while err.__cause__ is not None and str(err).startswith(
+        ("Does not validate against any of the Union", "Problem with given class_path")
+    ):
         err = err.__cause__
     return err
 

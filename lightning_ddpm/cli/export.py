@@ -16,7 +16,9 @@ def export(args: list[str]) -> Path:
 
     parser = argparse.ArgumentParser(prog=f"{PROG} export", description=export.__doc__)
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by lightning-ddpm fit")
-    parser.add_argument("--output_dir", required=True, help="the folder to write (DDPMPipeline.from_pretrained loads it)")
+    parser.add_argument(
+        "--output_dir", required=True, help="the folder to write (DDPMPipeline.from_pretrained loads it)"
+    )
     options = parser.parse_args(args)
     module = DiffusionModule.load_from_checkpoint(options.ckpt_path, map_location="cpu")
     folder = module.to_diffusers(options.output_dir)

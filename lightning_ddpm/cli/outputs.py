@@ -25,8 +25,14 @@ def _absolute_paths(value: Any, key: str = "") -> Any:
         return {k: _absolute_paths(v, k) for k, v in value.items()}
     if isinstance(value, list):
         return [_absolute_paths(v, key) for v in value]
-    if key in _PATH_KEYS and isinstance(value, (str, os.PathLike)) and str(value) and "://" not in str(value) \
-            and str(value) not in ("last", "hpc", "best", "registry") and not Path(value).is_absolute():
+    if (
+        key in _PATH_KEYS
+        and isinstance(value, (str, os.PathLike))
+        and str(value)
+        and "://" not in str(value)
+        and str(value) not in ("last", "hpc", "best", "registry")
+        and not Path(value).is_absolute()
+    ):
         return str(Path(value).absolute())
     return value
 

@@ -51,8 +51,10 @@ def _overridden_backbone(config: Namespace, overrides: list[tuple[str, str]]) ->
     if isinstance(spec, str):
         spec = {"name": spec, "init_args": {}}
     if not isinstance(spec, Mapping) or "name" not in spec:
-        raise CLIError(f"--model.backbone.{overrides[0][0]}: the backbone is given as {spec!r}, not as a "
-                       "{name, init_args} mapping; give the whole mapping with --model.backbone instead")
+        raise CLIError(
+            f"--model.backbone.{overrides[0][0]}: the backbone is given as {spec!r}, not as a "
+            "{name, init_args} mapping; give the whole mapping with --model.backbone instead"
+        )
     spec = {**spec, "init_args": dict(spec.get("init_args") or {})}
     for key, value in overrides:
         if key == "name":

@@ -38,8 +38,14 @@ def split_output(model_output: Tensor, x_t: Tensor, variance: Variance) -> tuple
     return model_output, None
 
 
-def interpret(model_output: Tensor, x_t: Tensor, t: Tensor, parameterization: Parameterization, variance: Variance,
-              c: StepCoefficients) -> Prediction:
+def interpret(
+    model_output: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    parameterization: Parameterization,
+    variance: Variance,
+    c: StepCoefficients,
+) -> Prediction:
     """A network output at (x_t, t) as a :class:`Prediction`: the parameterization's x0 and eps, and the
     variance's ``variance_frac``; ``c`` holds the schedule constants at t."""
     mean_out, var_out = split_output(model_output, x_t, variance)

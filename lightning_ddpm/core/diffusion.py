@@ -21,8 +21,15 @@ from torch import Tensor, nn
 from .denoiser import clip_x0, interpret, split_output
 from .noise import Generators, randn
 from .dtypes import precise_dtype
-from .likelihood import (LN2, BitsPerDim, bits_per_dim_terms, discretized_gaussian_log_likelihood, mean_bits_per_dim,
-                         mean_flat, normal_kl)
+from .likelihood import (
+    LN2,
+    BitsPerDim,
+    bits_per_dim_terms,
+    discretized_gaussian_log_likelihood,
+    mean_bits_per_dim,
+    mean_flat,
+    normal_kl,
+)
 from .losses import Loss, available_losses, get_loss
 from .parameterizations import available_parameterizations, get_parameterization
 from .schedules import NoiseSchedule
@@ -85,8 +92,11 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         self.var = get_variance(variance)
         self.loss_fn = loss if isinstance(loss, Loss) else get_loss(loss, hybrid_lambda=hybrid_lambda)
-        self.weighting = (loss_weighting if isinstance(loss_weighting, LossWeighting)
-                          else get_weighting(loss_weighting, min_snr_gamma=min_snr_gamma))
+        self.weighting = (
+            loss_weighting
+            if isinstance(loss_weighting, LossWeighting)
+            else get_weighting(loss_weighting, min_snr_gamma=min_snr_gamma)
+        )
         if self.loss_fn.needs_learned_variance and not self.var.learned:
             raise ValueError(
                 "loss='hybrid' trains the variance through the VLB term and needs variance='learned_range'; "
@@ -94,8 +104,9 @@ class GaussianDiffusion(nn.Module):
             )
         self.weighting.check(self.var)
         if schedule.has_zero_terminal_snr and not param.zero_terminal_snr:
-            usable = " or ".join(repr(n) for n in available_parameterizations()
-                                 if get_parameterization(n).zero_terminal_snr)
+            usable = " or ".join(
+                repr(n) for n in available_parameterizations() if get_parameterization(n).zero_terminal_snr
+            )
             raise ValueError(
                 f"a zero-terminal-SNR schedule cannot recover x0 from parameterization={parameterization!r} "
                 f"at the last step; use parameterization={usable} (Lin et al. 2024)"
@@ -199,16 +210,14 @@ class GaussianDiffusion(nn.Module):
         variance = (1.0 - self.gather("alphas_cumprod", t, x0)).expand_as(x0)
         return mean, variance, variance.log()
 
-    def q_sample(
-        self, x0: Tensor, t: Tensor, noise: Tensor | None = None, generator: Generators = None
-    ) -> Tensor:
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None, generator: Generators = None) -> Tensor:
         """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4); the noise from
         ``generator``, or from ``generator[i]`` for example i when given one per example."""
         if noise is None:
             noise = randn(x0.shape, generator, x0.device, x0.dtype)
-        return self.gather("sqrt_alphas_cumprod", t, x0) * x0 + self.gather(
-            "sqrt_one_minus_alphas_cumprod", t, x0
-        ) * noise
+        return (
+            self.gather("sqrt_alphas_cumprod", t, x0) * x0 + self.gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q(x_{t-1} | x_t, x0): (mean, variance, clipped log-variance); Ho et al. 2020, eq. 6-7."""

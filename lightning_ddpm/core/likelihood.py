@@ -14,8 +14,15 @@ from .dtypes import precise_dtype
 from .noise import Generators
 from .types import Prediction, PredictFn
 
-__all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "mean_flat", "LN2", "BitsPerDim", "bits_per_dim_terms",
-           "mean_bits_per_dim"]
+__all__ = [
+    "normal_kl",
+    "discretized_gaussian_log_likelihood",
+    "mean_flat",
+    "LN2",
+    "BitsPerDim",
+    "bits_per_dim_terms",
+    "mean_bits_per_dim",
+]
 
 LN2 = math.log(2.0)
 
@@ -50,7 +57,6 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_one_minus_cdf_lower, log_prob_mid))
 
 
-
 class BitsPerDim(NamedTuple):
     """NLL upper bound split into its terms, all in bits/dim: total = prior + terms.sum(1)."""
 
@@ -67,8 +73,9 @@ class BoundProcess(Protocol):
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None, generator: Generators = None) -> Tensor: ...
 
-    def vlb_terms(self, model_output: Tensor | Prediction, x0: Tensor, x_t: Tensor, t: Tensor,
-                  clip_denoised: bool = False) -> Tensor: ...
+    def vlb_terms(
+        self, model_output: Tensor | Prediction, x0: Tensor, x_t: Tensor, t: Tensor, clip_denoised: bool = False
+    ) -> Tensor: ...
 
     def prior_bpd(self, x0: Tensor) -> Tensor: ...
 
@@ -95,7 +102,9 @@ def bits_per_dim_terms(
     for i, step in enumerate(reversed(range(T))):
         t = torch.full((batch,), step, device=x0.device, dtype=torch.long)
         x_t = diffusion.q_sample(x0, t, generator=generator)
-        terms[:, step] = diffusion.vlb_terms(denoise_fn(x_t, t), x0, x_t, t, clip_denoised=clip_denoised).to(total_dtype)
+        terms[:, step] = diffusion.vlb_terms(denoise_fn(x_t, t), x0, x_t, t, clip_denoised=clip_denoised).to(
+            total_dtype
+        )
         if callback is not None:
             callback(i + 1, T)
     prior = diffusion.prior_bpd(x0).to(total_dtype)

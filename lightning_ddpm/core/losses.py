@@ -26,8 +26,9 @@ class Loss:
     name: str = ""
     needs_learned_variance: bool = False
 
-    def __call__(self, diffusion: Process, output: Tensor, x0: Tensor, noise: Tensor, x_t: Tensor,
-                 t: Tensor) -> dict[str, Tensor]:
+    def __call__(
+        self, diffusion: Process, output: Tensor, x0: Tensor, noise: Tensor, x_t: Tensor, t: Tensor
+    ) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def __repr__(self) -> str:

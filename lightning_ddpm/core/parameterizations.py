@@ -16,7 +16,13 @@ from torch import Tensor
 from .registry import Registry
 from .types import StepCoefficients
 
-__all__ = ["StepCoefficients", "Parameterization", "PARAMETERIZATIONS", "get_parameterization", "available_parameterizations"]
+__all__ = [
+    "StepCoefficients",
+    "Parameterization",
+    "PARAMETERIZATIONS",
+    "get_parameterization",
+    "available_parameterizations",
+]
 
 
 PARAMETERIZATIONS: Registry[type[Parameterization] | Parameterization] = Registry("parameterization")
@@ -122,8 +128,6 @@ class VParameterization(Parameterization):
 
     def x0_scale(self, c: StepCoefficients) -> Tensor:
         return c.sqrt_one_minus_alpha_bar
-
-
 
 
 def available_parameterizations() -> list[str]:

@@ -30,8 +30,10 @@ class Registry(Generic[T]):
         def add(target: T) -> T:
             old = self._entries.get(name)
             if old is not None and not same_definition(old, target):
-                raise ValueError(f"{self.kind} name {name!r} is already registered (to {old!r}); "
-                                 f"registered: {', '.join(self.names())}")
+                raise ValueError(
+                    f"{self.kind} name {name!r} is already registered (to {old!r}); "
+                    f"registered: {', '.join(self.names())}"
+                )
             self._entries[name] = target
             return target
 

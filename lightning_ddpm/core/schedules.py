@@ -45,7 +45,9 @@ class NoiseSchedule:
         if not torch.isfinite(betas).all():
             raise ValueError("betas must be finite")
         if (betas <= 0).any() or (betas > 1).any():
-            raise ValueError(f"betas must lie in (0, 1], got values from {betas.min().item():.4g} to {betas.max().item():.4g}")
+            raise ValueError(
+                f"betas must lie in (0, 1], got values from {betas.min().item():.4g} to {betas.max().item():.4g}"
+            )
         if (betas[:-1] >= 1).any():
             raise ValueError("beta = 1 is only allowed at the last timestep (zero terminal SNR)")
         self.betas = betas

@@ -24,7 +24,7 @@ def log_sigma_at(t: Tensor, log_sigmas: Tensor) -> Tensor:
     t = t.clamp(0, num_timesteps - 1)  # no range check: reading a flag back would be a host sync
     low = t.floor().long().clamp(max=max(num_timesteps - 2, 0))
     high = (low + 1).clamp(max=num_timesteps - 1)
-    w = (t.to(log_sigmas.dtype) - low)
+    w = t.to(log_sigmas.dtype) - low
     ls = log_sigmas
     # where(w == 0) keeps an infinite log sigma (zero terminal SNR) at its own index out of the sum.
     return torch.where(w == 0, ls[low], torch.where(w == 1, ls[high], (1 - w) * ls[low] + w * ls[high]))

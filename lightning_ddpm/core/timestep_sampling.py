@@ -121,16 +121,17 @@ class LossSecondMomentSampler(UniformTimestepSampler):
         self.loss_counts = torch.clamp(self.loss_counts + added, max=H)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"loss_history": self.loss_history.cpu().clone(), "loss_counts": self.loss_counts.cpu().clone(),
-                "next_slot": self._next.cpu().clone()}
+        return {
+            "loss_history": self.loss_history.cpu().clone(),
+            "loss_counts": self.loss_counts.cpu().clone(),
+            "next_slot": self._next.cpu().clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self._buffer[:, : self.history] = state["loss_history"].to(self._buffer.device)
         self.loss_counts = state["loss_counts"].to(self.loss_counts.device).clone()
         # Older checkpoints kept each history in order, oldest first: the next slot is count % history.
         self._next = state.get("next_slot", self.loss_counts % self.history).to(self._next.device).clone()
-
-
 
 
 def make_timestep_sampler(name: str, num_timesteps: int) -> UniformTimestepSampler:

@@ -24,8 +24,9 @@ class Variance:
     output_factor: int = 1  # network output channels per data channel
     learned: bool = False
 
-    def __call__(self, diffusion: Process, variance_frac: Tensor | None, t: Tensor, x_t: Tensor
-                 ) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, diffusion: Process, variance_frac: Tensor | None, t: Tensor, x_t: Tensor
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def fraction(self, output: Tensor | None) -> Tensor | None:
@@ -49,8 +50,10 @@ class FixedVariance(Variance):
         self.name, self._variance, self._log_variance = name, variance, log_variance
 
     def __call__(self, diffusion, variance_frac, t, x_t):  # noqa: D102
-        return (diffusion.gather(self._variance, t, x_t).expand_as(x_t),
-                diffusion.gather(self._log_variance, t, x_t).expand_as(x_t))
+        return (
+            diffusion.gather(self._variance, t, x_t).expand_as(x_t),
+            diffusion.gather(self._log_variance, t, x_t).expand_as(x_t),
+        )
 
     def elbo_sigma_sq(self, diffusion, t, x):  # noqa: D102
         return diffusion.gather(self._log_variance, t, x).exp()
@@ -91,10 +94,9 @@ class LearnedRange(Variance):
         if variance_frac is None:
             raise ValueError("variance='learned_range' needs a prediction with variance_frac (2x output channels)")
         log_variance = variance_frac * diffusion.gather("log_betas", t, x_t) + (1.0 - variance_frac) * diffusion.gather(
-            "posterior_log_variance_clipped", t, x_t)
+            "posterior_log_variance_clipped", t, x_t
+        )
         return log_variance.exp(), log_variance
-
-
 
 
 def available_variances() -> list[str]:

@@ -5,4 +5,13 @@ from .images import ImageDataModule, ImageFolderDataset
 from .requests import SampleRequests, SampleRequestsDataModule
 from .toy2d import TOY_DISTRIBUTIONS, Toy2DDataModule, sample_toy2d
 
-__all__ = ["DiffusionDataModule", "ImageDataModule", "ImageFolderDataset", "SampleRequests", "SampleRequestsDataModule", "TOY_DISTRIBUTIONS", "Toy2DDataModule", "sample_toy2d"]
+__all__ = [
+    "DiffusionDataModule",
+    "ImageDataModule",
+    "ImageFolderDataset",
+    "SampleRequests",
+    "SampleRequestsDataModule",
+    "TOY_DISTRIBUTIONS",
+    "Toy2DDataModule",
+    "sample_toy2d",
+]

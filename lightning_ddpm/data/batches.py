@@ -64,11 +64,19 @@ def check_image_range(x: Tensor) -> None:
         return
     low, high = float(x.min()), float(x.max())
     if high > 10.0 or low < -10.0:
-        raise ValueError(f"image batches must hold values in [-1, 1], got range [{low:.4g}, {high:.4g}]; "
-                         "scale [0, 255] images with x / 127.5 - 1 (the image DataModules do)")
+        raise ValueError(
+            f"image batches must hold values in [-1, 1], got range [{low:.4g}, {high:.4g}]; "
+            "scale [0, 255] images with x / 127.5 - 1 (the image DataModules do)"
+        )
     if low >= 0.0 and 0.5 < high <= 1.0:
-        warnings.warn(f"the image batch lies in [{low:.3g}, {high:.3g}], as [0, 1] images do; the model expects "
-                      "[-1, 1] (x * 2 - 1), which the image DataModules give", stacklevel=3)
+        warnings.warn(
+            f"the image batch lies in [{low:.3g}, {high:.3g}], as [0, 1] images do; the model expects "
+            "[-1, 1] (x * 2 - 1), which the image DataModules give",
+            stacklevel=3,
+        )
     elif high > 1.5 or low < -1.5:
-        warnings.warn(f"the image batch lies in [{low:.3g}, {high:.3g}], outside [-1, 1]: image models expect [-1, 1] "
-                      "(clip_denoised clips samples to it); scale the images as the image DataModules do", stacklevel=3)
+        warnings.warn(
+            f"the image batch lies in [{low:.3g}, {high:.3g}], outside [-1, 1]: image models expect [-1, 1] "
+            "(clip_denoised clips samples to it); scale the images as the image DataModules do",
+            stacklevel=3,
+        )

@@ -19,8 +19,13 @@ __all__ = ["ImageDataModule", "ImageFolderDataset", "IMAGE_DATASETS", "IMAGE_EXT
 
 # name -> (channels, height, width, classes); imagefolder's come from its arguments and files.
 IMAGE_DATASETS: Registry[tuple[int, int, int, int | None]] = Registry("dataset")
-for _name, _shape in {"cifar10": (3, 32, 32, 10), "mnist": (1, 28, 28, 10), "fashion_mnist": (1, 28, 28, 10),
-                      "digits": (1, 8, 8, 10), "imagefolder": (3, 0, 0, None)}.items():
+for _name, _shape in {
+    "cifar10": (3, 32, 32, 10),
+    "mnist": (1, 28, 28, 10),
+    "fashion_mnist": (1, 28, 28, 10),
+    "digits": (1, 8, 8, 10),
+    "imagefolder": (3, 0, 0, None),
+}.items():
     IMAGE_DATASETS.register(_name, _shape)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _TORCHVISION = {"cifar10": "CIFAR10", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -119,8 +124,10 @@ class ImageFolderDataset(Dataset):
                 bad.append((path, err))
         if bad:
             examples = "; ".join(f"{str(path)!r} ({err})" for path, err in bad[:3])
-            raise ValueError(f"cannot read image: {len(bad)} of {len(self.files)} files under {str(self.root)!r} "
-                             f"are not readable images, e.g. {examples}; remove or replace them")
+            raise ValueError(
+                f"cannot read image: {len(bad)} of {len(self.files)} files under {str(self.root)!r} "
+                f"are not readable images, e.g. {examples}; remove or replace them"
+            )
         return sizes
 
     def _open(self, i: int):
@@ -217,7 +224,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.batch_size, self.val_fraction = batch_size, val_fraction
         self.num_workers, self.pin_memory, self.random_flip = num_workers, pin_memory, random_flip
         self.labels, self.download, self.seed = labels, download, seed
-        self.num_predict_samples, self.predict_seed, self.predict_labels = num_predict_samples, predict_seed, predict_labels
+        self.num_predict_samples, self.predict_seed, self.predict_labels = (
+            num_predict_samples,
+            predict_seed,
+            predict_labels,
+        )
         self._folder: ImageFolderDataset | None = None
         self._train: Dataset | None = None
         self._val: Dataset | None = None
@@ -243,7 +254,9 @@ class ImageDataModule(pl.LightningDataModule):
         if self.dataset == "imagefolder":
             classes = self._image_folder().classes
             if not classes:
-                raise ValueError(f"labels: true needs class subfolders under {self.root!r}, found images at the top level")
+                raise ValueError(
+                    f"labels: true needs class subfolders under {self.root!r}, found images at the top level"
+                )
             return len(classes)
         return IMAGE_DATASETS[self.dataset][3]
 
@@ -291,8 +304,13 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         return resumable_train_loader(
-            self._train, self.batch_size, self.seed, getattr(self, "trainer", None), num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            self._train,
+            self.batch_size,
+            self.seed,
+            getattr(self, "trainer", None),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -303,5 +321,11 @@ class ImageDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        return predict_loader(self.num_predict_samples, self.predict_seed, self.predict_labels, self.num_classes,
-                              self.batch_size, self.trainer)
+        return predict_loader(
+            self.num_predict_samples,
+            self.predict_seed,
+            self.predict_labels,
+            self.num_classes,
+            self.batch_size,
+            self.trainer,
+        )

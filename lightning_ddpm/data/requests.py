@@ -54,8 +54,9 @@ def predict_loader(
     requests = SampleRequests(num_samples, seed, labels)
     sampler = None
     if trainer is not None and trainer.world_size > 1:
-        sampler = DistributedSampler(requests, shuffle=False, drop_last=False,
-                                     **trainer.strategy.distributed_sampler_kwargs)
+        sampler = DistributedSampler(
+            requests, shuffle=False, drop_last=False, **trainer.strategy.distributed_sampler_kwargs
+        )
     return DataLoader(requests, batch_size=batch_size, sampler=sampler)
 
 
@@ -87,7 +88,11 @@ class SampleRequestsDataModule(pl.LightningDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         SampleRequests(num_predict_samples)  # num_predict_samples < 1 fails here, not in predict
-        self.num_predict_samples, self.predict_seed, self.predict_labels = num_predict_samples, predict_seed, predict_labels
+        self.num_predict_samples, self.predict_seed, self.predict_labels = (
+            num_predict_samples,
+            predict_seed,
+            predict_labels,
+        )
         self.batch_size = batch_size
         self._data_shape = list(data_shape) if data_shape is not None else None
         self._num_classes = num_classes
@@ -101,5 +106,11 @@ class SampleRequestsDataModule(pl.LightningDataModule):
         return self._num_classes
 
     def predict_dataloader(self) -> DataLoader:
-        return predict_loader(self.num_predict_samples, self.predict_seed, self.predict_labels, self.num_classes,
-                              self.batch_size, self.trainer)
+        return predict_loader(
+            self.num_predict_samples,
+            self.predict_seed,
+            self.predict_labels,
+            self.num_classes,
+            self.batch_size,
+            self.trainer,
+        )

@@ -27,8 +27,9 @@ class ResumableSampler(DistributedSampler):
     With ``keyed=True`` it yields ``(index, epoch)`` pairs instead of indices (see the module docstring).
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 keyed: bool = False) -> None:
+    def __init__(
+        self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0, keyed: bool = False
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self._skip = 0
         self.keyed = keyed
@@ -38,7 +39,7 @@ class ResumableSampler(DistributedSampler):
         self._skip = num_examples
 
     def __iter__(self) -> Iterator[int | tuple[int, int]]:
-        indices = list(super().__iter__())[self._skip:]
+        indices = list(super().__iter__())[self._skip :]
         self._skip = 0
         return iter([(i, self.epoch) for i in indices] if self.keyed else indices)
 
@@ -73,8 +74,9 @@ def resumable_train_loader(
             f"the training set has {len(dataset)} examples{on}, fewer than one batch of batch_size={batch_size}; "
             "lower batch_size or add data"
         )
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=seed,
-                               keyed=bool(getattr(dataset, "keyed_by_epoch", False)))
+    sampler = ResumableSampler(
+        dataset, num_replicas=world, rank=rank, seed=seed, keyed=bool(getattr(dataset, "keyed_by_epoch", False))
+    )
     if trainer is not None:
         # Lightning creates the loader's iterator before it calls set_epoch, and on a resume it keeps that
         # iterator; worker processes make iter() draw the first indices at once, so they would come
@@ -86,5 +88,11 @@ def resumable_train_loader(
         if consumed < per_device // batch_size:
             sampler.skip_next(consumed * batch_size)
     # Its own generator: worker seeds must not draw from (and shift) the global RNG.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                      generator=torch.Generator().manual_seed(seed), **loader_kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_kwargs,
+    )

@@ -94,7 +94,7 @@ def spiral_arms(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
 def pentagram(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     """Points jittered (sd 0.01) along a line drawing: the five strokes of a star, crossing each other."""
     labels = torch.randint(0, 5, (n,), generator=g)
-    vertex = (torch.arange(5) * 2 * math.pi / 5 + math.pi / 2)  # the pentagon's corners, one at the top
+    vertex = torch.arange(5) * 2 * math.pi / 5 + math.pi / 2  # the pentagon's corners, one at the top
     corners = torch.stack([torch.cos(vertex), torch.sin(vertex)], dim=1)
     start, end = corners[labels], corners[(labels + 2) % 5]  # stroke k joins corner k to corner k + 2
     along = torch.rand(n, 1, generator=g)
@@ -178,5 +178,11 @@ class Toy2DDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        return predict_loader(self.num_predict_samples, self.predict_seed, self.predict_labels, self.num_classes,
-                              self.batch_size, self.trainer)
+        return predict_loader(
+            self.num_predict_samples,
+            self.predict_seed,
+            self.predict_labels,
+            self.num_classes,
+            self.batch_size,
+            self.trainer,
+        )

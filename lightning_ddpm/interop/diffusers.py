@@ -18,18 +18,32 @@ from typing import Any
 import torch
 
 __all__ = [
-    "require_diffusers", "settings_from_scheduler_config", "scheduler_config_from_settings", "read_folder",
-    "read_source", "SCHEDULER_SAMPLERS",
+    "require_diffusers",
+    "settings_from_scheduler_config",
+    "scheduler_config_from_settings",
+    "read_folder",
+    "read_source",
+    "SCHEDULER_SAMPLERS",
 ]
 
 PREDICTION_TYPES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 # diffusers' *_log variants are the same variances computed in log space.
-VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
-                  "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
+VARIANCE_TYPES = {
+    "fixed_small": "fixed_small",
+    "fixed_small_log": "fixed_small",
+    "fixed_large": "fixed_large",
+    "fixed_large_log": "fixed_large",
+    "learned_range": "learned_range",
+}
 # The scheduler class a folder names -> our sampler of the same method.
-SCHEDULER_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpmpp_2m",
-                      "UniPCMultistepScheduler": "unipc", "EulerDiscreteScheduler": "euler",
-                      "HeunDiscreteScheduler": "heun"}
+SCHEDULER_SAMPLERS = {
+    "DDPMScheduler": "ddpm",
+    "DDIMScheduler": "ddim",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
+    "EulerDiscreteScheduler": "euler",
+    "HeunDiscreteScheduler": "heun",
+}
 # The scheduler classes whose clip_sample defaults to True.
 _CLIPPING_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 # diffusers' default timestep_spacing per scheduler class (the others default to "linspace").
@@ -107,7 +121,8 @@ def settings_from_scheduler_config(config: Mapping[str, Any], class_name: str = 
         # clip_sample at all. A config without the field (a bare U-Net: DDPMScheduler()'s) gets the default.
         "clip_denoised": bool(config.get("clip_sample", class_name in _CLIPPING_SCHEDULERS)),
         "sampler": {"name": sampler, "init_args": {"spacing": spacing, **options}}
-        if sampler != "ddpm" or spacing != "leading" else "ddpm",
+        if sampler != "ddpm" or spacing != "leading"
+        else "ddpm",
     }
 
 
@@ -117,8 +132,13 @@ def _solver(config: Mapping[str, Any], sampler: str) -> tuple[str, dict[str, Any
     Ours: DPM-Solver++(2M) with the midpoint rule (ODE or SDE) and UniPC-bh2 in data prediction, both
     stepping down to first order at the end onto sigma = 0.
     """
-    for field in ("use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "use_lu_lambdas",
-                  "use_dynamic_shifting"):  # other sigma grids than ours
+    for field in (
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "use_flow_sigmas",
+        "use_lu_lambdas",
+        "use_dynamic_shifting",
+    ):  # other sigma grids than ours
         if config.get(field):
             raise _refuse(field, config[field], "false")
     for field, ours in (("interpolation_type", "linear"), ("timestep_type", "discrete")):
@@ -130,8 +150,11 @@ def _solver(config: Mapping[str, Any], sampler: str) -> tuple[str, dict[str, Any
     if float(config.get("lambda_min_clipped", -math.inf)) != -math.inf:
         raise _refuse("lambda_min_clipped", config["lambda_min_clipped"], "-inf")
     # diffusers caps only Karras (and exponential / beta) sigmas with sigma_max, as ours does
-    options = {"sigma_max": float(config["sigma_max"])} if config.get("sigma_max") is not None and config.get(
-        "use_karras_sigmas") else {}
+    options = (
+        {"sigma_max": float(config["sigma_max"])}
+        if config.get("sigma_max") is not None and config.get("use_karras_sigmas")
+        else {}
+    )
     if sampler not in ("dpmpp_2m", "unipc"):
         return sampler, options
     if not config.get("lower_order_final", True):
@@ -164,9 +187,16 @@ def _solver(config: Mapping[str, Any], sampler: str) -> tuple[str, dict[str, Any
 def _beta_settings(schedule: str, kwargs: Mapping[str, Any], num_timesteps: int) -> dict[str, Any]:
     if schedule in ("linear", "scaled_linear") and set(kwargs) <= {"beta_start", "beta_end"}:
         defaults = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}[schedule]
-        return {"beta_schedule": schedule, "beta_start": float(kwargs.get("beta_start", defaults[0])),
-                "beta_end": float(kwargs.get("beta_end", defaults[1]))}
-    if schedule == "cosine" and float(kwargs.get("s", 0.008)) == 0.008 and float(kwargs.get("max_beta", 0.999)) == 0.999:
+        return {
+            "beta_schedule": schedule,
+            "beta_start": float(kwargs.get("beta_start", defaults[0])),
+            "beta_end": float(kwargs.get("beta_end", defaults[1])),
+        }
+    if (
+        schedule == "cosine"
+        and float(kwargs.get("s", 0.008)) == 0.008
+        and float(kwargs.get("max_beta", 0.999)) == 0.999
+    ):
         return {"beta_schedule": "squaredcos_cap_v2"}
     from ..core.schedules import make_schedule
 
@@ -217,19 +247,26 @@ def read_folder(path: str | Path) -> tuple[Path, dict[str, Any], tuple[str, dict
     if (root / "model_index.json").is_file():
         index = _json(root / "model_index.json", "")
         if "unet" not in index:
-            raise ValueError(f"{root / 'model_index.json'} names no 'unet'; components: {sorted(k for k in index if not k.startswith('_'))}")
+            raise ValueError(
+                f"{root / 'model_index.json'} names no 'unet'; components: {sorted(k for k in index if not k.startswith('_'))}"
+            )
         unet_dir = root / "unet"
         scheduler_entry = index.get("scheduler")
         scheduler = None
         if scheduler_entry:
-            scheduler = (scheduler_entry[1], _json(root / "scheduler" / "scheduler_config.json", "the scheduler config"))
+            scheduler = (
+                scheduler_entry[1],
+                _json(root / "scheduler" / "scheduler_config.json", "the scheduler config"),
+            )
     elif (root / "config.json").is_file():
         unet_dir, scheduler = root, None
     else:
         raise ValueError(f"{root} is not a diffusers model folder: it has neither model_index.json nor config.json")
     config = _json(unet_dir / "config.json", "the unet config")
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"{unet_dir / 'config.json'} _class_name: {config['_class_name']!r} is not supported; supported: UNet2DModel")
+        raise ValueError(
+            f"{unet_dir / 'config.json'} _class_name: {config['_class_name']!r} is not supported; supported: UNet2DModel"
+        )
     return unet_dir, config, scheduler
 
 
@@ -272,9 +309,11 @@ def read_source(source: Any, scheduler: Any) -> tuple[dict[str, Any], dict[str, 
     init_args = unet_init_args_from_diffusers(unet_config)
     size = unet_config.get("sample_size", 32)
     height, width = (size, size) if isinstance(size, int) else tuple(size)
-    derived = {"backbone": {"name": "unet", "init_args": init_args},
-               "data_shape": [int(unet_config.get("in_channels", 3)), int(height), int(width)],
-               **settings_from_scheduler_config(scheduler_config, class_name)}
+    derived = {
+        "backbone": {"name": "unet", "init_args": init_args},
+        "data_shape": [int(unet_config.get("in_channels", 3)), int(height), int(width)],
+        **settings_from_scheduler_config(scheduler_config, class_name),
+    }
     if "num_classes" in init_args:
         derived["num_classes"] = init_args["num_classes"]
     return derived, unet_config, weights

@@ -167,8 +167,11 @@ def unet_init_args_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         ("time_embedding_dim", cfg["time_embedding_dim"] in (None, 4 * ch), f"None or {4 * ch} (4 * first width)"),
         ("norm_num_groups", isinstance(groups, int), "an integer"),
         ("attn_norm_num_groups", mid_groups == groups, f"{groups} (norm_num_groups), or None without scale_shift"),
-        ("attention_head_dim", head_dim is None or _divides(head_dim, widths),
-         f"None or a divisor of the attention widths {widths}"),
+        (
+            "attention_head_dim",
+            head_dim is None or _divides(head_dim, widths),
+            f"None or a divisor of the attention widths {widths}",
+        ),
         ("sample_size", size is not None, "an image size (int or [height, width])"),
     ]
     for field, representable, supported in checks:

@@ -45,26 +45,40 @@ class DiffusersInterop:
             if isinstance(args.get("image_size"), int):  # 32 and [32, 32] are the same size
                 args["image_size"] = [args["image_size"]] * 2
         # dropout is a training choice, not part of what the weights mean (published configs do not record it)
-        different = [f"model.backbone.init_args.{key}: given {mine.get(key)!r}, folder {value!r}"
-                     for key, value in folder_args.items()
-                     if key != "dropout" and not settings_agree(key, value, mine.get(key))]
-        different += [f"model.{key}: given {self.hparams.get(key)!r}, folder {derived[key]!r}"
-                      for key in ("data_shape", "num_classes", "parameterization", "variance")
-                      if key in derived and not settings_agree(key, derived[key], self.hparams.get(key))]
-        folder = make_schedule(derived["schedule"], derived["num_timesteps"], **derived["schedule_kwargs"],
-                               rescale_to_zero_terminal_snr=derived["rescale_to_zero_terminal_snr"])
+        different = [
+            f"model.backbone.init_args.{key}: given {mine.get(key)!r}, folder {value!r}"
+            for key, value in folder_args.items()
+            if key != "dropout" and not settings_agree(key, value, mine.get(key))
+        ]
+        different += [
+            f"model.{key}: given {self.hparams.get(key)!r}, folder {derived[key]!r}"
+            for key in ("data_shape", "num_classes", "parameterization", "variance")
+            if key in derived and not settings_agree(key, derived[key], self.hparams.get(key))
+        ]
+        folder = make_schedule(
+            derived["schedule"],
+            derived["num_timesteps"],
+            **derived["schedule_kwargs"],
+            rescale_to_zero_terminal_snr=derived["rescale_to_zero_terminal_snr"],
+        )
         if not same_betas(folder.betas, self.diffusion.schedule.betas):
-            different.append(f"model.schedule: the folder's betas ({folder!r}) are not this model's "
-                             f"({self.diffusion.schedule!r})")
+            different.append(
+                f"model.schedule: the folder's betas ({folder!r}) are not this model's ({self.diffusion.schedule!r})"
+            )
         if different:
-            raise ValueError(f"init_from {source}: the folder's model differs from this config: " + "; ".join(different))
+            raise ValueError(
+                f"init_from {source}: the folder's model differs from this config: " + "; ".join(different)
+            )
         self.backbone.load_state_dict(unet_state_dict_from_diffusers(weights, unet_config))
 
     def backbone_init_args(self) -> dict[str, Any]:
         """Every argument the backbone was built with: the config's, the linked ones, then the defaults."""
         _, init_args = split_spec(self.hparams.backbone, "backbone")
-        defaults = {k: p.default for k, p in inspect.signature(type(self.backbone).__init__).parameters.items()
-                    if k != "self" and p.default is not inspect.Parameter.empty}
+        defaults = {
+            k: p.default
+            for k, p in inspect.signature(type(self.backbone).__init__).parameters.items()
+            if k != "self" and p.default is not inspect.Parameter.empty
+        }
         linked = {k: v for k, v in self.linked_backbone_args.items() if k in defaults}
         return {**defaults, **linked, **init_args}
 
@@ -83,9 +97,12 @@ class DiffusersInterop:
         state = {k: v.detach().cpu().contiguous() for k, v in self.backbone.state_dict().items()}
         unet.load_state_dict(unet_state_dict_to_diffusers(state, init_args))
         if init_args.get("num_classes") is not None:
-            warnings.warn("this model is class-conditional: diffusers' DDPMPipeline and DDIMPipeline load it but "
-                          "pass no class labels when called; sample it with the UNet2DModel and the scheduler in a "
-                          "loop with class_labels (README, 'diffusers interop')", stacklevel=2)
+            warnings.warn(
+                "this model is class-conditional: diffusers' DDPMPipeline and DDIMPipeline load it but "
+                "pass no class labels when called; sample it with the UNet2DModel and the scheduler in a "
+                "loop with class_labels (README, 'diffusers interop')",
+                stacklevel=2,
+            )
         scheduler = diffusers.DDPMScheduler(**scheduler_config_from_settings(self.hparams))
         output_dir = Path(output_dir)
         diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(output_dir, safe_serialization=True)

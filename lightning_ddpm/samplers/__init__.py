@@ -12,7 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from .base import (
-    INTEGER_SPACINGS, SAMPLERS, SPACINGS, Generators, Grid, Sampler, StepCallback, karras_sigmas, randn, sigma_to_t,
+    INTEGER_SPACINGS,
+    SAMPLERS,
+    SPACINGS,
+    Generators,
+    Grid,
+    Sampler,
+    StepCallback,
+    karras_sigmas,
+    randn,
+    sigma_to_t,
     timestep_schedule,
 )
 
@@ -24,11 +33,26 @@ from .unipc import UniPCSampler  # isort: skip
 from .karras import EulerSampler, HeunSampler  # isort: skip
 
 __all__ = [
-    "timestep_schedule", "karras_sigmas", "sigma_to_t", "Grid", "Sampler", "DDPMSampler", "DDIMSampler",
-    "DPMSolverPP2MSampler", "DPMSolverPP2MSDESampler", "UniPCSampler", "EulerSampler", "HeunSampler",
-    "SPACINGS", "INTEGER_SPACINGS", "SAMPLERS", "make_sampler", "randn", "Generators", "StepCallback",
+    "timestep_schedule",
+    "karras_sigmas",
+    "sigma_to_t",
+    "Grid",
+    "Sampler",
+    "DDPMSampler",
+    "DDIMSampler",
+    "DPMSolverPP2MSampler",
+    "DPMSolverPP2MSDESampler",
+    "UniPCSampler",
+    "EulerSampler",
+    "HeunSampler",
+    "SPACINGS",
+    "INTEGER_SPACINGS",
+    "SAMPLERS",
+    "make_sampler",
+    "randn",
+    "Generators",
+    "StepCallback",
 ]
-
 
 
 def make_sampler(spec: str | dict | Sampler, num_timesteps: int | None = None, **kwargs: Any) -> Sampler:
@@ -48,7 +72,12 @@ def make_sampler(spec: str | dict | Sampler, num_timesteps: int | None = None, *
         sampler = cls(**options)
     except TypeError as err:
         raise ValueError(f"bad options for sampler {name!r}: {err}") from err
-    if (num_timesteps is not None and "num_steps" not in options and sampler.num_steps is not None
-            and sampler.num_steps > num_timesteps and sampler.spacing != "karras"):
+    if (
+        num_timesteps is not None
+        and "num_steps" not in options
+        and sampler.num_steps is not None
+        and sampler.num_steps > num_timesteps
+        and sampler.spacing != "karras"
+    ):
         sampler.num_steps = num_timesteps
     return sampler

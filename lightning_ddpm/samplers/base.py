@@ -22,8 +22,18 @@ from ..core.registry import Registry
 from ..core.sigmas import log_sigmas_of, sigma_to_t
 
 __all__ = [
-    "Generators", "StepCallback", "Denoise", "Grid", "Sampler", "SPACINGS", "INTEGER_SPACINGS",
-    "randn", "timestep_schedule", "karras_sigmas", "sigma_to_t", "SAMPLERS",
+    "Generators",
+    "StepCallback",
+    "Denoise",
+    "Grid",
+    "Sampler",
+    "SPACINGS",
+    "INTEGER_SPACINGS",
+    "randn",
+    "timestep_schedule",
+    "karras_sigmas",
+    "sigma_to_t",
+    "SAMPLERS",
 ]
 
 INTEGER_SPACINGS = ("leading", "trailing", "linspace")
@@ -118,8 +128,13 @@ class Sampler:
     # spacings a diffusers scheduler of the same method defines differently: refused with the reason
     refused_spacings: dict[str, str] = {}
 
-    def __init__(self, num_steps: int | None = None, spacing: str = "leading", clip_denoised: bool | None = None,
-                 sigma_max: float | None = None):
+    def __init__(
+        self,
+        num_steps: int | None = None,
+        spacing: str = "leading",
+        clip_denoised: bool | None = None,
+        sigma_max: float | None = None,
+    ):
         _check_spacing(spacing, self.spacings, self.refused_spacings)
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -157,8 +172,10 @@ class Sampler:
             ts = self.timesteps(diffusion.num_timesteps)
             return Grid(ts, torch.cat([ab[ts], one]))
         if diffusion.schedule.has_zero_terminal_snr and self.sigma_max is None:
-            raise ValueError("spacing='karras' needs a finite sigma_max; a zero-terminal-SNR schedule has "
-                             "sigma_max = inf (set sigma_max, or use spacing='trailing')")
+            raise ValueError(
+                "spacing='karras' needs a finite sigma_max; a zero-terminal-SNR schedule has "
+                "sigma_max = inf (set sigma_max, or use spacing='trailing')"
+            )
         log_sigmas = log_sigmas_of(ab)
         sigma_min, sigma_max = float(log_sigmas[0].exp()), float(log_sigmas[-1].exp())
         if self.sigma_max is not None:

@@ -36,8 +36,15 @@ class DDIMSampler(Sampler):
         """The DDIM noise scale of the step t -> s."""
         return self.eta * ((1 - alpha_bar_s) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_s)) ** 0.5
 
-    def solve(self, denoise: Denoise, diffusion: GaussianDiffusion, grid: Grid, x: Tensor,
-              generator: Generators, callback: StepCallback | None) -> Tensor:  # noqa: D102
+    def solve(
+        self,
+        denoise: Denoise,
+        diffusion: GaussianDiffusion,
+        grid: Grid,
+        x: Tensor,
+        generator: Generators,
+        callback: StepCallback | None,
+    ) -> Tensor:  # noqa: D102
         ab = grid.alpha_bar.tolist()
         for i in range(grid.num_steps):
             prediction = denoise(x, i)

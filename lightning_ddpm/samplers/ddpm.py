@@ -38,8 +38,15 @@ class DDPMSampler(Sampler):
             cached = self._respaced = (weakref.ref(diffusion), *key, diffusion.respace(grid.t))
         return cached[3]
 
-    def solve(self, denoise: Denoise, diffusion: GaussianDiffusion, grid: Grid, x: Tensor,
-              generator: Generators, callback: StepCallback | None) -> Tensor:  # noqa: D102
+    def solve(
+        self,
+        denoise: Denoise,
+        diffusion: GaussianDiffusion,
+        grid: Grid,
+        x: Tensor,
+        generator: Generators,
+        callback: StepCallback | None,
+    ) -> Tensor:  # noqa: D102
         stepper = self._step_diffusion(diffusion, grid)
         n = grid.num_steps
         for i in range(n):

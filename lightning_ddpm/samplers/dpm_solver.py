@@ -35,12 +35,24 @@ class DPMSolverPP2MSampler(Sampler):
     spacings = SPACINGS
     drop_zero = True  # leading / linspace as in diffusers' multistep schedulers
 
-    def __init__(self, num_steps: int | None = 20, spacing: str = "trailing", clip_denoised: bool | None = None,
-                 sigma_max: float | None = None):
+    def __init__(
+        self,
+        num_steps: int | None = 20,
+        spacing: str = "trailing",
+        clip_denoised: bool | None = None,
+        sigma_max: float | None = None,
+    ):
         super().__init__(num_steps, spacing, clip_denoised, sigma_max)
 
-    def solve(self, denoise: Denoise, diffusion: GaussianDiffusion, grid: Grid, x: Tensor,
-              generator: Generators, callback: StepCallback | None) -> Tensor:  # noqa: D102
+    def solve(
+        self,
+        denoise: Denoise,
+        diffusion: GaussianDiffusion,
+        grid: Grid,
+        x: Tensor,
+        generator: Generators,
+        callback: StepCallback | None,
+    ) -> Tensor:  # noqa: D102
         coefs = [_alpha_sigma_lambda(ab) for ab in solver_alpha_bar(grid)]
         n = grid.num_steps
         d_prev = None
@@ -58,8 +70,9 @@ class DPMSolverPP2MSampler(Sampler):
             d_prev = d
         return x
 
-    def _update(self, x: Tensor, d: Tensor, a_next: float, s_i: float, s_next: float, h: float,
-                generator: Generators) -> Tensor:
+    def _update(
+        self, x: Tensor, d: Tensor, a_next: float, s_i: float, s_next: float, h: float, generator: Generators
+    ) -> Tensor:
         return (s_next / s_i) * x - (a_next * math.expm1(-h)) * d
 
 
@@ -70,8 +83,12 @@ class DPMSolverPP2MSDESampler(DPMSolverPP2MSampler):
     x_{i+1} = (sigma_{i+1} / sigma_i) e^{-h} x_i + alpha_{i+1} (1 - e^{-2h}) D + sigma_{i+1} sqrt(1 - e^{-2h}) z.
     """
 
-    def _update(self, x: Tensor, d: Tensor, a_next: float, s_i: float, s_next: float, h: float,
-                generator: Generators) -> Tensor:
+    def _update(
+        self, x: Tensor, d: Tensor, a_next: float, s_i: float, s_next: float, h: float, generator: Generators
+    ) -> Tensor:
         one_minus = -math.expm1(-2.0 * h)
-        return (s_next / s_i * math.exp(-h)) * x + (a_next * one_minus) * d + (
-            s_next * math.sqrt(one_minus)) * noise_like(x, generator)
+        return (
+            (s_next / s_i * math.exp(-h)) * x
+            + (a_next * one_minus) * d
+            + (s_next * math.sqrt(one_minus)) * noise_like(x, generator)
+        )

@@ -31,17 +31,31 @@ class EulerSampler(Sampler):
     """Euler's method in sigma (``euler``): x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i."""
 
     spacings = ("leading", "trailing", "karras")
-    refused_spacings = {"linspace": "diffusers' EulerDiscreteScheduler and HeunDiscreteScheduler place 'linspace' "
-                        "at fractional timesteps with linearly interpolated sigmas, a grid these samplers do not "
-                        "reproduce"}
+    refused_spacings = {
+        "linspace": "diffusers' EulerDiscreteScheduler and HeunDiscreteScheduler place 'linspace' "
+        "at fractional timesteps with linearly interpolated sigmas, a grid these samplers do not "
+        "reproduce"
+    }
     heun = False
 
-    def __init__(self, num_steps: int | None = 20, spacing: str = "trailing", clip_denoised: bool | None = None,
-                 sigma_max: float | None = None):
+    def __init__(
+        self,
+        num_steps: int | None = 20,
+        spacing: str = "trailing",
+        clip_denoised: bool | None = None,
+        sigma_max: float | None = None,
+    ):
         super().__init__(num_steps, spacing, clip_denoised, sigma_max)
 
-    def solve(self, denoise: Denoise, diffusion: GaussianDiffusion, grid: Grid, x: Tensor,
-              generator: Generators, callback: StepCallback | None) -> Tensor:  # noqa: D102
+    def solve(
+        self,
+        denoise: Denoise,
+        diffusion: GaussianDiffusion,
+        grid: Grid,
+        x: Tensor,
+        generator: Generators,
+        callback: StepCallback | None,
+    ) -> Tensor:  # noqa: D102
         ab = solver_alpha_bar(grid)
         alpha = [math.sqrt(v) for v in ab]
         sigma = [math.sqrt((1.0 - v) / v) for v in ab]
@@ -51,7 +65,8 @@ class EulerSampler(Sampler):
                 f"heun: the first step goes from sigma {sigma[0]:.3g} to {sigma[1]:.3g}; Heun's corrector multiplies "
                 f"the network's error by about their ratio ({sigma[0] / sigma[1]:.0f}), which ruins the samples "
                 "(the cosine schedule's sigma_max is ~2e4). Cap the grid as EDM does, {spacing: karras, sigma_max: 80}, "
-                "or use a multistep solver (dpmpp_2m, unipc)", stacklevel=3,
+                "or use a multistep solver (dpmpp_2m, unipc)",
+                stacklevel=3,
             )
         x = x / alpha[0]  # variance-preserving x_t -> x_t / alpha = x0 + sigma eps
 

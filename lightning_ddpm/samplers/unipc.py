@@ -60,16 +60,30 @@ class UniPCSampler(Sampler):
     spacings = SPACINGS
     drop_zero = True  # leading / linspace as in diffusers' multistep schedulers
 
-    def __init__(self, num_steps: int | None = 20, order: int = 2, spacing: str = "trailing",
-                 clip_denoised: bool | None = None, corrector: bool = True, sigma_max: float | None = None):
+    def __init__(
+        self,
+        num_steps: int | None = 20,
+        order: int = 2,
+        spacing: str = "trailing",
+        clip_denoised: bool | None = None,
+        corrector: bool = True,
+        sigma_max: float | None = None,
+    ):
         super().__init__(num_steps, spacing, clip_denoised, sigma_max)
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {order}")
         self.order = order
         self.corrector = corrector
 
-    def solve(self, denoise: Denoise, diffusion: GaussianDiffusion, grid: Grid, x: Tensor,
-              generator: Generators, callback: StepCallback | None) -> Tensor:  # noqa: D102
+    def solve(
+        self,
+        denoise: Denoise,
+        diffusion: GaussianDiffusion,
+        grid: Grid,
+        x: Tensor,
+        generator: Generators,
+        callback: StepCallback | None,
+    ) -> Tensor:  # noqa: D102
         ab = solver_alpha_bar(grid)
         alpha = [math.sqrt(v) for v in ab]
         sigma = [math.sqrt(1.0 - v) for v in ab]
@@ -81,7 +95,7 @@ class UniPCSampler(Sampler):
             d = denoise(x, i).x0
             if self.corrector and 0 < i < n - 1:  # the last x is replaced by pred_x0 anyway
                 x = self._update(x_last, d, history, i - 1, i, order_last, alpha, sigma, lam)
-            history = [*history, (d, i)][-self.order:]
+            history = [*history, (d, i)][-self.order :]
             order = min(self.order, n - i, i + 1)  # warm-up, and lower_order_final
             x_last, order_last = x, order
             x = d if i == n - 1 else self._update(x, None, history, i, i + 1, order, alpha, sigma, lam)
@@ -90,8 +104,17 @@ class UniPCSampler(Sampler):
         return x
 
     @staticmethod
-    def _update(x: Tensor, d_new: Tensor | None, history: list[tuple[Tensor, int]], s: int, t: int, order: int,
-                alpha: list[float], sigma: list[float], lam: list[float]) -> Tensor:
+    def _update(
+        x: Tensor,
+        d_new: Tensor | None,
+        history: list[tuple[Tensor, int]],
+        s: int,
+        t: int,
+        order: int,
+        alpha: list[float],
+        sigma: list[float],
+        lam: list[float],
+    ) -> Tensor:
         """UniP (``d_new`` None) or UniC (``d_new``: x0 at the new point) from grid index s to t."""
         d0 = history[-1][0]
         h = lam[t] - lam[s]

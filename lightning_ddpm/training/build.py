@@ -17,8 +17,13 @@ from ..core.schedules import make_schedule
 __all__ = ["build_diffusion", "build_linked_backbone", "check_settings", "linked_backbone_args"]
 
 
-def check_settings(data_shape: Sequence[int], num_classes: int | None, cond_drop_prob: float, guidance_scale: float,
-                   lr_warmup_steps: int) -> tuple[int, ...]:
+def check_settings(
+    data_shape: Sequence[int],
+    num_classes: int | None,
+    cond_drop_prob: float,
+    guidance_scale: float,
+    lr_warmup_steps: int,
+) -> tuple[int, ...]:
     """``data_shape`` as a tuple, after checking the module's plain settings (errors at construction, not at fit)."""
     shape = tuple(int(s) for s in data_shape)
     if not shape or any(s < 1 for s in shape):
@@ -34,14 +39,25 @@ def check_settings(data_shape: Sequence[int], num_classes: int | None, cond_drop
     return shape
 
 
-def build_diffusion(schedule: str, num_timesteps: int, schedule_kwargs: dict[str, Any] | None,
-                    rescale_to_zero_terminal_snr: bool, parameterization: str, variance: str, loss: str,
-                    loss_weighting: str, min_snr_gamma: float, hybrid_lambda: float,
-                    clip_denoised: bool) -> GaussianDiffusion:
+def build_diffusion(
+    schedule: str,
+    num_timesteps: int,
+    schedule_kwargs: dict[str, Any] | None,
+    rescale_to_zero_terminal_snr: bool,
+    parameterization: str,
+    variance: str,
+    loss: str,
+    loss_weighting: str,
+    min_snr_gamma: float,
+    hybrid_lambda: float,
+    clip_denoised: bool,
+) -> GaussianDiffusion:
     """The GaussianDiffusion of the module's settings; warns of an eps model that the last beta makes unstable."""
     diffusion = GaussianDiffusion(
         make_schedule(
-            schedule, num_timesteps, rescale_to_zero_terminal_snr=rescale_to_zero_terminal_snr,
+            schedule,
+            num_timesteps,
+            rescale_to_zero_terminal_snr=rescale_to_zero_terminal_snr,
             **(schedule_kwargs or {}),
         ),
         parameterization=parameterization,
@@ -64,8 +80,9 @@ def build_diffusion(schedule: str, num_timesteps: int, schedule_kwargs: dict[str
     return diffusion
 
 
-def linked_backbone_args(data_shape: tuple[int, ...], num_classes: int | None,
-                         diffusion: GaussianDiffusion) -> dict[str, Any]:
+def linked_backbone_args(
+    data_shape: tuple[int, ...], num_classes: int | None, diffusion: GaussianDiffusion
+) -> dict[str, Any]:
     """The backbone arguments that the data and the diffusion decide (also for diffusers export)."""
     return {
         "in_channels": data_shape[0],
@@ -75,9 +92,14 @@ def linked_backbone_args(data_shape: tuple[int, ...], num_classes: int | None,
     }
 
 
-def build_linked_backbone(backbone: BackboneSpec | nn.Module, shared: dict[str, Any], data_shape: tuple[int, ...],
-                          diffusion: GaussianDiffusion, channels_last: bool,
-                          compile: bool | dict[str, Any]) -> nn.Module:
+def build_linked_backbone(
+    backbone: BackboneSpec | nn.Module,
+    shared: dict[str, Any],
+    data_shape: tuple[int, ...],
+    diffusion: GaussianDiffusion,
+    channels_last: bool,
+    compile: bool | dict[str, Any],
+) -> nn.Module:
     """The backbone with the ``shared`` (linked) arguments, checked against the data, in its memory format
     and compiled if asked."""
     module = build_backbone(backbone, defaults=shared)

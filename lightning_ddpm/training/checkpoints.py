@@ -31,13 +31,25 @@ from ..core.imports import settings_agree
 DIGEST_KEY = "lightning_ddpm_digest"
 
 # Settings that change the meaning or the shape of the weights: a checkpoint must agree on them.
-COMPATIBLE_SETTINGS = ("backbone", "data_shape", "num_classes", "schedule", "num_timesteps", "schedule_kwargs",
-                       "rescale_to_zero_terminal_snr", "parameterization", "variance")
+COMPATIBLE_SETTINGS = (
+    "backbone",
+    "data_shape",
+    "num_classes",
+    "schedule",
+    "num_timesteps",
+    "schedule_kwargs",
+    "rescale_to_zero_terminal_snr",
+    "parameterization",
+    "variance",
+)
 
 # device type -> (get_state(device), set_state(state, device)) of the generator that random ops on such a
 # device draw from (dropout on a GPU); the CPU's is the global torch generator, saved for every rank anyway.
 DEVICE_RNG: dict[str, tuple[Callable[[torch.device], torch.Tensor], Callable[[torch.Tensor, torch.device], None]]] = {
-    "cuda": (lambda device: torch.cuda.get_rng_state(device), lambda state, device: torch.cuda.set_rng_state(state, device)),
+    "cuda": (
+        lambda device: torch.cuda.get_rng_state(device),
+        lambda state, device: torch.cuda.set_rng_state(state, device),
+    ),
     "mps": (lambda device: torch.mps.get_rng_state(), lambda state, device: torch.mps.set_rng_state(state)),
 }
 
@@ -83,7 +95,9 @@ def restore_rng_states(states: Mapping[str, Any], device: torch.device, rank: in
             f"resuming with {world_size} processes a run checkpointed with {len(saved)}: ranks below "
             f"{min(len(saved), world_size)} restore their own RNG state (dropout) and the others keep theirs, and "
             "the data shards change with the world size, so the run continues but not bit-identically to an "
-            "uninterrupted one", stacklevel=2)
+            "uninterrupted one",
+            stacklevel=2,
+        )
     if rank >= len(saved):
         return
     own = saved[rank]
@@ -176,8 +190,9 @@ def root_device(trainer: Any, device: torch.device) -> torch.device:
     return trainer.strategy.root_device if trainer is not None else device
 
 
-def save_module_state(checkpoint: dict[str, Any], timestep_sampler: Any, device: torch.device,
-                      is_global_zero: bool) -> None:
+def save_module_state(
+    checkpoint: dict[str, Any], timestep_sampler: Any, device: torch.device, is_global_zero: bool
+) -> None:
     """Add the timestep sampler's state, every rank's RNG states and (on rank 0) the digest to ``checkpoint``."""
     checkpoint["timestep_sampler"] = timestep_sampler.state_dict()
     # The global RNG now drives only dropout; keep every rank's state (CPU and its own device's) so that
@@ -188,8 +203,9 @@ def save_module_state(checkpoint: dict[str, Any], timestep_sampler: Any, device:
         checkpoint[DIGEST_KEY] = checkpoint_digest(checkpoint)
 
 
-def check_loaded_checkpoint(checkpoint: Mapping[str, Any], hparams: Mapping[str, Any],
-                            keys: tuple[str, ...] = COMPATIBLE_SETTINGS) -> None:
+def check_loaded_checkpoint(
+    checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], keys: tuple[str, ...] = COMPATIBLE_SETTINGS
+) -> None:
     """Raise if ``checkpoint`` is corrupt (its digest) or from a config whose ``keys`` differ from ``hparams``."""
     if "state_dict" in checkpoint:  # ModelParallelStrategy loads the weights itself and removes them first
         verify_checkpoint(checkpoint)
@@ -203,8 +219,9 @@ def check_loaded_checkpoint(checkpoint: Mapping[str, Any], hparams: Mapping[str,
         raise ValueError("checkpoint is from an incompatible config: " + "; ".join(different))
 
 
-def restore_module_state(checkpoint: Mapping[str, Any], timestep_sampler: Any, trainer: Any,
-                         device: torch.device) -> None:
+def restore_module_state(
+    checkpoint: Mapping[str, Any], timestep_sampler: Any, trainer: Any, device: torch.device
+) -> None:
     """Give the timestep sampler its state back and, when ``trainer`` is fitting, this rank its RNG state."""
     if checkpoint.get("timestep_sampler"):
         timestep_sampler.load_state_dict(checkpoint["timestep_sampler"])

@@ -24,8 +24,14 @@ from ..data.batches import check_image_range, check_labels, unpack_batch
 from ..interop.module import DiffusersInterop
 from ..samplers import Generators, Sampler, make_sampler
 from .build import build_diffusion, build_linked_backbone, check_settings, linked_backbone_args
-from .checkpoints import (COMPATIBLE_SETTINGS, check_loaded_checkpoint, check_local_checkpoint_file, restore_module_state,
-                          root_device, save_module_state)
+from .checkpoints import (
+    COMPATIBLE_SETTINGS,
+    check_loaded_checkpoint,
+    check_local_checkpoint_file,
+    restore_module_state,
+    root_device,
+    save_module_state,
+)
 from .fsdp import shard_over_mesh
 from .metrics import TimestepLosses, log_epoch_losses
 from .nonfinite import NonFiniteGuard
@@ -121,13 +127,24 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.use_channels_last = channels_last and len(self.data_shape) == 3
 
-        self.diffusion = build_diffusion(schedule, num_timesteps, schedule_kwargs, rescale_to_zero_terminal_snr,
-                                         parameterization, variance, loss, loss_weighting, min_snr_gamma,
-                                         hybrid_lambda, clip_denoised)
+        self.diffusion = build_diffusion(
+            schedule,
+            num_timesteps,
+            schedule_kwargs,
+            rescale_to_zero_terminal_snr,
+            parameterization,
+            variance,
+            loss,
+            loss_weighting,
+            min_snr_gamma,
+            hybrid_lambda,
+            clip_denoised,
+        )
         shared = linked_backbone_args(self.data_shape, num_classes, self.diffusion)
         self.linked_backbone_args = shared  # what the data and the diffusion decide (also for diffusers export)
-        self.backbone = build_linked_backbone(backbone, shared, self.data_shape, self.diffusion,
-                                              self.use_channels_last, compile)
+        self.backbone = build_linked_backbone(
+            backbone, shared, self.data_shape, self.diffusion, self.use_channels_last, compile
+        )
         # Every rank computes the same schedule constants: DDP need not broadcast them before each forward.
         self._ddp_params_and_buffers_to_ignore = [f"diffusion.{name}" for name, _ in self.diffusion.named_buffers()]
         self.timestep_sampler = make_timestep_sampler(timestep_sampler, num_timesteps)
@@ -294,8 +311,11 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             callback: ``callback(step, num_steps, x, pred_x0)`` after every step (progress bars).
         """
         # a bare name caps its default steps at T, as everywhere else a sampler is named
-        sampler = (self.default_sampler if sampler is None
-                   else make_sampler(sampler, num_timesteps=self.diffusion.num_timesteps))
+        sampler = (
+            self.default_sampler
+            if sampler is None
+            else make_sampler(sampler, num_timesteps=self.diffusion.num_timesteps)
+        )
         scale = check_sample_args(num_samples, self.data_shape, guidance_scale, self.guidance_scale, labels, x_T)
         model = conditioned(self.denoiser(), labels, num_samples, self.num_classes, scale, self.device)
         if x_T is None:  # in at least float32 (see initial_noise)
@@ -313,8 +333,9 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
     # -- optimisation --------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        return make_optimizer(self.optimizer_spec, [p for p in self.backbone.parameters() if p.requires_grad],
-                              self.lr_warmup_steps)
+        return make_optimizer(
+            self.optimizer_spec, [p for p in self.backbone.parameters() if p.requires_grad], self.lr_warmup_steps
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
 

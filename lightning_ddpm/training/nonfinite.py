@@ -178,7 +178,11 @@ class NonFiniteGuard:
             if not bad:
                 self.in_a_row = 0
                 continue
-            self.in_a_row, skipped, where = self.in_a_row + 1, skipped + 1, f"at step {step} (timesteps {t_min}..{t_max})"
+            self.in_a_row, skipped, where = (
+                self.in_a_row + 1,
+                skipped + 1,
+                f"at step {step} (timesteps {t_min}..{t_max})",
+            )
             if self.in_a_row >= self.max_in_a_row:
                 raise RuntimeError(
                     f"training stopped: {self.in_a_row} non-finite losses in a row, the last {where}; the skipped "
@@ -186,8 +190,11 @@ class NonFiniteGuard:
                     "NaN/inf, or use bf16-mixed instead of 16-mixed"
                 )
         if skipped:
-            warnings.warn(f"non-finite {what} {where}: step skipped ({skipped} skipped since the last check, "
-                          f"{self.in_a_row}/{self.max_in_a_row} in a row)", stacklevel=4)  # the module's hook
+            warnings.warn(
+                f"non-finite {what} {where}: step skipped ({skipped} skipped since the last check, "
+                f"{self.in_a_row}/{self.max_in_a_row} in a row)",
+                stacklevel=4,
+            )  # the module's hook
 
 
 def _shard_group(tensors: list[Tensor]) -> Any:

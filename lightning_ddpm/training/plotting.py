@@ -62,8 +62,9 @@ def save_scatter(
     return path
 
 
-def save_samples_picture(samples: Tensor, path: str | Path, reference: Tensor | None = None,
-                         labels: Tensor | None = None, title: str = "") -> Path:
+def save_samples_picture(
+    samples: Tensor, path: str | Path, reference: Tensor | None = None, labels: Tensor | None = None, title: str = ""
+) -> Path:
     """A grid for image samples, a scatter plot for 2-D ones."""
     if samples.ndim == 4:
         return save_image_grid(samples, path)

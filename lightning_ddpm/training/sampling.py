@@ -21,32 +21,48 @@ from ..samplers import Generators, randn
 __all__ = ["check_sample_args", "conditioned", "evaluating", "initial_noise"]
 
 
-def check_sample_args(num_samples: int, data_shape: tuple[int, ...], guidance_scale: float | None,
-                      default_scale: float, labels: Any, x_T: Tensor | None) -> float:
+def check_sample_args(
+    num_samples: int,
+    data_shape: tuple[int, ...],
+    guidance_scale: float | None,
+    default_scale: float,
+    labels: Any,
+    x_T: Tensor | None,
+) -> float:
     """The guidance scale to sample with (``guidance_scale``, else the module's), after checking the arguments."""
     scale = default_scale if guidance_scale is None else guidance_scale
     if scale < 0:
         raise ValueError(f"guidance_scale must be >= 0, got {scale}")
     if guidance_scale is not None and labels is None and guidance_scale != 1.0:
-        warnings.warn(f"guidance_scale={guidance_scale} has no effect without labels (guidance mixes the "
-                      "conditional and unconditional predictions); pass labels=... to guide",
-                      stacklevel=3)  # where sample's stacklevel=2 pointed (sample is wrapped by torch.no_grad)
+        warnings.warn(
+            f"guidance_scale={guidance_scale} has no effect without labels (guidance mixes the "
+            "conditional and unconditional predictions); pass labels=... to guide",
+            stacklevel=3,
+        )  # where sample's stacklevel=2 pointed (sample is wrapped by torch.no_grad)
     if x_T is not None and tuple(x_T.shape) != (num_samples, *data_shape):
-        raise ValueError(f"x_T must have shape (num_samples, *data_shape) = {(num_samples, *data_shape)}, "
-                         f"got {tuple(x_T.shape)}")
+        raise ValueError(
+            f"x_T must have shape (num_samples, *data_shape) = {(num_samples, *data_shape)}, got {tuple(x_T.shape)}"
+        )
     return scale
 
 
-def initial_noise(num_samples: int, data_shape: Sequence[int], generator: Generators, device: torch.device,
-                  network_dtype: torch.dtype) -> Tensor:
+def initial_noise(
+    num_samples: int, data_shape: Sequence[int], generator: Generators, device: torch.device, network_dtype: torch.dtype
+) -> Tensor:
     """x_T drawn from ``generator``, in at least float32 whatever the weights' precision: a 1000-step trajectory
     accumulated in bf16 would lose the detail each step adds; float64 weights (64-true) sample in float64."""
     dtype = torch.promote_types(network_dtype, torch.float32)
     return randn((num_samples, *data_shape), generator, device, dtype)
 
 
-def conditioned(model: PredictFn, labels: Tensor | Sequence[int] | None, num_samples: int, num_classes: int | None,
-                scale: float, device: torch.device) -> PredictFn:
+def conditioned(
+    model: PredictFn,
+    labels: Tensor | Sequence[int] | None,
+    num_samples: int,
+    num_classes: int | None,
+    scale: float,
+    device: torch.device,
+) -> PredictFn:
     """``model`` with the labels bound and classifier-free guidance at ``scale``; ``model`` itself without labels."""
     if labels is None:
         return model

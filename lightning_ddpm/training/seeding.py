@@ -15,8 +15,9 @@ from ..core.seeding import seed_of
 __all__ = ["request_generators", "step_generator"]
 
 
-def step_generator(stage: str, batch_idx: int, device: torch.device, global_step: int = 0, accumulate: int = 1,
-                   rank: int = 0) -> torch.Generator:
+def step_generator(
+    stage: str, batch_idx: int, device: torch.device, global_step: int = 0, accumulate: int = 1, rank: int = 0
+) -> torch.Generator:
     """A generator on ``device`` for this step: training keys on the optimizer step, the micro-batch within
     it (``accumulate``: gradient accumulation) and the rank; evaluation on the batch and rank."""
     if stage == "train":

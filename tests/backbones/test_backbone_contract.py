@@ -16,9 +16,18 @@ from lightning_ddpm.backbones.contract import Backbone
 
 ROOT = Path(__file__).resolve().parents[2]
 # small settings per built-in backbone; a backbone registered elsewhere is built with its defaults
-SMALL = {"unet": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "norm_groups": 4,
-                  "dropout": 0.0},
-         "mlp": {"hidden_dim": 16, "num_blocks": 1}, "tiny_conv": {"width": 8}}
+SMALL = {
+    "unet": {
+        "ch": 16,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [4],
+        "norm_groups": 4,
+        "dropout": 0.0,
+    },
+    "mlp": {"hidden_dim": 16, "num_blocks": 1},
+    "tiny_conv": {"width": 8},
+}
 
 
 # every backbone registered when the tests are collected (plugins included), and the README's
@@ -59,16 +68,21 @@ def test_a_backbone_takes_integer_and_fractional_timesteps_and_the_null_label(na
             out = net(x, t, labels) if conditional or name != "tiny_conv" else net(x, t)
             assert out.shape == x.shape and out.isfinite().all(), (name, t.dtype)
         if conditional and hasattr(net, "num_classes"):
-            assert torch.equal(net(x, torch.tensor([5, 5, 5, 5]), torch.full((4,), 3)),
-                               net(x, torch.tensor([5, 5, 5, 5])))  # cond=None is the null label
+            assert torch.equal(
+                net(x, torch.tensor([5, 5, 5, 5]), torch.full((4,), 3)), net(x, torch.tensor([5, 5, 5, 5]))
+            )  # cond=None is the null label
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_every_backbone_samples_with_karras_sigmas(names, name):
     """Karras sigmas evaluate the network at fractional t: the README's backbone with an nn.Embedding of t
     failed here before (IndexError on a float tensor)."""
-    module = DiffusionModule(backbone={"name": name, "init_args": SMALL.get(name, {})}, data_shape=_data_shape(name),
-                             num_timesteps=50, schedule="linear")
+    module = DiffusionModule(
+        backbone={"name": name, "init_args": SMALL.get(name, {})},
+        data_shape=_data_shape(name),
+        num_timesteps=50,
+        schedule="linear",
+    )
     sampler = {"name": "dpmpp_2m", "init_args": {"num_steps": 4, "spacing": "karras"}}
     samples = module.sample(3, sampler=sampler, generator=torch.Generator().manual_seed(0))
     assert samples.shape == (3, *_data_shape(name)) and samples.isfinite().all()

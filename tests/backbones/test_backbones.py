@@ -71,16 +71,25 @@ def test_unet_cifar10_has_the_papers_size():
 
 @pytest.mark.parametrize(
     "channels, size, kwargs",
-    [(1, (28, 28), {"ch_mult": (1, 2, 2), "attn_resolutions": (14,)}),
-     (3, (16, 24), {"ch_mult": (1, 2), "attn_resolutions": (8,)}),
-     (1, (8, 32), {"ch_mult": (1, 2, 2, 2), "attn_resolutions": ()})],
+    [
+        (1, (28, 28), {"ch_mult": (1, 2, 2), "attn_resolutions": (14,)}),
+        (3, (16, 24), {"ch_mult": (1, 2), "attn_resolutions": (8,)}),
+        (1, (8, 32), {"ch_mult": (1, 2, 2, 2), "attn_resolutions": ()}),
+    ],
 )
 def test_unet_shapes(channels, size, kwargs):
     net = UNet(in_channels=channels, image_size=size, ch=32, num_res_blocks=1, **kwargs)
     x = torch.randn(2, channels, *size)
     assert net(x, torch.tensor([3, 7])).shape == x.shape
-    learned = UNet(in_channels=channels, out_channels=2 * channels, image_size=size, ch=32, num_res_blocks=1,
-                   num_classes=10, **kwargs)
+    learned = UNet(
+        in_channels=channels,
+        out_channels=2 * channels,
+        image_size=size,
+        ch=32,
+        num_res_blocks=1,
+        num_classes=10,
+        **kwargs,
+    )
     assert learned(x, torch.tensor([3, 7]), torch.tensor([1, 9])).shape == (2, 2 * channels, *size)
 
 
@@ -199,13 +208,16 @@ def test_readme_custom_backbone_example_runs(monkeypatch):
     runpy.run_path(str(ROOT / "examples" / "custom_backbone.py"), run_name="examples.custom_backbone")
 
 
-@pytest.mark.parametrize("how", [["examples/custom_backbone.py"], ["-m", "examples.custom_backbone"]],
-                         ids=["script", "module"])
+@pytest.mark.parametrize(
+    "how", [["examples/custom_backbone.py"], ["-m", "examples.custom_backbone"]], ids=["script", "module"]
+)
 def test_custom_backbone_example_runs_as_a_script_and_as_a_module(how):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-W", "error", *how], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-W", "error", *how], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "built TinyConv output (2, 3, 8, 8)" in result.stdout
 
@@ -213,7 +225,9 @@ def test_custom_backbone_example_runs_as_a_script_and_as_a_module(how):
 def test_registering_the_same_class_again_replaces_it(monkeypatch):
     monkeypatch.setattr(registry, "BACKBONES", registry.BACKBONES.copy())
     namespace: dict = {"__name__": "__main__"}
-    source = "from torch import nn\nclass Again(nn.Module):\n    def forward(self, x, t, cond=None):\n        return x\n"
+    source = (
+        "from torch import nn\nclass Again(nn.Module):\n    def forward(self, x, t, cond=None):\n        return x\n"
+    )
     exec(compile(source, "<cell>", "exec"), namespace)  # a notebook cell ...
     register_backbone("again")(namespace["Again"])
     exec(compile(source, "<cell>", "exec"), namespace)  # ... run twice defines a new class object
@@ -232,8 +246,12 @@ def test_mlp_fourier_features_option():
     torch.testing.assert_close(f(x), torch.cat([x, proj.sin(), proj.cos()], dim=1))
     # B ~ N(0, 3^2): standard normal draws of its own seeded generator (seed 0 unless given), times the scale
     torch.testing.assert_close(f.B, 3.0 * torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), rtol=0, atol=0)
-    torch.testing.assert_close(FourierFeatures(2, 8, scale=0.5, seed=7).B,
-                               0.5 * torch.randn(2, 8, generator=torch.Generator().manual_seed(7)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        FourierFeatures(2, 8, scale=0.5, seed=7).B,
+        0.5 * torch.randn(2, 8, generator=torch.Generator().manual_seed(7)),
+        rtol=0,
+        atol=0,
+    )
     a, b = MLP(fourier_features=8, fourier_scale=3.0), MLP(fourier_features=8, fourier_scale=3.0)
     torch.testing.assert_close(a.features.B, b.features.B)  # fixed by its seed: the same in every process
     out = a(torch.randn(4, 2), torch.tensor([0, 1, 2, 999]))

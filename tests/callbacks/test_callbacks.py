@@ -19,14 +19,23 @@ from tests.helpers import RecordWeights, TinyFeatures, run_cli_process
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
-TINY_UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                                            "dropout": 0.0}}
+TINY_UNET = {
+    "name": "unet",
+    "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+}
 
 
 def _trainer(tmp_path, callbacks, max_steps, **kw):
     kw.setdefault("logger", False)
-    return Trainer(max_steps=max_steps, callbacks=callbacks, default_root_dir=tmp_path, accelerator="cpu",
-                   enable_progress_bar=False, enable_model_summary=False, **{"enable_checkpointing": False, **kw})
+    return Trainer(
+        max_steps=max_steps,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **{"enable_checkpointing": False, **kw},
+    )
 
 
 def _toy(**kw):
@@ -34,8 +43,13 @@ def _toy(**kw):
 
 
 def _toy_module():
-    return DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20, lr_warmup_steps=0,
-                           optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.5}})
+    return DiffusionModule(
+        backbone=TINY_MLP,
+        data_shape=[2],
+        num_timesteps=20,
+        lr_warmup_steps=0,
+        optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+    )
 
 
 class RecordingLogger(Logger):
@@ -104,8 +118,9 @@ def test_ema_serves_a_lightning_module_without_a_backbone(tmp_path):
 def test_ema_weights_in_validation_then_restored(tmp_path):
     torch.manual_seed(0)
     record, ema = RecordWeights(), EMA(decay=0.9)
-    _trainer(tmp_path, [record, ema], max_steps=4, val_check_interval=3, limit_val_batches=1,
-             num_sanity_val_steps=0).fit(_toy_module(), datamodule=_toy())
+    _trainer(
+        tmp_path, [record, ema], max_steps=4, val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0
+    ).fit(_toy_module(), datamodule=_toy())
     expected = _expected_ema(record.after_step[:3], 0.9)
     for got, want in zip(record.at_validation[0], expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -122,8 +137,15 @@ def test_ema_follows_the_raw_weights_until_start_step(tmp_path):
     record, ema = RecordWeights(), EMA(decay=0.9, start_step=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     module = _toy_module()
-    _trainer(tmp_path, [record, ema, ckpt], max_steps=6, val_check_interval=2, limit_val_batches=1,
-             num_sanity_val_steps=0, enable_checkpointing=True).fit(module, datamodule=_toy())
+    _trainer(
+        tmp_path,
+        [record, ema, ckpt],
+        max_steps=6,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        enable_checkpointing=True,
+    ).fit(module, datamodule=_toy())
     for got, want in zip(record.at_validation[0], record.after_step[1]):  # validation after step 2: the raw weights
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     names = [n for n, _ in module.backbone.named_parameters()]
@@ -137,7 +159,8 @@ def test_ema_follows_the_raw_weights_until_start_step(tmp_path):
     # a run that ends before start_step ends with its trained weights, not the initial ones
     record, early = RecordWeights(), _toy_module()
     _trainer(tmp_path, [record, EMA(decay=0.9, start_step=100)], max_steps=4, limit_val_batches=0).fit(
-        early, datamodule=_toy())
+        early, datamodule=_toy()
+    )
     for got, want in zip(early.backbone.parameters(), record.after_step[-1]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -156,11 +179,15 @@ class CountingMLP(MLP):
 
 
 def test_ema_excludes_buffers(tmp_path):
-    module = DiffusionModule(backbone={"name": "tests.callbacks.test_callbacks.CountingMLP", "init_args": {"hidden_dim": 8}},
-                             data_shape=[2], num_timesteps=20)
+    module = DiffusionModule(
+        backbone={"name": "tests.callbacks.test_callbacks.CountingMLP", "init_args": {"hidden_dim": 8}},
+        data_shape=[2],
+        num_timesteps=20,
+    )
     ema = EMA(decay=0.9)
-    _trainer(tmp_path, [ema], max_steps=5, val_check_interval=2, limit_val_batches=1,
-             num_sanity_val_steps=0).fit(module, datamodule=_toy())
+    _trainer(tmp_path, [ema], max_steps=5, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0).fit(
+        module, datamodule=_toy()
+    )
     assert float(module.backbone.calls) == 5.0  # not reset by the validation swaps or the final copy
     # the average's copy is kept in sync, never averaged (an EMA of 1, 2, ..., 5 would not be 5)
     assert float(ema._average_model.module.backbone.calls) == 5.0
@@ -173,7 +200,8 @@ def test_checkpoint_keeps_ema_and_resume_continues_it(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_last=True, save_top_k=-1)
     record = RecordWeights()
     _trainer(tmp_path, [record, ema, ckpt], max_steps=3, limit_val_batches=0, enable_checkpointing=True).fit(
-        _toy_module(), datamodule=_toy())
+        _toy_module(), datamodule=_toy()
+    )
     path = tmp_path / "ckpt" / "last.ckpt"
     raw = torch.load(path, weights_only=False)
     expected = _expected_ema(record.after_step, 0.9)
@@ -187,7 +215,8 @@ def test_checkpoint_keeps_ema_and_resume_continues_it(tmp_path):
     # resuming restores the average and its update count, and keeps averaging the same way
     ema2, record2 = EMA(decay=0.9), RecordWeights()
     _trainer(tmp_path, [record2, ema2], max_steps=5, limit_val_batches=0).fit(
-        _toy_module(), datamodule=_toy(), ckpt_path=path)
+        _toy_module(), datamodule=_toy(), ckpt_path=path
+    )
     assert ema2.num_updates == 5
     continued = _expected_ema(record.after_step + record2.after_step, 0.9)
     for got, want in zip(ema2._average_model.module.backbone.parameters(), continued):
@@ -215,7 +244,8 @@ def test_checkpoints_written_when_fit_ends_keep_the_raw_weights(tmp_path):
     # so a resume continues training from the raw weights, not from their average
     record2 = RecordWeights()
     _trainer(tmp_path, [record2, EMA(decay=0.9)], max_steps=4, limit_val_batches=0).fit(
-        _toy_module(), datamodule=_toy(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+        _toy_module(), datamodule=_toy(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+    )
     for got, want in zip(record2.at_train_batch_start[0], record.after_step[-1]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -250,8 +280,14 @@ def test_fid_callback_logs_during_training(tmp_path):
     module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
     fid = FIDCallback(num_samples=30, batch_size=16, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=4))
     bpd = BitsPerDimCallback(num_examples=8, batch_size=8)
-    trainer = _trainer(tmp_path, [EMA(decay=0.9), fid, bpd], max_steps=2, val_check_interval=2, limit_val_batches=2,
-                       num_sanity_val_steps=0)
+    trainer = _trainer(
+        tmp_path,
+        [EMA(decay=0.9), fid, bpd],
+        max_steps=2,
+        val_check_interval=2,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=32))
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["val/fid"]) and metrics["val/fid"] > 0 and fid.counted_fake == 30
@@ -291,9 +327,13 @@ def test_fid_keeps_the_real_statistics_of_the_first_validation(tmp_path):
     module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
     fid = FIDCallback(num_samples=6, batch_size=4, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2))
     record, val = RecordFID(fid), ChangingImages(64)
-    _trainer(tmp_path, [fid, record], max_steps=2, val_check_interval=1, limit_val_batches=2,
-             num_sanity_val_steps=0).fit(module, train_dataloaders=DataLoader(ChangingImages(64), batch_size=32),
-                                         val_dataloaders=DataLoader(val, batch_size=32))
+    _trainer(
+        tmp_path, [fid, record], max_steps=2, val_check_interval=1, limit_val_batches=2, num_sanity_val_steps=0
+    ).fit(
+        module,
+        train_dataloaders=DataLoader(ChangingImages(64), batch_size=32),
+        val_dataloaders=DataLoader(val, batch_size=32),
+    )
     assert val.reads == 128, "two validation passes over new images"
     assert record.real == [64, 64]  # the first pass's 2 batches of 32: not doubled by the second, not reset
     torch.testing.assert_close(record.real_sums[1], record.real_sums[0], rtol=0, atol=0)  # the first pass's images
@@ -311,20 +351,33 @@ def test_fid_at_train_end_evaluates_final_num_samples_with_the_final_sampler(tmp
         return sample(model, diffusion, x_T, **kwargs)
 
     final_sampler.sample = counting
-    fid = FIDCallback(num_samples=6, every_n_validations=None, at_train_end=True, final_num_samples=11, batch_size=4,
-                      feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2), final_sampler=final_sampler)
+    fid = FIDCallback(
+        num_samples=6,
+        every_n_validations=None,
+        at_train_end=True,
+        final_num_samples=11,
+        batch_size=4,
+        feature_extractor=TinyFeatures(),
+        sampler=DDIMSampler(num_steps=2),
+        final_sampler=final_sampler,
+    )
     logger = RecordingLogger()
-    trainer = _trainer(tmp_path, [fid], max_steps=2, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=0,
-                       logger=logger)
+    trainer = _trainer(
+        tmp_path, [fid], max_steps=2, val_check_interval=2, limit_val_batches=2, num_sanity_val_steps=0, logger=logger
+    )
     trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=32))
     assert calls == [4, 4, 3] and fid.counted_fake == 11  # final_num_samples, all drawn by final_sampler
     assert "val/fid" not in trainer.callback_metrics  # every_n_validations=None: no evaluation during training
     final = {k: (v, step) for step, metrics in logger.logged for k, v in metrics.items() if k.startswith("final/")}
     assert set(final) == {"final/fid", "final/fid_time_s"}
     assert final["final/fid"] == (fid.last["val/fid"], 2) and fid.last["val/fid"] > 0  # at the last step
-    fid = FIDCallback(num_samples=6, at_train_end=True, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2))
+    fid = FIDCallback(
+        num_samples=6, at_train_end=True, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2)
+    )
     trainer = _trainer(tmp_path, [fid], max_steps=1, limit_val_batches=0)
-    with pytest.raises(ValueError, match="needs validation batches for its real statistics; trainer.limit_val_batches is 0"):
+    with pytest.raises(
+        ValueError, match="needs validation batches for its real statistics; trainer.limit_val_batches is 0"
+    ):
         trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=32))
     assert trainer.global_step == 0  # refused before training, not after it
     images = ImageDataModule("digits", batch_size=32)
@@ -339,7 +392,9 @@ def test_sample_logger_writes_and_logs_to_tensorboard(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
     samples = SampleLogger(every_n_steps=2, every_n_epochs=None, num_samples=64, sampler=DDIMSampler(num_steps=3))
     module = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20, num_classes=2)
-    _trainer(tmp_path, [samples], max_steps=4, logger=logger, limit_val_batches=0).fit(module, datamodule=_toy(labels=True))
+    _trainer(tmp_path, [samples], max_steps=4, logger=logger, limit_val_batches=0).fit(
+        module, datamodule=_toy(labels=True)
+    )
     pictures = sorted(p.name for p in Path(logger.log_dir, "samples").glob("*.png"))
     assert pictures == ["step_0000002.png", "step_0000004.png"]
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
@@ -359,8 +414,14 @@ def test_sample_pictures_are_drawn_with_the_ema_weights(tmp_path, ema_first):
     torch.manual_seed(0)
     record, ema = RecordWeights(), EMA(decay=0.5)
     ddim = DDIMSampler(num_steps=4)
-    samples = SampleLogger(every_n_steps=3, every_n_epochs=None, num_samples=16, seed=5, sampler=ddim,
-                           output_dir=str(tmp_path / "pictures"))
+    samples = SampleLogger(
+        every_n_steps=3,
+        every_n_epochs=None,
+        num_samples=16,
+        seed=5,
+        sampler=ddim,
+        output_dir=str(tmp_path / "pictures"),
+    )
     callbacks = [record, ema, samples] if ema_first else [record, samples, ema]
     _trainer(tmp_path, callbacks, max_steps=3, limit_val_batches=0).fit(_toy_module(), datamodule=_toy())
     assert (tmp_path / "pictures" / "step_0000003.png").exists()
@@ -389,18 +450,30 @@ def test_fid_and_bits_per_dim_are_computed_with_the_ema_weights(tmp_path, ema_fi
     # EMA listed first swaps its weights back at the end of validation before the metric callbacks run, so they
     # must swap them in themselves; listed last, they run while validation's swap is still in place.
     torch.manual_seed(0)
-    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True,
-                             lr_warmup_steps=0, optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-2}})
+    module = DiffusionModule(
+        backbone=TINY_UNET,
+        data_shape=[1, 8, 8],
+        num_timesteps=20,
+        clip_denoised=True,
+        lr_warmup_steps=0,
+        optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-2}},
+    )
     fid_seen, bpd_seen = [], []
     _spy_weights(module, module, "sample", fid_seen)  # FID draws its images with module.sample
     _spy_weights(module, module.diffusion, "bits_per_dim", bpd_seen)
     record, ema = RecordWeights(), EMA(decay=0.5)
-    fid = FIDCallback(num_samples=8, batch_size=8, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2),
-                      at_train_end=True)
+    fid = FIDCallback(
+        num_samples=8,
+        batch_size=8,
+        feature_extractor=TinyFeatures(),
+        sampler=DDIMSampler(num_steps=2),
+        at_train_end=True,
+    )
     bpd = BitsPerDimCallback(num_examples=4, batch_size=4)
     callbacks = [record, ema, fid, bpd] if ema_first else [record, fid, bpd, ema]
     _trainer(tmp_path, callbacks, max_steps=3, val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0).fit(
-        module, datamodule=ImageDataModule("digits", batch_size=32))
+        module, datamodule=ImageDataModule("digits", batch_size=32)
+    )
     assert len(fid_seen) == 2 and len(bpd_seen) == 1  # FID at the validation and at the end of fit, bits/dim once
     expected = _expected_ema(record.after_step, 0.5)
     assert not all(torch.equal(a, b) for a, b in zip(record.after_step[-1], expected))
@@ -411,19 +484,45 @@ def test_fid_and_bits_per_dim_are_computed_with_the_ema_weights(tmp_path, ema_fi
 
 def test_ddp_ema_identical_and_fid_counts_exactly(tmp_path):
     dump = tmp_path / "dump"
-    callbacks = json.dumps([
-        {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
-        {"class_path": "lightning_ddpm.callbacks.FIDCallback",
-         "init_args": {"num_samples": 7, "batch_size": 3, "feature_extractor": {"class_path": "tests.helpers.TinyFeatures"},
-                       "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 3}}}},
-        {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(dump)}},
-        {"class_path": "tests.helpers.DumpFID", "init_args": {"dirpath": str(dump)}},
-    ])
-    cmd = [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/digits.yaml"),
-           f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-           "--model.backbone", json.dumps(TINY_UNET), "--model.num_timesteps=20", "--trainer.accelerator=cpu",
-           "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=3", "--trainer.val_check_interval=3",
-           "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0", "--trainer.callbacks", callbacks]
+    callbacks = json.dumps(
+        [
+            {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+            {
+                "class_path": "lightning_ddpm.callbacks.FIDCallback",
+                "init_args": {
+                    "num_samples": 7,
+                    "batch_size": 3,
+                    "feature_extractor": {"class_path": "tests.helpers.TinyFeatures"},
+                    "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 3}},
+                },
+            },
+            {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(dump)}},
+            {"class_path": "tests.helpers.DumpFID", "init_args": {"dirpath": str(dump)}},
+        ]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_ddpm",
+        "fit",
+        "--config",
+        str(ROOT / "configs/digits.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--model.backbone",
+        json.dumps(TINY_UNET),
+        "--model.num_timesteps=20",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.callbacks",
+        callbacks,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -447,18 +546,41 @@ def test_sample_pictures_are_drawn_by_every_rank_and_match_one_process(tmp_path)
     root = Path(__file__).resolve().parents[2]
     mlp = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
     callbacks = [
-        {"class_path": "lightning_ddpm.callbacks.SampleLogger",
-         "init_args": {"every_n_steps": None, "every_n_epochs": None, "num_samples": 10, "seed": 3,
-                       "output_dir": str(tmp_path / "pictures"),
-                       "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 4}}}},
+        {
+            "class_path": "lightning_ddpm.callbacks.SampleLogger",
+            "init_args": {
+                "every_n_steps": None,
+                "every_n_epochs": None,
+                "num_samples": 10,
+                "seed": 3,
+                "output_dir": str(tmp_path / "pictures"),
+                "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 4}},
+            },
+        },
         {"class_path": "tests.helpers.DumpSamples", "init_args": {"dirpath": str(tmp_path / "dump")}},
         {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(tmp_path / "weights")}},
     ]
-    run_cli_process(["fit", "--config", str(root / "configs/toy2d.yaml"),
-                     "--model.backbone", json.dumps(mlp), "--model.num_timesteps=50", "--trainer.accelerator=cpu",
-                     "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.max_steps=2",
-                     "--trainer.limit_val_batches=0", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
-                     "--data.init_args.num_train=2048", "--trainer.callbacks", json.dumps(callbacks)], cwd=tmp_path)
+    run_cli_process(
+        [
+            "fit",
+            "--config",
+            str(root / "configs/toy2d.yaml"),
+            "--model.backbone",
+            json.dumps(mlp),
+            "--model.num_timesteps=50",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--data.init_args.num_train=2048",
+            "--trainer.callbacks",
+            json.dumps(callbacks),
+        ],
+        cwd=tmp_path,
+    )
     rank0, rank1 = (torch.load(tmp_path / "dump" / f"samples_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["eval_calls"] == rank1["eval_calls"] == 4, "both ranks ran the 4 sampling steps"
     assert rank0["samples"].shape == (10, 2) and (tmp_path / "pictures" / "step_0000002.png").exists()
@@ -477,13 +599,31 @@ def test_sampling_works_in_every_precision(tmp_path, precision):
     from lightning_ddpm.data import SampleRequests
 
     torch.manual_seed(0)
-    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True,
-                             sampler={"name": "ddpm", "init_args": {"num_steps": 4}}, lr_warmup_steps=0)
-    pictures = SampleLogger(output_dir=str(tmp_path / "pictures"), every_n_steps=2, every_n_epochs=None,
-                            num_samples=4, sampler=DDIMSampler(num_steps=3))
+    module = DiffusionModule(
+        backbone=TINY_UNET,
+        data_shape=[1, 8, 8],
+        num_timesteps=20,
+        clip_denoised=True,
+        sampler={"name": "ddpm", "init_args": {"num_steps": 4}},
+        lr_warmup_steps=0,
+    )
+    pictures = SampleLogger(
+        output_dir=str(tmp_path / "pictures"),
+        every_n_steps=2,
+        every_n_epochs=None,
+        num_samples=4,
+        sampler=DDIMSampler(num_steps=3),
+    )
     fid = FIDCallback(num_samples=6, batch_size=4, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2))
-    trainer = _trainer(tmp_path, [pictures, fid], max_steps=2, val_check_interval=2, limit_val_batches=1,
-                       num_sanity_val_steps=0, precision=precision)
+    trainer = _trainer(
+        tmp_path,
+        [pictures, fid],
+        max_steps=2,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        precision=precision,
+    )
     trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=16))
     assert sorted(p.name for p in (tmp_path / "pictures").iterdir()), "SampleLogger wrote its picture"
     samples = torch.cat(trainer.predict(module, DataLoader(SampleRequests(3, seed=1), batch_size=2)))
@@ -504,8 +644,13 @@ def test_fid_runs_at_the_same_validations_after_a_resume(tmp_path):
     def fit(root: Path, max_epochs: int, ckpt_path: Path | None = None) -> list[tuple[int, float]]:
         torch.manual_seed(0)
         module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
-        fid = FIDCallback(num_samples=6, batch_size=6, every_n_validations=2, feature_extractor=TinyFeatures(),
-                          sampler=DDIMSampler(num_steps=2))
+        fid = FIDCallback(
+            num_samples=6,
+            batch_size=6,
+            every_n_validations=2,
+            feature_extractor=TinyFeatures(),
+            sampler=DDIMSampler(num_steps=2),
+        )
         evaluate, done = fid.evaluate, []
 
         def recording(trainer, pl_module, total, sampler=None):
@@ -515,9 +660,15 @@ def test_fid_runs_at_the_same_validations_after_a_resume(tmp_path):
 
         fid.evaluate = recording
         ckpt = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1)
-        _trainer(root, [fid, ckpt], max_steps=-1, max_epochs=max_epochs, limit_val_batches=1, num_sanity_val_steps=0,
-                 enable_checkpointing=True).fit(module, datamodule=ImageDataModule("digits", batch_size=512),
-                                                ckpt_path=ckpt_path)
+        _trainer(
+            root,
+            [fid, ckpt],
+            max_steps=-1,
+            max_epochs=max_epochs,
+            limit_val_batches=1,
+            num_sanity_val_steps=0,
+            enable_checkpointing=True,
+        ).fit(module, datamodule=ImageDataModule("digits", batch_size=512), ckpt_path=ckpt_path)
         return done
 
     straight = fit(tmp_path / "straight", 4)  # 3 batches an epoch, a validation at each epoch's end
@@ -532,14 +683,21 @@ def test_sample_pictures_use_the_models_sampler_setting_unless_given_one(tmp_pat
     """One setting says how a config's model is sampled: model.sampler (paper configs: DDPM) also draws
     the SampleLogger's pictures; before, the pictures were always DDIM 50."""
     module = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=20, sampler=sampler)
-    default, given = SampleLogger(num_samples=4), SampleLogger(num_samples=4, sampler={"name": "ddim", "init_args": {"num_steps": 3}})
+    default, given = (
+        SampleLogger(num_samples=4),
+        SampleLogger(num_samples=4, sampler={"name": "ddim", "init_args": {"num_steps": 3}}),
+    )
     for callback in (default, given):
         callback.setup(_trainer(tmp_path, [], 1), module, "fit")
     assert default.sampler is module.default_sampler
     assert type(given.sampler).__name__ == "DDIMSampler" and given.sampler.num_steps == 3
     generators = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
-    torch.testing.assert_close(module.sample(4, sampler=default.sampler, generator=generators()),
-                               module.sample(4, generator=generators()), rtol=0, atol=0)
+    torch.testing.assert_close(
+        module.sample(4, sampler=default.sampler, generator=generators()),
+        module.sample(4, generator=generators()),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_a_users_callback_sees_the_ema_model_through_the_public_api(tmp_path):

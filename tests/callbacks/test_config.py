@@ -14,16 +14,34 @@ from lightning_ddpm.callbacks.config import Configurable, from_spec
 # Options other than the defaults, in the plain data a config holds.
 OPTIONS = {
     "EMA": {"decay": 0.99, "warmup": False, "update_every_n_steps": 2, "start_step": 10},
-    "FIDCallback": {"num_samples": 8, "every_n_validations": 2, "at_train_end": True, "final_num_samples": 16,
-                    "sampler": {"name": "ddpm", "init_args": {"num_steps": 5}}, "final_sampler": "dpmpp_2m",
-                    "batch_size": 4, "kid": True, "kid_subset_size": 4, "seed": 3},
+    "FIDCallback": {
+        "num_samples": 8,
+        "every_n_validations": 2,
+        "at_train_end": True,
+        "final_num_samples": 16,
+        "sampler": {"name": "ddpm", "init_args": {"num_steps": 5}},
+        "final_sampler": "dpmpp_2m",
+        "batch_size": 4,
+        "kid": True,
+        "kid_subset_size": 4,
+        "seed": 3,
+    },
     "BitsPerDimCallback": {"num_examples": 16, "every_n_validations": 3, "batch_size": 8, "seed": 2},
     "SampleWriter": {"output_dir": "out"},
-    "SampleLogger": {"every_n_steps": 5, "every_n_epochs": None, "num_samples": 9, "sampler": "ddim", "seed": 1,
-                     "output_dir": "pictures"},
+    "SampleLogger": {
+        "every_n_steps": 5,
+        "every_n_epochs": None,
+        "num_samples": 9,
+        "sampler": "ddim",
+        "seed": 1,
+        "output_dir": "pictures",
+    },
 }
-PUBLIC = [name for name in callbacks.__all__
-          if inspect.isclass(getattr(callbacks, name)) and issubclass(getattr(callbacks, name), pl.Callback)]
+PUBLIC = [
+    name
+    for name in callbacks.__all__
+    if inspect.isclass(getattr(callbacks, name)) and issubclass(getattr(callbacks, name), pl.Callback)
+]
 
 
 def test_every_public_callback_is_covered():

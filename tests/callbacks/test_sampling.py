@@ -13,14 +13,22 @@ from lightning_ddpm.callbacks.sampling import draw_samples, iter_samples, rank_s
 from tests.helpers import TinyFeatures
 
 TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
-TINY_UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                                            "dropout": 0.0}}
+TINY_UNET = {
+    "name": "unet",
+    "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
+}
 
 
 def _rank(rank: int, world_size: int) -> SimpleNamespace:
     """What the sampling and FID's evaluate read of a trainer, for one rank of ``world_size``."""
-    return SimpleNamespace(global_rank=rank, world_size=world_size, is_global_zero=rank == 0, callbacks=[],
-                           progress_bar_callback=None, strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    return SimpleNamespace(
+        global_rank=rank,
+        world_size=world_size,
+        is_global_zero=rank == 0,
+        callbacks=[],
+        progress_bar_callback=None,
+        strategy=SimpleNamespace(reduce=lambda t, reduce_op: t),
+    )
 
 
 def _set(module, world_size: int, num: int, **kw) -> tuple[torch.Tensor, list[int]]:
@@ -28,8 +36,8 @@ def _set(module, world_size: int, num: int, **kw) -> tuple[torch.Tensor, list[in
     kept, index = [], []
     for rank in range(world_size):
         for drawn in iter_samples(_rank(rank, world_size), module, num, **kw):
-            kept.append(drawn.samples[:drawn.real])
-            index += drawn.index[:drawn.real]
+            kept.append(drawn.samples[: drawn.real])
+            index += drawn.index[: drawn.real]
     return torch.cat(kept), index
 
 
@@ -80,13 +88,15 @@ def test_fid_generates_the_same_images_at_any_world_size():
     """FIDCallback's generated images, gathered in rank order, are the same with 1 and 2 ranks (rank r used to
     draw from seed + r, so the set changed with the number of ranks); and so is the count, exactly N."""
     torch.manual_seed(0)
-    module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True,
-                             num_classes=2)
+    module = DiffusionModule(
+        backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True, num_classes=2
+    )
     real = torch.rand(16, 1, 8, 8) * 2 - 1
 
     def generated(world_size: int) -> torch.Tensor:
-        fid = FIDCallback(num_samples=7, batch_size=3, feature_extractor=TinyFeatures(),
-                          sampler=DDIMSampler(num_steps=2), seed=5)
+        fid = FIDCallback(
+            num_samples=7, batch_size=3, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=2), seed=5
+        )
         fid.build_metrics()
         fid._update(real, real=True)
         update, images = fid._update, []
@@ -112,12 +122,17 @@ def test_per_example_generators_make_the_forward_noise_and_bits_per_dim_independ
     t = torch.tensor([0, 1, 2, 3, 5])
     gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
     together = module.diffusion.q_sample(x0, t, generator=gens(range(5)))
-    alone = torch.cat([module.diffusion.q_sample(x0[i:i + 1], t[i:i + 1], generator=gens([i])) for i in range(5)])
+    alone = torch.cat([module.diffusion.q_sample(x0[i : i + 1], t[i : i + 1], generator=gens([i])) for i in range(5)])
     torch.testing.assert_close(together, alone, rtol=0, atol=0)
     with torch.no_grad():
         batched = module.diffusion.bits_per_dim(module.denoiser(), x0, generator=gens(range(5)))
-        split = torch.cat([module.diffusion.bits_per_dim(module.denoiser(), x0[i:i + 2], generator=gens(range(i, i + 2)))
-                           for i in (0, 2)] + [module.diffusion.bits_per_dim(module.denoiser(), x0[4:], generator=gens([4]))])
+        split = torch.cat(
+            [
+                module.diffusion.bits_per_dim(module.denoiser(), x0[i : i + 2], generator=gens(range(i, i + 2)))
+                for i in (0, 2)
+            ]
+            + [module.diffusion.bits_per_dim(module.denoiser(), x0[4:], generator=gens([4]))]
+        )
     torch.testing.assert_close(batched, split, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="got 2 generators for a batch of 5"):
         module.diffusion.q_sample(x0, t, generator=gens(range(2)))
@@ -151,8 +166,12 @@ def test_bits_per_dim_is_the_same_at_any_world_size(num_examples):
     for world_size in (2, 3, 4):
         other = per_example(world_size)
         assert sorted(other) == sorted(one)
-        torch.testing.assert_close(torch.tensor([other[i] for i in sorted(one)]), torch.tensor([one[i] for i in sorted(one)]),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor([other[i] for i in sorted(one)]),
+            torch.tensor([one[i] for i in sorted(one)]),
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 def test_bits_per_dim_counts_the_runs_validations_across_a_resume():
@@ -164,8 +183,10 @@ def test_bits_per_dim_counts_the_runs_validations_across_a_resume():
     def run(callback: BitsPerDimCallback, first: int, last: int) -> list[int]:
         """The run's validations first..last (counted from 1) at which the callback evaluates."""
         evaluated, current = [], [0]
-        callback.per_example = lambda trainer, pl_module: (evaluated.append(current[0]),  # noqa: E731
-                                                           ([0], torch.ones(1, dtype=torch.float64)))[1]
+        callback.per_example = lambda trainer, pl_module: (
+            evaluated.append(current[0]),  # noqa: E731
+            ([0], torch.ones(1, dtype=torch.float64)),
+        )[1]
         for current[0] in range(first, last + 1):
             callback.on_validation_epoch_end(trainer, module)
         return evaluated

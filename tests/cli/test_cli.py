@@ -15,25 +15,47 @@ from tests.helpers import RecordStartStep
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TINY_MLP = json.dumps({"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 1}})
-TINY_UNET = json.dumps({"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-                                                             "attn_resolutions": [4], "dropout": 0.0}})
+TINY_UNET = json.dumps(
+    {
+        "name": "unet",
+        "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0},
+    }
+)
 
 
 def _callbacks(tmp_path: Path, every: int, *extra: dict) -> str:
-    return json.dumps([
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(tmp_path / "checkpoints"), "every_n_train_steps": every, "save_last": True,
-                       "save_top_k": -1}},
-        {"class_path": "lightning_ddpm.callbacks.SampleLogger",
-         "init_args": {"output_dir": str(tmp_path / "samples"), "every_n_steps": None, "every_n_epochs": None,
-                       "num_samples": 16,
-                       "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 3}}}},
-        *extra,
-    ])
+    return json.dumps(
+        [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {
+                    "dirpath": str(tmp_path / "checkpoints"),
+                    "every_n_train_steps": every,
+                    "save_last": True,
+                    "save_top_k": -1,
+                },
+            },
+            {
+                "class_path": "lightning_ddpm.callbacks.SampleLogger",
+                "init_args": {
+                    "output_dir": str(tmp_path / "samples"),
+                    "every_n_steps": None,
+                    "every_n_epochs": None,
+                    "num_samples": 16,
+                    "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 3}},
+                },
+            },
+            *extra,
+        ]
+    )
 
 
 def _quiet(tmp_path: Path) -> list[str]:
-    return [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    return [
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
 
 
 def _faces(folder: Path, n: int = 4, size: int = 20) -> Path:
@@ -72,14 +94,19 @@ def test_every_config_parses_and_instantiates(config, tmp_path, monkeypatch):
     assert pictures and all(Path(c.output_dir) == tmp_path / "samples" for c in pictures)
     assert Path(cli.trainer.log_dir).is_relative_to(tmp_path)
     text = config.read_text()
-    assert "dirpath:" not in text and "output_dir:" not in text and "save_dir:" not in text, "one root moves every output"
+    assert "dirpath:" not in text and "output_dir:" not in text and "save_dir:" not in text, (
+        "one root moves every output"
+    )
     # docs/own_images.md, "Which sampler": an eps model samples with DDPM (a deterministic first step divides its
     # eps error by sqrt(alpha_bar_T)), except the digits configs (measured: DDIM 50 within a standard deviation
     # of DDPM) and the fine-tune of a published, fully trained model; the pictures use the model's sampler
     from lightning_ddpm.samplers import DDPMSampler
 
-    if cli.model.hparams.parameterization == "eps" and config.stem not in ("digits", "digits_cond",
-                                                                             "cifar10_finetune_diffusers"):
+    if cli.model.hparams.parameterization == "eps" and config.stem not in (
+        "digits",
+        "digits_cond",
+        "cifar10_finetune_diffusers",
+    ):
         assert isinstance(cli.model.default_sampler, DDPMSampler), f"{config.name}: eps model sampled with DDIM"
     for callback in pictures:
         callback.setup(cli.trainer, cli.model, "fit")
@@ -99,27 +126,56 @@ def test_print_config_and_overrides(capsys):
 
 
 def test_fit_toy2d_resume_and_predict(tmp_path):
-    common = ["--config", str(ROOT / "configs/toy2d.yaml"), *_quiet(tmp_path), "--model.backbone", TINY_MLP,
-              "--trainer.val_check_interval=10", "--trainer.callbacks", _callbacks(tmp_path, 10),
-              "--data.init_args.num_train=2560"]
+    common = [
+        "--config",
+        str(ROOT / "configs/toy2d.yaml"),
+        *_quiet(tmp_path),
+        "--model.backbone",
+        TINY_MLP,
+        "--trainer.val_check_interval=10",
+        "--trainer.callbacks",
+        _callbacks(tmp_path, 10),
+        "--data.init_args.num_train=2560",
+    ]
     run_cli(["fit", *common, "--trainer.max_steps=20"])
     ckpt_dir = tmp_path / "checkpoints"
     assert (ckpt_dir / "last.ckpt").exists()
     assert list(tmp_path.rglob("samples/step_0000020.png")), "SampleLogger writes a picture at the end of fit"
     record = RecordStartStep()
-    cli = run_cli(["fit", *common, "--trainer.max_steps=30", "--ckpt_path", "last"],
-                  trainer_defaults={"callbacks": [record]})
+    cli = run_cli(
+        ["fit", *common, "--trainer.max_steps=30", "--ckpt_path", "last"], trainer_defaults={"callbacks": [record]}
+    )
     assert record.start_step == 20 and cli.trainer.global_step == 30
     out = tmp_path / "pred"
-    run_cli(["predict", *common, "--ckpt_path", str(ckpt_dir / "last.ckpt"), "--predict_writer.output_dir", str(out),
-             "--data.init_args.num_predict_samples=100", "--model.sampler", '{"name": "ddim", "init_args": {"num_steps": 5}}'])
+    run_cli(
+        [
+            "predict",
+            *common,
+            "--ckpt_path",
+            str(ckpt_dir / "last.ckpt"),
+            "--predict_writer.output_dir",
+            str(out),
+            "--data.init_args.num_predict_samples=100",
+            "--model.sampler",
+            '{"name": "ddim", "init_args": {"num_steps": 5}}',
+        ]
+    )
     saved = torch.load(out / "samples.pt", weights_only=True)
     assert saved["samples"].shape == (100, 2) and (out / "samples.npy").exists() and (out / "samples.png").exists()
 
 
 def test_load_from_checkpoint_alone_rebuilds_the_model(tmp_path):
-    cfg = ["--config", str(ROOT / "configs/digits.yaml"), *_quiet(tmp_path), "--model.backbone", TINY_UNET,
-           "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.callbacks", _callbacks(tmp_path, 2)]
+    cfg = [
+        "--config",
+        str(ROOT / "configs/digits.yaml"),
+        *_quiet(tmp_path),
+        "--model.backbone",
+        TINY_UNET,
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.callbacks",
+        _callbacks(tmp_path, 2),
+    ]
     cli = run_cli(["fit", *cfg])
     ckpt = next(tmp_path.rglob("last.ckpt"))
     loaded = DiffusionModule.load_from_checkpoint(ckpt)
@@ -129,20 +185,54 @@ def test_load_from_checkpoint_alone_rebuilds_the_model(tmp_path):
 
 
 def test_fit_digits_bf16_mixed(tmp_path):
-    cli = run_cli(["fit", "--config", str(ROOT / "configs/digits.yaml"), *_quiet(tmp_path), "--model.backbone", TINY_UNET,
-                   "--trainer.precision=bf16-mixed", "--trainer.max_steps=3", "--trainer.limit_val_batches=1",
-                   "--trainer.callbacks", _callbacks(tmp_path, 3)])
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/digits.yaml"),
+            *_quiet(tmp_path),
+            "--model.backbone",
+            TINY_UNET,
+            "--trainer.precision=bf16-mixed",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.callbacks",
+            _callbacks(tmp_path, 3),
+        ]
+    )
     assert cli.trainer.global_step == 3 and torch.isfinite(cli.trainer.callback_metrics["train/loss_step"])
 
 
 def test_ddp_two_cpu_processes_agree_on_weights(tmp_path):
     dump = tmp_path / "weights"
-    callbacks = _callbacks(tmp_path, 5, *({"class_path": f"tests.helpers.{name}", "init_args": {"dirpath": str(dump)}}
-                                          for name in ("DumpWeights", "DumpStartWeights", "DumpFirstTrainingDraws")))
-    cmd = [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/toy2d.yaml"), *_quiet(tmp_path),
-           "--model.backbone", TINY_MLP, "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
-           "--trainer.max_steps=5", "--trainer.val_check_interval=5", "--trainer.limit_val_batches=2",
-           "--data.init_args.num_train=5120", "--trainer.callbacks", callbacks]
+    callbacks = _callbacks(
+        tmp_path,
+        5,
+        *(
+            {"class_path": f"tests.helpers.{name}", "init_args": {"dirpath": str(dump)}}
+            for name in ("DumpWeights", "DumpStartWeights", "DumpFirstTrainingDraws")
+        ),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_ddpm",
+        "fit",
+        "--config",
+        str(ROOT / "configs/toy2d.yaml"),
+        *_quiet(tmp_path),
+        "--model.backbone",
+        TINY_MLP,
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_steps=5",
+        "--trainer.val_check_interval=5",
+        "--trainer.limit_val_batches=2",
+        "--data.init_args.num_train=5120",
+        "--trainer.callbacks",
+        callbacks,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -173,4 +263,7 @@ def test_version_is_the_installed_packages(capsys):
     for flag in ("--version", "-V"):
         main([flag])
         out = capsys.readouterr().out.strip()
-        assert out == f"lightning-ddpm {lightning_ddpm.__version__} (torch {torch.__version__}, lightning {lightning.__version__})"
+        assert (
+            out
+            == f"lightning-ddpm {lightning_ddpm.__version__} (torch {torch.__version__}, lightning {lightning.__version__})"
+        )

@@ -14,15 +14,21 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_every_config_of_the_repository_is_shipped():
     shipped = shipped_configs()
     assert sorted(shipped) == sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
-    assert all(path.is_file() and path.parent.name == "configs" and path.parent.parent.name == "lightning_ddpm"
-               for path in shipped.values())
+    assert all(
+        path.is_file() and path.parent.name == "configs" and path.parent.parent.name == "lightning_ddpm"
+        for path in shipped.values()
+    )
 
 
 def test_a_bare_name_resolves_to_the_shipped_config_and_files_win(tmp_path, monkeypatch):
     toy = str(shipped_configs()["toy2d"])
     monkeypatch.chdir(tmp_path)
-    assert resolve_config_args(["fit", "--config", "toy2d", "--trainer.max_steps=2"]) == \
-        ["fit", "--config", toy, "--trainer.max_steps=2"]
+    assert resolve_config_args(["fit", "--config", "toy2d", "--trainer.max_steps=2"]) == [
+        "fit",
+        "--config",
+        toy,
+        "--trainer.max_steps=2",
+    ]
     assert resolve_config_args(["fit", "--config=toy2d.yaml"]) == ["fit", f"--config={toy}"]
     # a path, a name that is not shipped, and a file of that name in the working directory are left alone
     assert resolve_config_args(["fit", "--config", "configs/toy2d.yaml"]) == ["fit", "--config", "configs/toy2d.yaml"]
@@ -55,7 +61,9 @@ def test_a_missing_config_suggests_the_shipped_one(tmp_path, monkeypatch):
     from lightning_ddpm.cli import run_cli
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CLIError, match=r"File does not exist: .*toydd'; did you mean the shipped config, --config toy2d\?"):
+    with pytest.raises(
+        CLIError, match=r"File does not exist: .*toydd'; did you mean the shipped config, --config toy2d\?"
+    ):
         run_cli(["fit", "--config", "toydd"])
     with pytest.raises(CLIError, match=r"a shipped config is named without a path \(--config toy2d"):
         run_cli(["fit", "--config", "nothing_like_it.yaml"])

@@ -94,7 +94,10 @@ def test_wrong_output_channels_is_a_clear_error():
     "kwargs, match",
     [
         ({"parameterization": "score"}, r"unknown parameterization 'score'; choose one of: eps, x0, mu, v"),
-        ({"variance": "learned"}, r"unknown variance 'learned'; choose one of: fixed_small, fixed_large, learned_range"),
+        (
+            {"variance": "learned"},
+            r"unknown variance 'learned'; choose one of: fixed_small, fixed_large, learned_range",
+        ),
         ({"loss": "l1"}, r"unknown loss 'l1'; choose one of: simple, vlb, hybrid"),
         ({"loss_weighting": "snr"}, r"unknown loss_weighting 'snr'; choose one of: none, elbo, min_snr"),
         ({"loss": "hybrid", "variance": "fixed_small"}, r"needs variance='learned_range'"),
@@ -121,8 +124,9 @@ def test_oracle_has_zero_loss(parameterization):
     d = _diffusion(parameterization=parameterization)
     x0 = torch.rand(1, 3, 4, 4, dtype=torch.float64) * 2 - 1
     t = torch.arange(T)
-    losses = d.training_losses(oracle(d, x0), x0.expand(T, -1, -1, -1).clone(), t,
-                               generator=torch.Generator().manual_seed(0))
+    losses = d.training_losses(
+        oracle(d, x0), x0.expand(T, -1, -1, -1).clone(), t, generator=torch.Generator().manual_seed(0)
+    )
     assert losses["loss"].abs().max().item() < 1e-18
 
 
@@ -163,8 +167,9 @@ def test_hybrid_vlb_term_trains_only_the_variance():
     d = _diffusion(variance="learned_range", loss="hybrid")
     x0 = torch.rand(4, 2, 3, 3, dtype=torch.float64) * 2 - 1
     out = torch.randn(4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
-    losses = d.training_losses(lambda x, t: out, x0, torch.tensor([0, 3, 9, 19]),
-                               generator=torch.Generator().manual_seed(0))
+    losses = d.training_losses(
+        lambda x, t: out, x0, torch.tensor([0, 3, 9, 19]), generator=torch.Generator().manual_seed(0)
+    )
     (grad,) = torch.autograd.grad(losses["vlb"].sum(), out)
     assert grad[:, :2].abs().max().item() == 0.0 and grad[:, 2:].abs().max().item() > 0
     expected = losses["mse"] + 1e-3 * T * losses["vlb"]
@@ -229,8 +234,9 @@ def test_bits_per_dim_terms_against_an_independent_computation():
 class _TinyDenoiser(nn.Module):
     def __init__(self, dim: int = 2, width: int = 64):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim)
+        )
 
     def forward(self, x, t):
         return self.net(torch.cat([x, t[:, None].to(x.dtype) / T], dim=1))

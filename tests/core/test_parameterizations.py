@@ -91,8 +91,9 @@ def test_the_flags_of_a_registered_parameterization_are_honoured(monkeypatch):
     monkeypatch.setattr(PARAMETERIZATIONS_REGISTRY, "_entries", dict(PARAMETERIZATIONS_REGISTRY._entries))
     PARAMETERIZATIONS_REGISTRY.register("flagged_x0")(_FlaggedX0)
     s = make_schedule("linear", num_timesteps=20, rescale_to_zero_terminal_snr=True)
-    with pytest.raises(ValueError, match="parameterization='flagged_x0' at the last step; use parameterization="
-                                         "'x0' or 'v'"):
+    with pytest.raises(
+        ValueError, match="parameterization='flagged_x0' at the last step; use parameterization='x0' or 'v'"
+    ):
         GaussianDiffusion(s, parameterization="flagged_x0")
     d = GaussianDiffusion(small_schedule("linear"), parameterization="flagged_x0")
     x = torch.zeros(2, 2)

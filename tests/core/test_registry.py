@@ -16,9 +16,15 @@ from lightning_ddpm.core.variances import VARIANCES, get_variance
 from lightning_ddpm.core.weightings import LOSS_WEIGHTINGS
 
 REGISTRIES = {
-    "schedule": SCHEDULES, "parameterization": PARAMETERIZATIONS, "sampler": SAMPLERS,
-    "timestep_sampler": TIMESTEP_SAMPLERS, "backbone": backbones.BACKBONES, "distribution": TOY_DISTRIBUTIONS,
-    "dataset": IMAGE_DATASETS, "variance": VARIANCES, "loss": LOSSES,
+    "schedule": SCHEDULES,
+    "parameterization": PARAMETERIZATIONS,
+    "sampler": SAMPLERS,
+    "timestep_sampler": TIMESTEP_SAMPLERS,
+    "backbone": backbones.BACKBONES,
+    "distribution": TOY_DISTRIBUTIONS,
+    "dataset": IMAGE_DATASETS,
+    "variance": VARIANCES,
+    "loss": LOSSES,
     "loss_weighting": LOSS_WEIGHTINGS,
 }
 
@@ -109,8 +115,9 @@ def test_a_registered_variance_and_loss_plug_in_by_name():
         name = "midway"
 
         def __call__(self, diffusion, variance_frac, t, x_t):
-            log_variance = 0.5 * (diffusion.gather("log_betas", t, x_t)
-                                  + diffusion.gather("posterior_log_variance_clipped", t, x_t)).expand_as(x_t)
+            log_variance = 0.5 * (
+                diffusion.gather("log_betas", t, x_t) + diffusion.gather("posterior_log_variance_clipped", t, x_t)
+            ).expand_as(x_t)
             return log_variance.exp(), log_variance
 
     class L1(Loss):
@@ -130,9 +137,15 @@ def test_a_registered_variance_and_loss_plug_in_by_name():
         terms = d.training_losses(lambda x, t: noise, x0, t, noise=noise)  # the exact eps: zero L1
         assert terms["loss"].abs().max() == 0
         _, log_var = d.reverse_variance(None, t, x0)
-        torch.testing.assert_close(log_var, 0.5 * (d.schedule.betas.log() + d.schedule.posterior_log_variance_clipped)[t, None].expand(8, 2).float())
+        torch.testing.assert_close(
+            log_var,
+            0.5 * (d.schedule.betas.log() + d.schedule.posterior_log_variance_clipped)[t, None].expand(8, 2).float(),
+        )
         out = DDPMSampler().sample(lambda x, t: 0.1 * x, d, torch.randn(4, 2))
-        assert torch.isfinite(out).all() and DDIMSampler(num_steps=5).sample(lambda x, t: 0.1 * x, d, out).shape == (4, 2)
+        assert torch.isfinite(out).all() and DDIMSampler(num_steps=5).sample(lambda x, t: 0.1 * x, d, out).shape == (
+            4,
+            2,
+        )
     finally:
         for registry, name in ((VARIANCES, "midway"), (LOSSES, "l1")):
             if name in registry:

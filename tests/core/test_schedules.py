@@ -130,14 +130,16 @@ def test_the_math_layer_imports_without_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, lightning_ddpm.core.schedules, lightning_ddpm.core.parameterizations, lightning_ddpm.core.diffusion, "
-            "lightning_ddpm.samplers, lightning_ddpm.core.guidance, lightning_ddpm.core.likelihood, "
-            "lightning_ddpm.core.timestep_sampling, lightning_ddpm.backbones, lightning_ddpm.core.registry, "
-            "lightning_ddpm.core.denoiser, lightning_ddpm.core.variances, lightning_ddpm.core.losses, "
-            "lightning_ddpm.interop.diffusers, lightning_ddpm.interop.diffusers_unet\n"
-            "from lightning_ddpm import GaussianDiffusion, DDIMSampler, make_schedule, build_backbone\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
-            "'torchmetrics', 'jsonargparse', 'diffusers')))")
+    code = (
+        "import sys, lightning_ddpm.core.schedules, lightning_ddpm.core.parameterizations, lightning_ddpm.core.diffusion, "
+        "lightning_ddpm.samplers, lightning_ddpm.core.guidance, lightning_ddpm.core.likelihood, "
+        "lightning_ddpm.core.timestep_sampling, lightning_ddpm.backbones, lightning_ddpm.core.registry, "
+        "lightning_ddpm.core.denoiser, lightning_ddpm.core.variances, lightning_ddpm.core.losses, "
+        "lightning_ddpm.interop.diffusers, lightning_ddpm.interop.diffusers_unet\n"
+        "from lightning_ddpm import GaussianDiffusion, DDIMSampler, make_schedule, build_backbone\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', "
+        "'torchmetrics', 'jsonargparse', 'diffusers')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]", result.stdout

@@ -39,8 +39,9 @@ def test_uniform_mixing_and_errors():
     s = LossSecondMomentSampler(2, history=1, uniform_prob=0.5)
     s.update(torch.tensor([0, 1]), torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(s.probabilities(), torch.tensor([0.75, 0.25], dtype=torch.float64))
-    with pytest.raises(ValueError, match="unknown timestep_sampler 'importance'; choose one of: uniform, "
-                                         "loss_second_moment"):
+    with pytest.raises(
+        ValueError, match="unknown timestep_sampler 'importance'; choose one of: uniform, loss_second_moment"
+    ):
         make_timestep_sampler("importance", 10)
     with pytest.raises(ValueError, match="uniform_prob"):
         LossSecondMomentSampler(4, uniform_prob=2.0)
@@ -64,8 +65,9 @@ def test_vectorised_update_matches_a_per_example_fifo():
                 fifo[ti] = (fifo[ti] + [li])[-H:]
         for ti in range(T):
             assert int(s.loss_counts[ti]) == len(fifo[ti])
-            assert sorted(s.loss_history[ti].tolist()[: len(fifo[ti])] if len(fifo[ti]) < H else
-                          s.loss_history[ti].tolist()) == sorted(fifo[ti])
+            assert sorted(
+                s.loss_history[ti].tolist()[: len(fifo[ti])] if len(fifo[ti]) < H else s.loss_history[ti].tolist()
+            ) == sorted(fifo[ti])
     state = s.state_dict()
     again = LossSecondMomentSampler(T, history=H)
     again.load_state_dict(state)

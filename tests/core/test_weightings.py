@@ -49,8 +49,9 @@ def test_every_loss_returns_a_per_example_loss_and_its_parts(name):
 
 
 def test_losses_and_weightings_own_their_hyperparameters():
-    d = _diffusion(variance="learned_range", loss="hybrid", hybrid_lambda=0.25, loss_weighting="min_snr",
-                   min_snr_gamma=2.0)
+    d = _diffusion(
+        variance="learned_range", loss="hybrid", hybrid_lambda=0.25, loss_weighting="min_snr", min_snr_gamma=2.0
+    )
     assert isinstance(d.loss_fn, HybridLoss) and d.loss_fn.hybrid_lambda == 0.25 == d.hybrid_lambda
     assert isinstance(d.weighting, MinSNRWeighting) and d.weighting.min_snr_gamma == 2.0 == d.min_snr_gamma
     r = d.respace([0, 7, 19])  # the respaced process keeps them without anything copied by hand
@@ -76,15 +77,20 @@ def test_a_registered_weighting_works_end_to_end(tmp_path):
         x0, t, noise = _batch()
         out = torch.randn_like(x0)
         terms = d.training_losses(lambda x, t: out, x0, t, noise)
-        assert (terms["loss"][: T // 2] == 0).all() and torch.equal(terms["loss"][T // 2:], terms["mse"][T // 2:])
+        assert (terms["loss"][: T // 2] == 0).all() and torch.equal(terms["loss"][T // 2 :], terms["mse"][T // 2 :])
         r = d.respace([0, 4, 12, 19])  # respaced: 4 steps, its own upper half
         assert torch.equal(r.mse_weight(torch.arange(4), x0[:4]), torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=x0.dtype))
 
-        m = DiffusionModule(backbone={"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}, data_shape=[2],
-                            num_timesteps=T, loss_weighting="upper_half")
+        m = DiffusionModule(
+            backbone={"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}},
+            data_shape=[2],
+            num_timesteps=T,
+            loss_weighting="upper_half",
+        )
         assert isinstance(m.diffusion.weighting, Truncated)
-        trainer = Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                          default_root_dir=tmp_path)
+        trainer = Trainer(
+            max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+        )
         loader = torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=32)
         trainer.fit(m, loader)
         trainer.save_checkpoint(tmp_path / "w.ckpt")

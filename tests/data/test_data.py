@@ -69,15 +69,21 @@ def test_image_folder_errors(tmp_path):
     _png(tmp_path / "mixed" / "a.png", size=(12, 12))
     _png(tmp_path / "mixed" / "b.png", size=(16, 12))
     # checked when the dataset is built (before training), with a count, not when a worker draws the file
-    with pytest.raises(ValueError, match=r"have 2 sizes \(12x12: 1, 16x12: 1\), e.g. .*b.png' is 16x12 but the first "
-                                         r"image is 12x12; set image_size"):
+    with pytest.raises(
+        ValueError,
+        match=r"have 2 sizes \(12x12: 1, 16x12: 1\), e.g. .*b.png' is 16x12 but the first "
+        r"image is 12x12; set image_size",
+    ):
         ImageFolderDataset(tmp_path / "mixed")
     assert len(ImageFolderDataset(tmp_path / "mixed", image_size=(12, 12))) == 2  # resized: fine
     _png(tmp_path / "corrupt" / "a.png")
     (tmp_path / "corrupt" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (tmp_path / "corrupt" / "c.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=r"cannot read image: 2 of 3 files under .* are not readable images, e.g. "
-                                         r".*b.png.*c.png"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot read image: 2 of 3 files under .* are not readable images, e.g. "
+        r".*b.png.*c.png",
+    ):
         ImageFolderDataset(tmp_path / "corrupt")
     _png(tmp_path / "cut" / "a.png", size=(12, 12))
     whole = (tmp_path / "cut" / "a.png").read_bytes()

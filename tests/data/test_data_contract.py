@@ -12,12 +12,14 @@ from lightning_ddpm.data.batches import unpack_batch
 
 MODULES = {
     "toy2d": lambda: Toy2DDataModule("two_moons", num_train=256, num_val=64, batch_size=32, num_predict_samples=10),
-    "toy2d_labels": lambda: Toy2DDataModule("eight_gaussians", num_train=256, num_val=64, batch_size=32, labels=True,
-                                            num_predict_samples=10, predict_seed=7),
+    "toy2d_labels": lambda: Toy2DDataModule(
+        "eight_gaussians", num_train=256, num_val=64, batch_size=32, labels=True, num_predict_samples=10, predict_seed=7
+    ),
     "digits": lambda: ImageDataModule("digits", batch_size=16, num_predict_samples=10),
     "digits_labels": lambda: ImageDataModule("digits", batch_size=16, labels=True, num_predict_samples=10),
-    "requests": lambda: SampleRequestsDataModule(num_predict_samples=10, batch_size=4, data_shape=[3, 8, 8],
-                                                 num_classes=3, predict_seed=7),
+    "requests": lambda: SampleRequestsDataModule(
+        num_predict_samples=10, batch_size=4, data_shape=[3, 8, 8], num_classes=3, predict_seed=7
+    ),
 }
 
 

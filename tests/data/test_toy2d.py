@@ -33,8 +33,13 @@ def test_spiral_arms_are_thin_archimedean_arms_uniform_along_the_arc():
     x, labels = sample_toy2d("spiral_arms", 5000, torch.Generator().manual_seed(0))
     radius = x.norm(dim=1)
     s_ = torch.linspace(0, 1, 4000)
-    arms = [s_[:, None] * torch.stack([(3 * math.pi * s_ + k * 2 * math.pi / 3).cos(),
-                                       (3 * math.pi * s_ + k * 2 * math.pi / 3).sin()], dim=1) for k in range(3)]
+    arms = [
+        s_[:, None]
+        * torch.stack(
+            [(3 * math.pi * s_ + k * 2 * math.pi / 3).cos(), (3 * math.pi * s_ + k * 2 * math.pi / 3).sin()], dim=1
+        )
+        for k in range(3)
+    ]
     distance = torch.stack([torch.cdist(x, arm).min(dim=1).values for arm in arms], dim=1)  # (N, 3)
     own = distance.gather(1, labels[:, None]).squeeze(1)
     other = distance.masked_fill(torch.nn.functional.one_hot(labels, 3).bool(), math.inf).min(dim=1).values
@@ -95,7 +100,8 @@ def _far_strays(x_scale: float, steps: int = 1500) -> tuple[int, float]:
     x_T = radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1)
     with torch.no_grad():
         out = make_sampler({"name": "ddim", "init_args": {"num_steps": 50}}, num_timesteps=1000).sample(
-            model.eval(), diffusion, x_T, generator=gs)
+            model.eval(), diffusion, x_T, generator=gs
+        )
     r = out.norm(dim=1)
     return int((r > data.norm(dim=1).max() + 0.5).sum()), float(r.max())
 

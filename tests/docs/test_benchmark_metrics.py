@@ -43,13 +43,21 @@ def test_median_bandwidth_is_the_median_pairwise_distance():
     assert median_bandwidth(x.view(3, 1, 2)) == pytest.approx(4.0)  # images are flattened
 
 
-@pytest.mark.parametrize("op, expected", [
-    ("aten::convolution_backward", "convolution"), ("aten::mkldnn_convolution", "convolution"),
-    ("aten::native_group_norm_backward", "group norm"), ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                                                          "attention"),
-    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("aten::bernoulli_", "dropout RNG"),
-    ("aten::silu_backward", "activation"), ("aten::copy_", "copy / layout"), ("aten::add_", "elementwise"),
-    ("aten::empty_strided", "other"),
-])
+@pytest.mark.parametrize(
+    "op, expected",
+    [
+        ("aten::convolution_backward", "convolution"),
+        ("aten::mkldnn_convolution", "convolution"),
+        ("aten::native_group_norm_backward", "group norm"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+        ("aten::addmm", "matmul"),
+        ("aten::mm", "matmul"),
+        ("aten::bernoulli_", "dropout RNG"),
+        ("aten::silu_backward", "activation"),
+        ("aten::copy_", "copy / layout"),
+        ("aten::add_", "elementwise"),
+        ("aten::empty_strided", "other"),
+    ],
+)
 def test_profile_categories(op, expected):
     assert category(op) == expected

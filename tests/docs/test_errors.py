@@ -23,8 +23,10 @@ ROWS = {
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 8, "num_blocks": 1}}
 
 
-TINY_UNET_ERRORS = {"name": "unet", "init_args": {"ch": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [],
-                                                  "norm_groups": 4}}
+TINY_UNET_ERRORS = {
+    "name": "unet",
+    "init_args": {"ch": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "norm_groups": 4},
+}
 
 
 def _configs_in(folder: Path, *calls: list[str]):
@@ -65,8 +67,14 @@ def _images(folder: Path, sizes=((8, 8),)) -> Path:
 def _fit(tmp_path: Path, module: DiffusionModule, steps: int, ckpt_path: Path | None = None):
     from lightning.pytorch import Trainer
 
-    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, torch.utils.data.DataLoader([torch.randn(4, 2)] * 4, batch_size=None), ckpt_path=ckpt_path)
     return trainer
 
@@ -87,8 +95,18 @@ def _truncated(tmp_path: Path):
 def _cli(tmp: Path, *args: str):
     from lightning_ddpm.cli import run_cli
 
-    return run_cli(["predict", "--model.backbone", json.dumps(MLP), "--data", "lightning_ddpm.data.Toy2DDataModule",
-                    "--trainer.logger=false", f"--trainer.default_root_dir={tmp}", *args])
+    return run_cli(
+        [
+            "predict",
+            "--model.backbone",
+            json.dumps(MLP),
+            "--data",
+            "lightning_ddpm.data.Toy2DDataModule",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp}",
+            *args,
+        ]
+    )
 
 
 def _corrupt(tmp_path: Path):
@@ -106,9 +124,15 @@ def _final_fid_without_validation(tmp_path: Path):
     from tests.helpers import TinyFeatures
 
     fid = FIDCallback(num_samples=4, at_train_end=True, feature_extractor=TinyFeatures(channels=2))
-    Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            callbacks=[fid], default_root_dir=tmp_path).fit(
-        _module(), torch.utils.data.DataLoader([torch.randn(4, 2)] * 4, batch_size=None))
+    Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[fid],
+        default_root_dir=tmp_path,
+    ).fit(_module(), torch.utils.data.DataLoader([torch.randn(4, 2)] * 4, batch_size=None))
 
 
 class _FakeMesh:
@@ -162,9 +186,16 @@ def _ema_under_fsdp1():
 def _diffusers_unet(**config):
     import diffusers
 
-    tiny = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                norm_num_groups=4)
+    tiny = dict(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     return diffusers.UNet2DModel(**{**tiny, **config})
 
 
@@ -192,9 +223,14 @@ def _without_diffusers(tmp):
     saved = sys.modules.get("diffusers")
     sys.modules["diffusers"] = None  # what an environment without the package gives on import
     try:
-        DiffusionModule(backbone={"name": "unet", "init_args": {"ch": 8, "ch_mult": [1], "num_res_blocks": 1,
-                                                                "attn_resolutions": [], "norm_groups": 4}},
-                        data_shape=[1, 8, 8], num_timesteps=20).to_diffusers(tmp / "out")
+        DiffusionModule(
+            backbone={
+                "name": "unet",
+                "init_args": {"ch": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [], "norm_groups": 4},
+            },
+            data_shape=[1, 8, 8],
+            num_timesteps=20,
+        ).to_diffusers(tmp / "out")
     finally:
         if saved is None:
             sys.modules.pop("diffusers")
@@ -205,7 +241,9 @@ def _without_diffusers(tmp):
 def _init_from_differs(tmp):
     source = DiffusionModule.from_diffusers(_diffusers_unet(), scheduler={"num_train_timesteps": 20})
     folder = source.to_diffusers(tmp / "pretrained")
-    settings = {k: source.hparams[k] for k in ("backbone", "data_shape", "schedule", "num_timesteps", "schedule_kwargs")}
+    settings = {
+        k: source.hparams[k] for k in ("backbone", "data_shape", "schedule", "num_timesteps", "schedule_kwargs")
+    }
     DiffusionModule(**settings, parameterization="v", init_from=str(folder)).setup("fit")
 
 
@@ -214,8 +252,18 @@ def _fit_into_a_taken_folder(tmp):
     (tmp / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run")  # refused before it is opened
     from lightning_ddpm.cli import run_cli
 
-    run_cli(["fit", "--model.backbone", json.dumps(MLP), "--data", "lightning_ddpm.data.Toy2DDataModule",
-             "--trainer.logger=false", f"--trainer.default_root_dir={tmp}", "--trainer.max_steps=1"])
+    run_cli(
+        [
+            "fit",
+            "--model.backbone",
+            json.dumps(MLP),
+            "--data",
+            "lightning_ddpm.data.Toy2DDataModule",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp}",
+            "--trainer.max_steps=1",
+        ]
+    )
 
 
 CASES = {
@@ -232,43 +280,70 @@ CASES = {
     "image-size": lambda tmp: UNet(image_size=30),
     "channel-mismatch": lambda tmp: _module(
         backbone={"name": "unet", "init_args": {"in_channels": 3, "ch": 32, "ch_mult": [1, 2], "attn_resolutions": []}},
-        data_shape=[1, 8, 8]),
-    "output-channels": lambda tmp: _module(backbone={"name": "mlp", "init_args": {"out_channels": 1}}, data_shape=[1],
-                                           variance="learned_range"),
+        data_shape=[1, 8, 8],
+    ),
+    "output-channels": lambda tmp: _module(
+        backbone={"name": "mlp", "init_args": {"out_channels": 1}}, data_shape=[1], variance="learned_range"
+    ),
     "hybrid-fixed-variance": lambda tmp: _module(loss="hybrid", variance="fixed_small"),
     "zero-snr-eps": lambda tmp: _module(rescale_to_zero_terminal_snr=True, parameterization="eps"),
     "labels-unconditional": lambda tmp: _module(data_shape=[2]).sample(2, labels=[0, 1]),
     "labels-missing": lambda tmp: _module(data_shape=[2], num_classes=3)._shared_step(torch.randn(4, 2), "train", 0),
     "labels-range": lambda tmp: _module(data_shape=[2], num_classes=3).sample(2, labels=[0, 5]),
     "guidance-negative": lambda tmp: _module(data_shape=[2], num_classes=3, guidance_scale=-1),
-    "cli-unknown-option": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.max_step", "10"]),
+    "cli-unknown-option": lambda tmp: _run_cli_in(
+        ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.max_step", "10"]
+    ),
     "cli-config-file": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yml"]),
     "cli-config-shipped": lambda tmp: _run_cli_in(tmp, ["fit", "--config", "toydd"]),
     "configs-copy-exists": lambda tmp: _configs_in(tmp, ["copy", "toy2d"], ["copy", "toy2d"]),
     "configs-copy-unknown": lambda tmp: _configs_in(tmp, ["copy", "toy3d"]),
-    "callback-index": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[5].init_args.decay", "0.5"]),
-    "callback-name": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[FID].init_args.num_samples", "5"]),
-    "callback-argument": lambda tmp: _run_cli_in(ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[0].init_args.decy", "0.5"]),
-    "trainer-check": lambda tmp: _run_cli_in(tmp, ["fit", "--config", str(ROOT / "configs/toy2d.yaml"),
-                                                   "--trainer.max_steps", "-5", f"--trainer.default_root_dir={tmp}"]),
+    "callback-index": lambda tmp: _run_cli_in(
+        ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[5].init_args.decay", "0.5"]
+    ),
+    "callback-name": lambda tmp: _run_cli_in(
+        ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[FID].init_args.num_samples", "5"]
+    ),
+    "callback-argument": lambda tmp: _run_cli_in(
+        ROOT, ["fit", "--config", "configs/toy2d.yaml", "--trainer.callbacks[0].init_args.decy", "0.5"]
+    ),
+    "trainer-check": lambda tmp: _run_cli_in(
+        tmp,
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/toy2d.yaml"),
+            "--trainer.max_steps",
+            "-5",
+            f"--trainer.default_root_dir={tmp}",
+        ],
+    ),
     "image-range": lambda tmp: _module(data_shape=[1, 4, 4], backbone=TINY_UNET_ERRORS)._shared_step(
-        torch.linspace(0, 255, 32).reshape(2, 1, 4, 4), "train", 0),
+        torch.linspace(0, 255, 32).reshape(2, 1, 4, 4), "train", 0
+    ),
     "x-t-shape": lambda tmp: _module(data_shape=[1, 16, 16], backbone=TINY_UNET_ERRORS).sample(
-        4, x_T=torch.randn(4, 1, 8, 8)),
+        4, x_T=torch.randn(4, 1, 8, 8)
+    ),
     "num-steps": lambda tmp: _module(num_timesteps=1000, sampler={"name": "ddim", "init_args": {"num_steps": 2000}}),
     "eta-negative": lambda tmp: DDIMSampler(eta=-0.5),
     "solver-order": lambda tmp: _module(sampler={"name": "unipc", "init_args": {"order": 4}}),
     "spacing-karras-integer": lambda tmp: _module(sampler={"name": "ddpm", "init_args": {"spacing": "karras"}}),
     "spacing-linspace-euler": lambda tmp: _module(sampler={"name": "euler", "init_args": {"spacing": "linspace"}}),
-    "karras-zero-snr": lambda tmp: _module(parameterization="v", rescale_to_zero_terminal_snr=True,
-                                           sampler={"name": "heun", "init_args": {"spacing": "karras"}}),
+    "karras-zero-snr": lambda tmp: _module(
+        parameterization="v",
+        rescale_to_zero_terminal_snr=True,
+        sampler={"name": "heun", "init_args": {"spacing": "karras"}},
+    ),
     "sigma-max-spacing": lambda tmp: _module(sampler={"name": "heun", "init_args": {"sigma_max": 80}}),
     "mu-fractional": lambda tmp: _module(data_shape=[2], parameterization="mu").sample(
-        2, sampler={"name": "euler", "init_args": {"num_steps": 3, "spacing": "karras"}}),
+        2, sampler={"name": "euler", "init_args": {"num_steps": 3, "spacing": "karras"}}
+    ),
     "missing-folder": lambda tmp: ImageDataModule("imagefolder", root=str(tmp / "no/such/folder")),
     "empty-folder": lambda tmp: (tmp / "empty").mkdir() or ImageFolderDataset(tmp / "empty"),
-    "corrupt-image": lambda tmp: (_images(tmp / "c").joinpath("1.png").write_bytes(b"\x89PNG\r\n\x1a\nxx"),
-                                  ImageFolderDataset(tmp / "c")),
+    "corrupt-image": lambda tmp: (
+        _images(tmp / "c").joinpath("1.png").write_bytes(b"\x89PNG\r\n\x1a\nxx"),
+        ImageFolderDataset(tmp / "c"),
+    ),
     "mixed-sizes": lambda tmp: ImageFolderDataset(_images(tmp / "m", sizes=((8, 8), (9, 8)))),
     "truncated-checkpoint": _truncated,
     "incompatible-checkpoint": lambda tmp: _fit(tmp, _module(num_timesteps=50), 2, ckpt_path=_checkpoint(tmp)),
@@ -277,9 +352,11 @@ CASES = {
     "linear-range": lambda tmp: make_schedule("linear", beta_start=0.02, beta_end=0.0001),
     "data-smaller-than-batch": lambda tmp: Toy2DDataModule(num_train=100, batch_size=256),
     "images-smaller-than-batch": lambda tmp: ImageDataModule(
-        "imagefolder", root=str(_images(tmp / "few", sizes=((8, 8),) * 4))).train_dataloader(),
-    "checkpoint-settings-differ": lambda tmp: _cli(tmp, "--model.num_timesteps=50", "--ckpt_path",
-                                                   str(_checkpoint(tmp))),
+        "imagefolder", root=str(_images(tmp / "few", sizes=((8, 8),) * 4))
+    ).train_dataloader(),
+    "checkpoint-settings-differ": lambda tmp: _cli(
+        tmp, "--model.num_timesteps=50", "--ckpt_path", str(_checkpoint(tmp))
+    ),
     "predict-untrained": lambda tmp: _cli(tmp),
     "corrupt-checkpoint": _corrupt,
     "imports-missing": lambda tmp: _cli(tmp, "--imports", "[no_such_module]"),
@@ -287,10 +364,13 @@ CASES = {
     "backbone-name-taken": lambda tmp: register_backbone("mlp")(UNet),
     "diffusers-block-type": _cross_attention_folder,
     "diffusers-missing-weight": lambda tmp: _diffusers_weights(lambda sd: sd.pop("conv_in.bias")),
-    "diffusers-shape-mismatch": lambda tmp: _diffusers_weights(lambda sd: sd.update({"conv_in.weight": torch.zeros(8, 3, 3, 3)})),
+    "diffusers-shape-mismatch": lambda tmp: _diffusers_weights(
+        lambda sd: sd.update({"conv_in.weight": torch.zeros(8, 3, 3, 3)})
+    ),
     "diffusers-not-a-folder": lambda tmp: (tmp / "f").mkdir() or DiffusionModule.from_diffusers(tmp / "f"),
-    "diffusers-scheduler-field": lambda tmp: DiffusionModule.from_diffusers(_diffusers_unet(),
-                                                                            scheduler={"variance_type": "learned"}),
+    "diffusers-scheduler-field": lambda tmp: DiffusionModule.from_diffusers(
+        _diffusers_unet(), scheduler={"variance_type": "learned"}
+    ),
     "diffusers-not-installed": _without_diffusers,
     "init-from-differs": _init_from_differs,
     "to-diffusers-backbone": lambda tmp: _module().to_diffusers(tmp / "out"),
@@ -318,9 +398,17 @@ def test_every_documented_error(case, tmp_path):
 def test_values_that_are_legal_but_almost_surely_a_mistake_warn():
     """[0, 1] images (the model expects [-1, 1]) and a guidance scale without labels (it changes nothing)."""
     module = _module(data_shape=[1, 4, 4], backbone=TINY_UNET_ERRORS)
-    with pytest.warns(UserWarning, match=r"the image batch lies in \[0, 1\], as \[0, 1\] images do; the model expects \[-1, 1\]"):
-        module._shared_step(torch.rand(2, 1, 4, 4).clamp(0, 1).index_fill(0, torch.tensor([0]), 1.0)
-                            .index_fill(0, torch.tensor([1]), 0.0), "train", 0)
+    with pytest.warns(
+        UserWarning, match=r"the image batch lies in \[0, 1\], as \[0, 1\] images do; the model expects \[-1, 1\]"
+    ):
+        module._shared_step(
+            torch.rand(2, 1, 4, 4)
+            .clamp(0, 1)
+            .index_fill(0, torch.tensor([0]), 1.0)
+            .index_fill(0, torch.tensor([1]), 0.0),
+            "train",
+            0,
+        )
     with pytest.warns(UserWarning, match=r"the image batch lies in \[-3, 3\], outside \[-1, 1\]"):
         module._shared_step(torch.linspace(-3, 3, 32).reshape(2, 1, 4, 4), "train", 0)  # standardised images
     with pytest.warns(UserWarning, match=r"guidance_scale=3.0 has no effect without labels"):

@@ -77,16 +77,29 @@ def test_euler_is_ddim_on_the_trailing_grid_and_unip2_is_dpm_solver_pp_2m():
         return make_sampler(spec).sample(model, d, x_T)
 
     for n in (5, 10):
-        torch.testing.assert_close(run({"name": "euler", "init_args": {"num_steps": n}}),
-                                   DDIMSampler(num_steps=n, spacing="trailing").sample(model, d, x_T),
-                                   rtol=0, atol=1e-12)
-        torch.testing.assert_close(run({"name": "unipc", "init_args": {"num_steps": n, "corrector": False}}),
-                                   run({"name": "dpmpp_2m", "init_args": {"num_steps": n}}), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            run({"name": "euler", "init_args": {"num_steps": n}}),
+            DDIMSampler(num_steps=n, spacing="trailing").sample(model, d, x_T),
+            rtol=0,
+            atol=1e-12,
+        )
+        torch.testing.assert_close(
+            run({"name": "unipc", "init_args": {"num_steps": n, "corrector": False}}),
+            run({"name": "dpmpp_2m", "init_args": {"num_steps": n}}),
+            rtol=0,
+            atol=1e-12,
+        )
     # the identities are not trivial: the corrector and the second order change the result
-    assert not torch.allclose(run({"name": "unipc", "init_args": {"num_steps": 5}}),
-                              run({"name": "dpmpp_2m", "init_args": {"num_steps": 5}}), atol=1e-6)
-    assert not torch.allclose(run({"name": "euler", "init_args": {"num_steps": 5}}),
-                              run({"name": "dpmpp_2m", "init_args": {"num_steps": 5}}), atol=1e-6)
+    assert not torch.allclose(
+        run({"name": "unipc", "init_args": {"num_steps": 5}}),
+        run({"name": "dpmpp_2m", "init_args": {"num_steps": 5}}),
+        atol=1e-6,
+    )
+    assert not torch.allclose(
+        run({"name": "euler", "init_args": {"num_steps": 5}}),
+        run({"name": "dpmpp_2m", "init_args": {"num_steps": 5}}),
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("keys", [("x", "y"), ("image", "label"), ("images", "labels")])
@@ -132,8 +145,14 @@ def test_checkpoints_without_a_digest_load_unchecked(tmp_path):
     from lightning.pytorch import Trainer
 
     module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20)
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, torch.utils.data.DataLoader(torch.randn(16, 2), batch_size=8))
     trainer.save_checkpoint(tmp_path / "with.ckpt")
     checkpoint = torch.load(tmp_path / "with.ckpt", weights_only=False)
@@ -182,9 +201,12 @@ def test_fid_passes_the_offline_inception_weights_path_to_every_metric(monkeypat
             return torch.zeros(x.shape[0], 8)
 
     monkeypatch.setattr(torchmetrics.image.fid, "NoTrainInceptionV3", FakeInception)
-    FIDCallback(num_samples=10, inception_weights_path="/weights/inception.pth", kid=True,
-                inception_score=True).build_metrics()
-    assert built == [("inception-v3-compat", [f], "/weights/inception.pth") for f in ("2048", "2048", "logits_unbiased")]
+    FIDCallback(
+        num_samples=10, inception_weights_path="/weights/inception.pth", kid=True, inception_score=True
+    ).build_metrics()
+    assert built == [
+        ("inception-v3-compat", [f], "/weights/inception.pth") for f in ("2048", "2048", "logits_unbiased")
+    ]
 
 
 def test_a_bare_sampler_name_works_in_sample_on_a_short_schedule():
@@ -198,7 +220,9 @@ def test_the_model_contract_is_public_and_loads_without_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, lightning_ddpm as L; L.Denoiser, L.Prediction, L.make_sampler; "
-            "assert not any(m.startswith('lightning.') or m == 'lightning' for m in sys.modules), 'Lightning loaded'")
+    code = (
+        "import sys, lightning_ddpm as L; L.Denoiser, L.Prediction, L.make_sampler; "
+        "assert not any(m.startswith('lightning.') or m == 'lightning' for m in sys.modules), 'Lightning loaded'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -14,15 +14,16 @@ import torch
 from lightning_ddpm import DiffusionModule
 from lightning_ddpm.cli import run_cli
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TINY = {
     "mlp": {"name": "mlp", "init_args": {"hidden_dim": 64, "num_blocks": 2}},
-    "unet": {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-                                           "attn_resolutions": [4], "dropout": 0.1}},
+    "unet": {
+        "name": "unet",
+        "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.1},
+    },
 }
 
 
@@ -31,8 +32,13 @@ def _data_args(config: Path, tmp_path: Path) -> list[str]:
     text = config.read_text()
     if "Toy2DDataModule" in text:
         return ["--data.init_args.num_train=4096"]
-    args = ["--data.init_args.dataset=digits", "--data.init_args.num_workers=0", "--data.init_args.image_size=8",
-            "--data.init_args.batch_size=32", "--data.init_args.random_flip=false"]
+    args = [
+        "--data.init_args.dataset=digits",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.image_size=8",
+        "--data.init_args.batch_size=32",
+        "--data.init_args.random_flip=false",
+    ]
     args += ["--model.init_from=null"] if "init_from" in text else []  # no diffusers folder offline
     return args + (["--data.init_args.channels=1"] if "imagefolder" in config.name else [])
 
@@ -44,11 +50,25 @@ def _backbone(config: Path) -> str:
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_config_fits_on_cuda(config, precision, tmp_path):
-    cli = run_cli(["fit", "--config", str(config), *_data_args(config, tmp_path), "--model.backbone", _backbone(config),
-                   "--trainer.accelerator=cuda", "--trainer.devices=1", f"--trainer.precision={precision}",
-                   "--trainer.max_steps=4", "--trainer.limit_val_batches=1", "--trainer.logger=false",
-                   "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-                   "--trainer.callbacks=[{class_path: lightning_ddpm.callbacks.EMA, init_args: {decay: 0.9}}]"])
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *_data_args(config, tmp_path),
+            "--model.backbone",
+            _backbone(config),
+            "--trainer.accelerator=cuda",
+            "--trainer.devices=1",
+            f"--trainer.precision={precision}",
+            "--trainer.max_steps=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks=[{class_path: lightning_ddpm.callbacks.EMA, init_args: {decay: 0.9}}]",
+        ]
+    )
     assert cli.trainer.global_step == 4
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
     if precision == "16-mixed":
@@ -83,14 +103,28 @@ class _SyncFreeSteps:
 def test_training_steps_do_not_synchronise_with_the_host(tmp_path, timestep_sampler):
     from lightning.pytorch import Trainer
 
-    module = DiffusionModule(backbone=TINY["unet"], data_shape=[1, 8, 8], num_classes=3, num_timesteps=100,
-                             timestep_sampler=timestep_sampler, clip_denoised=True)
+    module = DiffusionModule(
+        backbone=TINY["unet"],
+        data_shape=[1, 8, 8],
+        num_classes=3,
+        num_timesteps=100,
+        timestep_sampler=timestep_sampler,
+        clip_denoised=True,
+    )
     _SyncFreeSteps(module)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(10)]
-    trainer = Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=10, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=100,
-                      default_root_dir=tmp_path)
+    trainer = Trainer(
+        accelerator="cuda",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        log_every_n_steps=100,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     assert trainer.global_step == 10 and module.nonfinite.on_device
 
@@ -138,7 +172,9 @@ class _AuditSyncs:
 
         if "synchroniz" not in str(message):
             return
-        ours = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack() if f.filename.startswith(LIBRARY)]
+        ours = [
+            f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack() if f.filename.startswith(LIBRARY)
+        ]
         if ours:
             self.found.setdefault(self._step, []).append(ours[-1])
 
@@ -151,11 +187,26 @@ def test_whole_training_steps_of_every_config_do_not_synchronise(config, tmp_pat
     from lightning.pytorch import Callback
 
     monkeypatch.chdir(tmp_path)  # the configs' callbacks write under outputs/ in the working directory
-    cli = run_cli(["--config", str(config), *_data_args(config, tmp_path), "--model.backbone", _backbone(config),
-                   "--trainer.accelerator=cuda", "--trainer.devices=1", "--trainer.precision=bf16-mixed",
-                   "--trainer.max_steps=8", "--trainer.log_every_n_steps=4", "--trainer.val_check_interval=4",
-                   "--trainer.limit_val_batches=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                   f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = run_cli(
+        [
+            "--config",
+            str(config),
+            *_data_args(config, tmp_path),
+            "--model.backbone",
+            _backbone(config),
+            "--trainer.accelerator=cuda",
+            "--trainer.devices=1",
+            "--trainer.precision=bf16-mixed",
+            "--trainer.max_steps=8",
+            "--trainer.log_every_n_steps=4",
+            "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
     audit = _AuditSyncs(cli.model)
 
     class Start(Callback):
@@ -179,8 +230,16 @@ def test_every_sampler_loop_runs_without_host_synchronisation(spacing):
     from lightning_ddpm.core.guidance import guided_denoiser
     from lightning_ddpm.samplers import SAMPLERS, make_sampler
 
-    module = DiffusionModule(backbone=TINY["unet"], data_shape=[1, 8, 8], num_classes=3, num_timesteps=100,
-                             variance="learned_range", loss="hybrid", clip_denoised=True, guidance_scale=2.0).cuda()
+    module = DiffusionModule(
+        backbone=TINY["unet"],
+        data_shape=[1, 8, 8],
+        num_classes=3,
+        num_timesteps=100,
+        variance="learned_range",
+        loss="hybrid",
+        clip_denoised=True,
+        guidance_scale=2.0,
+    ).cuda()
     for name in SAMPLERS.names():
         if spacing not in SAMPLERS.get(name).spacings:
             continue
@@ -200,25 +259,57 @@ def test_every_sampler_loop_runs_without_host_synchronisation(spacing):
 def test_compile_fits_and_samples_on_cuda(tmp_path):
     from lightning.pytorch import Trainer
 
-    module = DiffusionModule(backbone=TINY["unet"], data_shape=[1, 8, 8], num_timesteps=100, clip_denoised=True,
-                             compile=True)
+    module = DiffusionModule(
+        backbone=TINY["unet"], data_shape=[1, 8, 8], num_timesteps=100, clip_denoised=True, compile=True
+    )
     g = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader([torch.randn(16, 1, 8, 8, generator=g) for _ in range(4)], batch_size=None)
-    Trainer(accelerator="cuda", devices=1, precision="bf16-mixed", max_steps=4, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, default_root_dir=tmp_path).fit(module, loader)
+    Trainer(
+        accelerator="cuda",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    ).fit(module, loader)
     assert module.sample(4, sampler={"name": "ddim", "init_args": {"num_steps": 5}}).is_cuda
 
 
 def test_fid_on_cuda(tmp_path):
-    cli = run_cli(["fit", "--config", str(ROOT / "configs/digits.yaml"), "--model.backbone", json.dumps(TINY["unet"]),
-                   "--trainer.accelerator=cuda", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-                   "--trainer.limit_val_batches=2", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
-                   "--trainer.callbacks", json.dumps([
-                       {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
-                       {"class_path": "lightning_ddpm.callbacks.FIDCallback",
-                        "init_args": {"num_samples": 64, "feature_extractor": {"class_path": "tests.helpers.TinyFeatures"},
-                                      "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler",
-                                                  "init_args": {"num_steps": 5}}}}])])
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/digits.yaml"),
+            "--model.backbone",
+            json.dumps(TINY["unet"]),
+            "--trainer.accelerator=cuda",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=2",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.callbacks",
+            json.dumps(
+                [
+                    {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+                    {
+                        "class_path": "lightning_ddpm.callbacks.FIDCallback",
+                        "init_args": {
+                            "num_samples": 64,
+                            "feature_extractor": {"class_path": "tests.helpers.TinyFeatures"},
+                            "sampler": {
+                                "class_path": "lightning_ddpm.samplers.DDIMSampler",
+                                "init_args": {"num_steps": 5},
+                            },
+                        },
+                    },
+                ]
+            ),
+        ]
+    )
     assert torch.isfinite(cli.trainer.callback_metrics["val/fid"])
 
 
@@ -232,12 +323,17 @@ def test_resume_on_cuda_is_bit_exact(tmp_path):
         g = torch.Generator().manual_seed(0)
         # 4 batches an epoch and a checkpoint every 4 steps: the resume starts a fresh epoch (a plain
         # DataLoader cannot resume mid-epoch; the library's data modules can, tests/integration/test_resume.py)
-        loader = torch.utils.data.DataLoader([torch.randn(16, 1, 8, 8, generator=g) for _ in range(4)],
-                                             batch_size=None)
-        Trainer(accelerator="cuda", devices=1, max_steps=max_steps, deterministic=True, logger=False,
-                enable_progress_bar=False, default_root_dir=root,
-                callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=4)]).fit(
-            module, loader, ckpt_path=ckpt_path)
+        loader = torch.utils.data.DataLoader([torch.randn(16, 1, 8, 8, generator=g) for _ in range(4)], batch_size=None)
+        Trainer(
+            accelerator="cuda",
+            devices=1,
+            max_steps=max_steps,
+            deterministic=True,
+            logger=False,
+            enable_progress_bar=False,
+            default_root_dir=root,
+            callbacks=[ModelCheckpoint(dirpath=root / "ckpt", save_last=True, every_n_train_steps=4)],
+        ).fit(module, loader, ckpt_path=ckpt_path)
         return module
 
     straight = fit(tmp_path / "a", 8)
@@ -257,29 +353,58 @@ def test_the_progress_bar_refresh_reads_nothing_back_from_the_gpu(tmp_path):
     bar.on_train_batch_end = _SyncFreeSteps._strict(bar.on_train_batch_end)
     module = DiffusionModule(backbone=TINY["mlp"], data_shape=[2], num_timesteps=100)
     loader = torch.utils.data.DataLoader(torch.randn(12 * 16, 2), batch_size=16)
-    trainer = Trainer(accelerator="cuda", devices=1, max_steps=12, logger=False, enable_checkpointing=False,
-                      log_every_n_steps=5, callbacks=[bar], default_root_dir=tmp_path)
+    trainer = Trainer(
+        accelerator="cuda",
+        devices=1,
+        max_steps=12,
+        logger=False,
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+        callbacks=[bar],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, loader)
     assert trainer.global_step == 12 and "train/loss_step" in trainer.progress_bar_metrics
 
 
 def test_fsdp2_fits_on_one_gpu(tmp_path, accelerator="cuda", precision="bf16-mixed"):
     """ModelParallelStrategy (FSDP2) on one device: the NCCL path of tests/integration/test_sharded.py's CPU runs."""
-    callbacks = json.dumps([
-        {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}])
-    cli = run_cli(["fit", "--config", str(ROOT / "configs/toy2d.yaml"), "--model.backbone", json.dumps(TINY["mlp"]),
-                   "--data.init_args.num_train=4096", f"--trainer.accelerator={accelerator}", "--trainer.devices=1",
-                   f"--trainer.precision={precision}", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
-                   "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
-                   "--trainer.strategy.data_parallel_size=1", "--trainer.strategy.tensor_parallel_size=1",
-                   "--trainer.strategy.save_distributed_checkpoint=false", "--trainer.logger=false",
-                   "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-                   f"--trainer.callbacks={callbacks}"])
+    callbacks = json.dumps(
+        [
+            {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True},
+            },
+        ]
+    )
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs/toy2d.yaml"),
+            "--model.backbone",
+            json.dumps(TINY["mlp"]),
+            "--data.init_args.num_train=4096",
+            f"--trainer.accelerator={accelerator}",
+            "--trainer.devices=1",
+            f"--trainer.precision={precision}",
+            "--trainer.max_steps=4",
+            "--trainer.limit_val_batches=0",
+            "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+            "--trainer.strategy.data_parallel_size=1",
+            "--trainer.strategy.tensor_parallel_size=1",
+            "--trainer.strategy.save_distributed_checkpoint=false",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.callbacks={callbacks}",
+        ]
+    )
     assert cli.trainer.global_step == 4
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     for key in ("state_dict", "current_model_state"):
         assert all(type(v) is torch.Tensor and torch.isfinite(v).all() for v in checkpoint[key].values()), key
-    assert not torch.equal(checkpoint["state_dict"]["backbone.inp.weight"],
-                           checkpoint["current_model_state"]["backbone.inp.weight"])
+    assert not torch.equal(
+        checkpoint["state_dict"]["backbone.inp.weight"], checkpoint["current_model_state"]["backbone.inp.weight"]
+    )

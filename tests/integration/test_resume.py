@@ -18,15 +18,36 @@ MLP = {"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 2, "dropout"
 def _command(root: Path, max_steps: int, *extra: str) -> list[str]:
     callbacks = [
         {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 5, "save_last": True, "save_top_k": -1}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 5, "save_last": True, "save_top_k": -1},
+        },
     ]
-    return [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/toy2d.yaml"),
-            f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-            "--trainer.deterministic=true", "--model.backbone", json.dumps(MLP), "--model.timestep_sampler",
-            "loss_second_moment", "--model.num_timesteps=50", "--data.init_args.num_train=1280",
-            "--data.init_args.batch_size=64", "--trainer.val_check_interval=10", "--trainer.limit_val_batches=2",
-            f"--trainer.max_steps={max_steps}", "--trainer.callbacks", json.dumps(callbacks), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "lightning_ddpm",
+        "fit",
+        "--config",
+        str(ROOT / "configs/toy2d.yaml"),
+        f"--trainer.default_root_dir={root}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.deterministic=true",
+        "--model.backbone",
+        json.dumps(MLP),
+        "--model.timestep_sampler",
+        "loss_second_moment",
+        "--model.num_timesteps=50",
+        "--data.init_args.num_train=1280",
+        "--data.init_args.batch_size=64",
+        "--trainer.val_check_interval=10",
+        "--trainer.limit_val_batches=2",
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.callbacks",
+        json.dumps(callbacks),
+        *extra,
+    ]
 
 
 def _final(root: Path) -> dict:
@@ -45,8 +66,9 @@ def _assert_same_training_state(a: dict, b: dict) -> None:
 
 def _kill_when_written(command: list[str], env: dict, marker: Path) -> None:
     """Start ``command`` in its own process group and SIGKILL the whole group once ``marker`` exists."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -67,8 +89,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert marker.exists() and not (crashed / "ckpt" / "epoch=2-step=45.ckpt").exists(), "killed before the end"
-    result = subprocess.run(_command(crashed, 45, "--ckpt_path", "last"), env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        _command(crashed, 45, "--ckpt_path", "last"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     a, b = _final(straight), _final(crashed)
@@ -85,11 +108,11 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_with_two_processes(tmp
     def command(root: Path, *extra: str) -> list[str]:
         cmd = _command(root, 45, *ddp, *extra)
         i = cmd.index("--trainer.callbacks") + 1
-        callbacks = json.loads(cmd[i]) + [{"class_path": "tests.helpers.DumpWeights",
-                                           "init_args": {"dirpath": str(root / "weights")}},
-                                          # RNG streams that differ by rank, a faked device generator included
-                                          {"class_path": "tests.helpers.PerRankRNG",
-                                           "init_args": {"dirpath": str(root / "rng")}}]
+        callbacks = json.loads(cmd[i]) + [
+            {"class_path": "tests.helpers.DumpWeights", "init_args": {"dirpath": str(root / "weights")}},
+            # RNG streams that differ by rank, a faked device generator included
+            {"class_path": "tests.helpers.PerRankRNG", "init_args": {"dirpath": str(root / "rng")}},
+        ]
         cmd[i] = json.dumps(callbacks)
         return cmd
 
@@ -98,14 +121,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_with_two_processes(tmp
     marker = crashed / "ckpt" / "epoch=2-step=25.ckpt"  # the middle of epoch 2 (10 batches per rank)
     _kill_when_written(command(crashed), env, marker)  # rank 1 dies with rank 0
     assert marker.exists() and not (crashed / "ckpt" / "epoch=4-step=45.ckpt").exists(), "killed before the end"
-    result = subprocess.run(command(crashed, "--ckpt_path", "last"), env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        command(crashed, "--ckpt_path", "last"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     files = sorted(p.name for p in (crashed / "ckpt").iterdir())
     assert (crashed / "ckpt" / "epoch=4-step=45.ckpt").exists(), (files, result.stderr[-3000:])
 
-    _assert_same_training_state(torch.load(straight / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True),
-                                torch.load(crashed / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True))
+    _assert_same_training_state(
+        torch.load(straight / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True),
+        torch.load(crashed / "ckpt" / "epoch=4-step=45.ckpt", weights_only=True),
+    )
     for rank in (0, 1):  # each rank's final raw weights, not only rank 0's checkpoint
         wa = torch.load(straight / "weights" / f"rank{rank}.pt", weights_only=True)
         wb = torch.load(crashed / "weights" / f"rank{rank}.pt", weights_only=True)
@@ -127,14 +153,32 @@ def test_resume_from_a_checkpoint_written_on_the_last_batch_of_an_epoch(tmp_path
     from lightning_ddpm.cli import run_cli
 
     def fit(root: Path, max_steps: int, *extra: str):
-        callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                      "init_args": {"dirpath": str(root), "every_n_train_steps": 4, "save_top_k": -1}}]
-        run_cli(["fit", "--config", str(ROOT / "configs/toy2d.yaml"), "--model.backbone",
-                 json.dumps({"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}),
-                 "--data.init_args.num_train=256", "--data.init_args.batch_size=64",  # 4 batches an epoch
-                 "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
-                 "--trainer.deterministic=true", f"--trainer.default_root_dir={root}", f"--trainer.max_steps={max_steps}",
-                 "--trainer.callbacks", json.dumps(callbacks), *extra])
+        callbacks = [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(root), "every_n_train_steps": 4, "save_top_k": -1},
+            }
+        ]
+        run_cli(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/toy2d.yaml"),
+                "--model.backbone",
+                json.dumps({"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}),
+                "--data.init_args.num_train=256",
+                "--data.init_args.batch_size=64",  # 4 batches an epoch
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.limit_val_batches=0",
+                "--trainer.deterministic=true",
+                f"--trainer.default_root_dir={root}",
+                f"--trainer.max_steps={max_steps}",
+                "--trainer.callbacks",
+                json.dumps(callbacks),
+                *extra,
+            ]
+        )
 
     fit(tmp_path / "straight", 8)
     fit(tmp_path / "resumed", 4)
@@ -152,15 +196,33 @@ def test_an_unseeded_run_resumes_exactly_too(tmp_path):
 
     def fit(root: Path, max_steps: int, process_seed: int, *extra: str):
         torch.manual_seed(process_seed)  # what a fresh, unseeded process would have: some random seed
-        callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                      "init_args": {"dirpath": str(root), "every_n_train_steps": 4, "save_top_k": -1}}]
-        run_cli(["fit", "--config", str(ROOT / "configs/toy2d.yaml"), "--seed_everything=false",
-                 "--model.backbone", json.dumps({"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1,
-                                                                              "dropout": 0.1}}),
-                 "--data.init_args.num_train=256", "--data.init_args.batch_size=64",  # 4 batches an epoch
-                 "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0",
-                 "--trainer.deterministic=true", f"--trainer.default_root_dir={root}", f"--trainer.max_steps={max_steps}",
-                 "--trainer.callbacks", json.dumps(callbacks), *extra])
+        callbacks = [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(root), "every_n_train_steps": 4, "save_top_k": -1},
+            }
+        ]
+        run_cli(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/toy2d.yaml"),
+                "--seed_everything=false",
+                "--model.backbone",
+                json.dumps({"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1, "dropout": 0.1}}),
+                "--data.init_args.num_train=256",
+                "--data.init_args.batch_size=64",  # 4 batches an epoch
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.limit_val_batches=0",
+                "--trainer.deterministic=true",
+                f"--trainer.default_root_dir={root}",
+                f"--trainer.max_steps={max_steps}",
+                "--trainer.callbacks",
+                json.dumps(callbacks),
+                *extra,
+            ]
+        )
 
     fit(tmp_path / "straight", 8, process_seed=1234)
     fit(tmp_path / "resumed", 4, process_seed=1234)
@@ -175,19 +237,50 @@ def test_sigkill_then_resume_with_two_workers_and_random_flips(tmp_path):
     """The image configs' data path: 2 worker processes and random flips. The resumed run's new workers must
     flip exactly the images the uninterrupted run's workers flipped (each flip a function of seed, epoch and
     index, not of a worker's RNG stream), and the U-Net's dropout must continue too."""
-    unet = {"name": "unet", "init_args": {"ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                                          "norm_groups": 4, "dropout": 0.1}}
+    unet = {
+        "name": "unet",
+        "init_args": {
+            "ch": 16,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "norm_groups": 4,
+            "dropout": 0.1,
+        },
+    }
 
     def command(root: Path, *extra: str) -> list[str]:
-        callbacks = [{"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
-                     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                      "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 4, "save_top_k": -1}}]
-        return [sys.executable, "-m", "lightning_ddpm", "fit", "--config", str(ROOT / "configs/digits.yaml"),
-                f"--trainer.default_root_dir={root}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-                "--trainer.enable_model_summary=false", "--trainer.deterministic=true", "--trainer.limit_val_batches=0",
-                "--model.backbone", json.dumps(unet), "--model.num_timesteps=50", "--trainer.max_steps=20",
-                "--data.init_args.batch_size=128", "--data.init_args.num_workers=2",  # 12 batches an epoch
-                "--data.init_args.random_flip=true", "--trainer.callbacks", json.dumps(callbacks), *extra]
+        callbacks = [
+            {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 4, "save_top_k": -1},
+            },
+        ]
+        return [
+            sys.executable,
+            "-m",
+            "lightning_ddpm",
+            "fit",
+            "--config",
+            str(ROOT / "configs/digits.yaml"),
+            f"--trainer.default_root_dir={root}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.deterministic=true",
+            "--trainer.limit_val_batches=0",
+            "--model.backbone",
+            json.dumps(unet),
+            "--model.num_timesteps=50",
+            "--trainer.max_steps=20",
+            "--data.init_args.batch_size=128",
+            "--data.init_args.num_workers=2",  # 12 batches an epoch
+            "--data.init_args.random_flip=true",
+            "--trainer.callbacks",
+            json.dumps(callbacks),
+            *extra,
+        ]
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
@@ -196,11 +289,14 @@ def test_sigkill_then_resume_with_two_workers_and_random_flips(tmp_path):
     _kill_when_written(command(crashed), env, marker)  # the workers die with it
     final = "epoch=1-step=20.ckpt"
     assert marker.exists() and not (crashed / "ckpt" / final).exists(), "killed before the end"
-    result = subprocess.run(command(crashed, "--ckpt_path", str(marker)), env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        command(crashed, "--ckpt_path", str(marker)), env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_training_state(torch.load(straight / "ckpt" / final, weights_only=True),
-                                torch.load(crashed / "ckpt" / final, weights_only=True))
+    _assert_same_training_state(
+        torch.load(straight / "ckpt" / final, weights_only=True),
+        torch.load(crashed / "ckpt" / final, weights_only=True),
+    )
 
 
 def test_rng_states_restore_per_rank_and_warn_when_the_world_size_changes():

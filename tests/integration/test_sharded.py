@@ -17,29 +17,58 @@ from tests.helpers import run_cli_process
 
 ROOT = Path(__file__).resolve().parents[2]
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 2}}
-FSDP2 = ["--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
-         "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
-         "--trainer.strategy.save_distributed_checkpoint=false"]
+FSDP2 = [
+    "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
+    "--trainer.strategy.data_parallel_size=2",
+    "--trainer.strategy.tensor_parallel_size=1",
+    "--trainer.strategy.save_distributed_checkpoint=false",
+]
 
 
-def _fit(tmp: Path, strategy: list[str], max_steps: int, ckpt_path: Path | None = None, extra=(), extra_args=()) -> None:
-    callbacks = [*extra,
+def _fit(
+    tmp: Path, strategy: list[str], max_steps: int, ckpt_path: Path | None = None, extra=(), extra_args=()
+) -> None:
+    callbacks = [
+        *extra,
         {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(tmp / "ckpt"), "every_n_train_steps": 3, "save_top_k": -1}},
-        {"class_path": "lightning_ddpm.callbacks.SampleLogger",
-         "init_args": {"every_n_steps": 3, "every_n_epochs": None, "num_samples": 10, "seed": 3,
-                       "output_dir": str(tmp / "pictures"),
-                       "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 4}}}},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp / "ckpt"), "every_n_train_steps": 3, "save_top_k": -1},
+        },
+        {
+            "class_path": "lightning_ddpm.callbacks.SampleLogger",
+            "init_args": {
+                "every_n_steps": 3,
+                "every_n_epochs": None,
+                "num_samples": 10,
+                "seed": 3,
+                "output_dir": str(tmp / "pictures"),
+                "sampler": {"class_path": "lightning_ddpm.samplers.DDIMSampler", "init_args": {"num_steps": 4}},
+            },
+        },
         {"class_path": "tests.helpers.DumpSamples", "init_args": {"dirpath": str(tmp / "dump")}},
         {"class_path": "tests.helpers.DumpShards", "init_args": {"dirpath": str(tmp / "dump")}},
     ]
-    args = ["fit", "--config", str(ROOT / "configs/toy2d.yaml"),
-           "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50", "--trainer.accelerator=cpu",
-           "--trainer.devices=2", *strategy, f"--trainer.max_steps={max_steps}",
-           "--trainer.limit_val_batches=1", "--trainer.val_check_interval=3",
-           "--trainer.logger=false", f"--trainer.default_root_dir={tmp}", "--data.init_args.num_train=2048",
-           "--trainer.callbacks", json.dumps(callbacks), *extra_args]
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/toy2d.yaml"),
+        "--model.backbone",
+        json.dumps(MLP),
+        "--model.num_timesteps=50",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        *strategy,
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.limit_val_batches=1",
+        "--trainer.val_check_interval=3",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp}",
+        "--data.init_args.num_train=2048",
+        "--trainer.callbacks",
+        json.dumps(callbacks),
+        *extra_args,
+    ]
     run_cli_process(args + (["--ckpt_path", str(ckpt_path)] if ckpt_path is not None else []), cwd=tmp)
 
 
@@ -69,8 +98,10 @@ def runs(tmp_path_factory):
 def test_fsdp2_a_nan_in_one_ranks_shard_skips_the_step_on_every_rank(tmp_path):
     """Each rank sees only its shard of the gradients: the guard all-reduces the flag, or the rank
     without the NaN would update its shard while the other skipped."""
-    poison = {"class_path": "tests.helpers.PoisonShardGrad",
-              "init_args": {"rank": 0, "step": 1, "dirpath": str(tmp_path / "dump")}}
+    poison = {
+        "class_path": "tests.helpers.PoisonShardGrad",
+        "init_args": {"rank": 0, "step": 1, "dirpath": str(tmp_path / "dump")},
+    }
     _fit(tmp_path, FSDP2, 3, extra=[poison])
     for rank in (0, 1):
         record = json.loads((tmp_path / "dump" / f"poison_rank{rank}.json").read_text())
@@ -115,24 +146,44 @@ def test_fsdp2_sample_pictures_are_drawn_by_every_rank(runs):
     # one process from the final EMA weights (the checkpoint's state_dict), the same per-sample seeds;
     # (load_from_checkpoint also checks the digest, which rank 0 wrote over the gathered tensors)
     module = DiffusionModule.load_from_checkpoint(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt")
-    alone = module.sample(10, sampler=DDIMSampler(num_steps=4), generator=[torch.Generator().manual_seed(3 + i)
-                                                                            for i in range(10)])
+    alone = module.sample(
+        10, sampler=DDIMSampler(num_steps=4), generator=[torch.Generator().manual_seed(3 + i) for i in range(10)]
+    )
     torch.testing.assert_close(rank0["samples"], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_fsdp2_predict_gives_the_one_process_samples(runs, tmp_path):
     """`lightning-ddpm predict` under FSDP2 loads the gathered checkpoint into the sharded backbone; every
     rank samples its requests and the merged file equals one process's."""
+
     def predict(strategy: list[str], devices: int) -> torch.Tensor:
         out = tmp_path / f"p{devices}"
-        run_cli_process(["predict", "--config", str(ROOT / "configs/toy2d.yaml"),
-               "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50",
-               "--ckpt_path", str(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt"),
-               "--model.sampler", '{"name": "ddpm", "init_args": {"num_steps": 5}}',
-               "--data.init_args.num_predict_samples=9", "--data.init_args.batch_size=4",  # odd: uneven ranks
-               "--data.init_args.predict_seed=7", f"--trainer.devices={devices}", *strategy,
-               "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.callbacks=[]",
-               f"--trainer.default_root_dir={out}", "--predict_writer.output_dir", str(out)], cwd=tmp_path)
+        run_cli_process(
+            [
+                "predict",
+                "--config",
+                str(ROOT / "configs/toy2d.yaml"),
+                "--model.backbone",
+                json.dumps(MLP),
+                "--model.num_timesteps=50",
+                "--ckpt_path",
+                str(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt"),
+                "--model.sampler",
+                '{"name": "ddpm", "init_args": {"num_steps": 5}}',
+                "--data.init_args.num_predict_samples=9",
+                "--data.init_args.batch_size=4",  # odd: uneven ranks
+                "--data.init_args.predict_seed=7",
+                f"--trainer.devices={devices}",
+                *strategy,
+                "--trainer.accelerator=cpu",
+                "--trainer.logger=false",
+                "--trainer.callbacks=[]",
+                f"--trainer.default_root_dir={out}",
+                "--predict_writer.output_dir",
+                str(out),
+            ],
+            cwd=tmp_path,
+        )
         return torch.load(out / "samples.pt", weights_only=True)["samples"]
 
     sharded, one = predict(FSDP2[:-1], 2), predict([], 1)
@@ -145,7 +196,10 @@ def test_fsdp2_with_compile_trains_like_eager(runs, tmp_path):
     agrees with the eager run's, and the backbone really ran compiled. Its graph breaks only where FSDP2's
     unit hooks run (they are `torch._dynamo.disable`d: not traced), nowhere else."""
     _fit(tmp_path, FSDP2, 6, extra_args=["--model.compile=true"])
-    eager, compiled = _load(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt"), _load(tmp_path / "ckpt" / "epoch=1-step=6.ckpt")
+    eager, compiled = (
+        _load(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt"),
+        _load(tmp_path / "ckpt" / "epoch=1-step=6.ckpt"),
+    )
     for key in ("state_dict", "current_model_state"):
         _assert_same(eager[key], compiled[key], exact=False)
     for rank in (0, 1):

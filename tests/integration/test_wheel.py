@@ -24,8 +24,13 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--wheel", "--sdist", "--outdir", str(out), str(ROOT)],
-                   check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--wheel", "--sdist", "--outdir", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return out
 
 
@@ -48,13 +53,23 @@ def test_the_wheel_runs_the_quick_start_outside_the_repository(dist, tmp_path):
     env = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, timeout=300)
     python = env / "bin" / "python"
-    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  check=True, capture_output=True, text=True).stdout.strip())
+    purelib = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     borrowed = [p for p in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]} if Path(p).is_dir()]
     (purelib / "borrowed_dependencies.pth").write_text("\n".join(borrowed) + "\n")
     wheel = next(dist.glob("lightning_ddpm-*.whl"))
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     work = tmp_path / "work"  # not the repository: no configs/ folder, no lightning_ddpm/ beside it
     work.mkdir()
 
@@ -63,13 +78,26 @@ def test_the_wheel_runs_the_quick_start_outside_the_repository(dist, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         return result.stdout
 
-    where = run(str(python), "-c", "import lightning_ddpm, importlib.metadata as m; "
-                                   "print(lightning_ddpm.__file__); print(m.version('lightning-ddpm'))").split()
+    where = run(
+        str(python),
+        "-c",
+        "import lightning_ddpm, importlib.metadata as m; "
+        "print(lightning_ddpm.__file__); print(m.version('lightning-ddpm'))",
+    ).split()
     assert Path(where[0]).is_relative_to(env) and where[1] == lightning_ddpm.__version__
     console = str(env / "bin" / "lightning-ddpm")
     assert run(console, "--version").startswith(f"lightning-ddpm {lightning_ddpm.__version__} (torch ")
-    run(console, "fit", "--config", "toy2d", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-        "--data.init_args.num_train=512", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={work / 'run'}")
+    run(
+        console,
+        "fit",
+        "--config",
+        "toy2d",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        "--data.init_args.num_train=512",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={work / 'run'}",
+    )
     assert (work / "run" / "checkpoints" / "last.ckpt").is_file()
     run(console, "configs", "copy", "toy2d")
     assert (work / "configs" / "toy2d.yaml").read_bytes() == (ROOT / "configs" / "toy2d.yaml").read_bytes()

@@ -24,27 +24,48 @@ diffusers = pytest.importorskip("diffusers")
 
 # google/ddpm-cifar10-32's config.json (the fields it sets; the rest are UNet2DModel's defaults).
 CIFAR10 = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 256, 256],
-    "layers_per_block": 2, "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "attention_head_dim": None,
-    "norm_eps": 1e-6, "norm_num_groups": 32, "act_fn": "silu", "time_embedding_type": "positional",
-    "flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "center_input_sample": False,
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [128, 256, 256, 256],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": None,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "time_embedding_type": "positional",
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "downsample_padding": 0,
+    "center_input_sample": False,
     "mid_block_scale_factor": 1,
 }
 # google/ddpm-{church,bedroom,cat,celebahq}-256 (and ddpm-ema-*): six levels, attention at 16x16. Built at
 # 32x32 (attention then sits at 2x2) to keep the test fast; the weights do not depend on sample_size.
 LSUN256 = {
-    **CIFAR10, "sample_size": 32, "block_out_channels": [128, 128, 256, 256, 512, 512],
+    **CIFAR10,
+    "sample_size": 32,
+    "block_out_channels": [128, 128, 256, 256, 512, 512],
     "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4,
 }
 # diffusers' own defaults (as its training examples leave them) plus every option we map: flipped and
 # unshifted embedding, symmetric downsampling padding, head width 8, scale-shift, classes, non-square.
 OPTIONS = {
-    "sample_size": [16, 8], "in_channels": 1, "out_channels": 2, "block_out_channels": [32, 64],
-    "layers_per_block": 1, "down_block_types": ["AttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D"], "norm_num_groups": 8, "resnet_time_scale_shift": "scale_shift",
-    "attn_norm_num_groups": 8, "num_class_embeds": 4, "dropout": 0.1,
+    "sample_size": [16, 8],
+    "in_channels": 1,
+    "out_channels": 2,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D"],
+    "norm_num_groups": 8,
+    "resnet_time_scale_shift": "scale_shift",
+    "attn_norm_num_groups": 8,
+    "num_class_embeds": 4,
+    "dropout": 0.1,
 }
 
 
@@ -153,13 +174,19 @@ TINY = {**OPTIONS, "num_class_embeds": None, "resnet_time_scale_shift": "default
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"]},
-         r"^unet config down_block_types\[0\]: 'CrossAttnDownBlock2D' is not supported; "
-         r"supported: DownBlock2D, AttnDownBlock2D$"),
-        ({"up_block_types": ["UpBlock2D", "AttnSkipUpBlock2D"]},
-         r"up_block_types\[1\]: 'AttnSkipUpBlock2D' is not supported; supported: UpBlock2D, AttnUpBlock2D"),
-        ({"up_block_types": ["UpBlock2D", "UpBlock2D"]},
-         r"up_block_types\[1\]: 'UpBlock2D' does not mirror down_block_types\[0\] 'AttnDownBlock2D'"),
+        (
+            {"down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"]},
+            r"^unet config down_block_types\[0\]: 'CrossAttnDownBlock2D' is not supported; "
+            r"supported: DownBlock2D, AttnDownBlock2D$",
+        ),
+        (
+            {"up_block_types": ["UpBlock2D", "AttnSkipUpBlock2D"]},
+            r"up_block_types\[1\]: 'AttnSkipUpBlock2D' is not supported; supported: UpBlock2D, AttnUpBlock2D",
+        ),
+        (
+            {"up_block_types": ["UpBlock2D", "UpBlock2D"]},
+            r"up_block_types\[1\]: 'UpBlock2D' does not mirror down_block_types\[0\] 'AttnDownBlock2D'",
+        ),
         ({"down_block_types": ["DownBlock2D"]}, "down_block_types has 1 entries; block_out_channels has 2"),
         ({"act_fn": "gelu"}, "act_fn: 'gelu' is not supported; supported: 'silu', 'swish'"),
         ({"time_embedding_type": "fourier"}, "time_embedding_type: 'fourier' is not supported"),
@@ -206,23 +233,39 @@ def test_bad_weights_name_the_key():
     args = unet_init_args_from_diffusers(TINY)
     ours = UNet(**args).state_dict()
     cases = [
-        (lambda: unet_state_dict_from_diffusers(_with(sd, "conv_in.bias"), TINY),
-         r"^diffusers unet state dict is missing 'conv_in.bias'$"),
-        (lambda: unet_state_dict_from_diffusers(_with(sd, "mid_block.attentions.0.to_k.weight"), TINY),
-         "missing 'mid_block.attentions.0.to_k.weight'"),
-        (lambda: unet_state_dict_from_diffusers(_with(sd, "extra.weight", torch.zeros(1)), TINY),
-         r"^diffusers unet state dict has an unexpected key 'extra.weight'$"),
-        (lambda: unet_state_dict_from_diffusers(_with(sd, "conv_in.weight", torch.zeros(32, 3, 3, 3)), TINY),
-         r"^diffusers unet weight 'conv_in.weight' has shape \(32, 3, 3, 3\); the config needs \(32, 1, 3, 3\)$"),
-        (lambda: unet_state_dict_from_diffusers(sd, {**TINY, "layers_per_block": 2}),
-         r"missing 'down_blocks\.0\.\S+' \(and 63 more\)"),
+        (
+            lambda: unet_state_dict_from_diffusers(_with(sd, "conv_in.bias"), TINY),
+            r"^diffusers unet state dict is missing 'conv_in.bias'$",
+        ),
+        (
+            lambda: unet_state_dict_from_diffusers(_with(sd, "mid_block.attentions.0.to_k.weight"), TINY),
+            "missing 'mid_block.attentions.0.to_k.weight'",
+        ),
+        (
+            lambda: unet_state_dict_from_diffusers(_with(sd, "extra.weight", torch.zeros(1)), TINY),
+            r"^diffusers unet state dict has an unexpected key 'extra.weight'$",
+        ),
+        (
+            lambda: unet_state_dict_from_diffusers(_with(sd, "conv_in.weight", torch.zeros(32, 3, 3, 3)), TINY),
+            r"^diffusers unet weight 'conv_in.weight' has shape \(32, 3, 3, 3\); the config needs \(32, 1, 3, 3\)$",
+        ),
+        (
+            lambda: unet_state_dict_from_diffusers(sd, {**TINY, "layers_per_block": 2}),
+            r"missing 'down_blocks\.0\.\S+' \(and 63 more\)",
+        ),
         (lambda: unet_state_dict_from_diffusers(sd, {**TINY, "act_fn": "mish"}), "act_fn: 'mish' is not supported"),
-        (lambda: unet_state_dict_to_diffusers(_with(ours, "down.0.1.qkv.bias"), args),
-         r"^unet state dict is missing 'down.0.1.qkv.bias'$"),
-        (lambda: unet_state_dict_to_diffusers(_with(ours, "down.0.1.qkv.bias", torch.zeros(3)), args),
-         r"^unet weight 'down.0.1.qkv.bias' has shape \(3,\); the config needs \(96,\)$"),
-        (lambda: unet_state_dict_to_diffusers(_with(ours, "ema.weight", torch.zeros(3)), args),
-         "unexpected key 'ema.weight'"),
+        (
+            lambda: unet_state_dict_to_diffusers(_with(ours, "down.0.1.qkv.bias"), args),
+            r"^unet state dict is missing 'down.0.1.qkv.bias'$",
+        ),
+        (
+            lambda: unet_state_dict_to_diffusers(_with(ours, "down.0.1.qkv.bias", torch.zeros(3)), args),
+            r"^unet weight 'down.0.1.qkv.bias' has shape \(3,\); the config needs \(96,\)$",
+        ),
+        (
+            lambda: unet_state_dict_to_diffusers(_with(ours, "ema.weight", torch.zeros(3)), args),
+            "unexpected key 'ema.weight'",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message) as err:

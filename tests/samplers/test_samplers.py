@@ -8,8 +8,18 @@ import torch
 from lightning_ddpm import DDIMSampler, DDPMSampler, GaussianDiffusion, make_schedule
 from lightning_ddpm.core.denoiser import Denoiser, Prediction
 from lightning_ddpm.samplers import (
-    INTEGER_SPACINGS, SAMPLERS, SPACINGS, DPMSolverPP2MSampler, DPMSolverPP2MSDESampler, EulerSampler, HeunSampler,
-    UniPCSampler, karras_sigmas, make_sampler, sigma_to_t, timestep_schedule,
+    INTEGER_SPACINGS,
+    SAMPLERS,
+    SPACINGS,
+    DPMSolverPP2MSampler,
+    DPMSolverPP2MSDESampler,
+    EulerSampler,
+    HeunSampler,
+    UniPCSampler,
+    karras_sigmas,
+    make_sampler,
+    sigma_to_t,
+    timestep_schedule,
 )
 from lightning_ddpm.samplers.base import MIN_ALPHA_BAR
 from tests.conftest import oracle, small_schedule
@@ -185,7 +195,9 @@ def test_every_spacing_recovers_a_point_mass(name, spacing):
     if spacing not in SAMPLERS.get(name).spacings:
         allowed = ", ".join(SAMPLERS.get(name).spacings)
         kind = "is refused: .*" if spacing in SAMPLERS.get(name).refused_spacings else ""
-        with pytest.raises(ValueError, match=f"(unknown spacing '{spacing}'|spacing '{spacing}' {kind}); choose one of: {allowed}$"):
+        with pytest.raises(
+            ValueError, match=f"(unknown spacing '{spacing}'|spacing '{spacing}' {kind}); choose one of: {allowed}$"
+        ):
             _sampler(name, 5, {}, spacing)
         return
     for parameterization in ("eps", "x0", "v"):
@@ -199,8 +211,12 @@ def test_every_spacing_recovers_a_point_mass(name, spacing):
 # The samplers that draw noise (a deterministic one ignores its generators, which would make the test vacuous).
 STOCHASTIC_CASES = [
     pytest.param(name, steps, options, id="-".join([name, f"{steps}steps", *(f"{k}={v}" for k, v in options.items())]))
-    for name, variants in {**{n: [o] for n, o in STOCHASTIC.items()}, "ddim": [{"eta": 0.5}, STOCHASTIC["ddim"]]}.items()
-    for options in variants for steps in (T, 5, 7)
+    for name, variants in {
+        **{n: [o] for n, o in STOCHASTIC.items()},
+        "ddim": [{"eta": 0.5}, STOCHASTIC["ddim"]],
+    }.items()
+    for options in variants
+    for steps in (T, 5, 7)
 ]
 
 
@@ -212,8 +228,9 @@ def test_every_sampler_with_one_generator_per_sample_ignores_the_batching(name, 
     x_T = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     sampler = _sampler(name, steps, options)
     together = sampler.sample(model, d, x_T, generator=[torch.Generator().manual_seed(10 + i) for i in range(4)])
-    alone = torch.cat([sampler.sample(model, d, x_T[i:i + 1], generator=[torch.Generator().manual_seed(10 + i)])
-                       for i in range(4)])
+    alone = torch.cat(
+        [sampler.sample(model, d, x_T[i : i + 1], generator=[torch.Generator().manual_seed(10 + i)]) for i in range(4)]
+    )
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
 
 
@@ -222,8 +239,9 @@ def test_ddim_eta1_over_all_steps_is_ddpm():
     ddim = DDIMSampler(num_steps=T, eta=1.0)
     ab = d.schedule.alphas_cumprod.tolist()
     for step in range(1, T):
-        assert ddim.sigma(ab[step], ab[step - 1]) ** 2 == pytest.approx(d.schedule.posterior_variance[step].item(),
-                                                                         rel=1e-12)
+        assert ddim.sigma(ab[step], ab[step - 1]) ** 2 == pytest.approx(
+            d.schedule.posterior_variance[step].item(), rel=1e-12
+        )
     # and whole trajectories agree given the same noise stream
     net = lambda x, t: torch.sin(3 * x) * 0.5 + 0.01 * t[:, None]
     x_T = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -248,8 +266,14 @@ def test_determinism_and_randomness():
 GAUSSIAN_STEPS = {"ddpm": 1000, "ddim": 100, "euler": 100}
 
 
-@pytest.mark.parametrize("sampler", [make_sampler({"name": name, "init_args": {"num_steps": GAUSSIAN_STEPS.get(name, 25)}})
-                                     for name in SAMPLERS.names()], ids=repr)
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        make_sampler({"name": name, "init_args": {"num_steps": GAUSSIAN_STEPS.get(name, 25)}})
+        for name in SAMPLERS.names()
+    ],
+    ids=repr,
+)
 def test_gaussian_data_is_reproduced(sampler):
     """1-D data N(m, s^2) has the exact denoiser E[x0 | x_t] in closed form; samples must match m and s."""
     m, s = 0.4, 0.5
@@ -312,7 +336,8 @@ def test_mu_refuses_fractional_timesteps():
     d = GaussianDiffusion(small_schedule("linear", T), parameterization="mu")
     with pytest.raises(ValueError, match="parameterization 'mu' .* integer timesteps only"):
         make_sampler({"name": "heun", "init_args": {"num_steps": 5, "spacing": "karras"}}).sample(
-            oracle(d, torch.zeros(1, 2)), d, torch.randn(2, 2))
+            oracle(d, torch.zeros(1, 2)), d, torch.randn(2, 2)
+        )
 
 
 def test_sampler_option_errors():
@@ -324,8 +349,9 @@ def test_sampler_option_errors():
         make_sampler({"name": "ddpm", "init_args": {"spacing": "karras"}})
     with pytest.raises(ValueError, match="unknown sampler 'dpm'; choose one of: ddpm, ddim, dpmpp_2m"):
         make_sampler("dpm")
-    ztsnr = GaussianDiffusion(make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True),
-                              parameterization="v")
+    ztsnr = GaussianDiffusion(
+        make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True), parameterization="v"
+    )
     with pytest.raises(ValueError, match="spacing='karras' needs a finite sigma_max"):
         make_sampler({"name": "euler", "init_args": {"num_steps": 5, "spacing": "karras"}}).grid(ztsnr)
     with pytest.raises(ValueError, match=r"num_steps must lie in \[1, T=20\], got 21"):
@@ -339,8 +365,9 @@ def test_sampler_option_errors():
 @pytest.mark.parametrize("name", SAMPLERS.names())
 def test_zero_terminal_snr_schedules_sample_finite_values(name):
     """Every sampler starts from pure noise (alpha_bar_T = 0) with a v model: finite, and exact for a point mass."""
-    d = GaussianDiffusion(make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True),
-                          parameterization="v")
+    d = GaussianDiffusion(
+        make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True), parameterization="v"
+    )
     x0 = torch.tensor([[0.3, -0.8]], dtype=torch.float64)
     x_T = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     # alpha_bar_0 = 0: DDIM's eps_T is x_T itself, the solvers' starts from MIN_ALPHA_BAR (x_T at sigma 4096)
@@ -382,8 +409,12 @@ def test_deterministic_samplers_use_no_noise(name):
     net = lambda x, t: 0.3 * x  # noqa: E731
     x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     sampler = make_sampler({"name": name, "init_args": {"num_steps": 10}})
-    torch.testing.assert_close(sampler.sample(net, d, x_T, generator=torch.Generator().manual_seed(1)),
-                               sampler.sample(net, d, x_T), rtol=0, atol=0)
+    torch.testing.assert_close(
+        sampler.sample(net, d, x_T, generator=torch.Generator().manual_seed(1)),
+        sampler.sample(net, d, x_T),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_denoiser_and_raw_network_give_the_same_samples():
@@ -401,20 +432,29 @@ def test_denoiser_and_raw_network_give_the_same_samples():
 
 def test_sigma_max_caps_karras_and_lets_zero_terminal_snr_use_it():
     d = GaussianDiffusion(make_schedule("cosine", num_timesteps=100))
-    grid = make_sampler({"name": "dpmpp_2m", "init_args": {"num_steps": 6, "spacing": "karras", "sigma_max": 80.0}}).grid(d)
+    grid = make_sampler(
+        {"name": "dpmpp_2m", "init_args": {"num_steps": 6, "spacing": "karras", "sigma_max": 80.0}}
+    ).grid(d)
     sigmas = ((1 - grid.alpha_bar[:-1]) / grid.alpha_bar[:-1]).sqrt()
     ab = d.schedule.alphas_cumprod
     torch.testing.assert_close(sigmas, karras_sigmas(float(((1 - ab[0]) / ab[0]).sqrt()), 80.0, 6), rtol=1e-10, atol=0)
     assert 0 < float(grid.t[0]) < 99  # a fractional timestep below the schedule's last
-    with pytest.raises(ValueError, match="sigma_max caps Karras sigmas and needs spacing='karras', got spacing='trailing'"):
+    with pytest.raises(
+        ValueError, match="sigma_max caps Karras sigmas and needs spacing='karras', got spacing='trailing'"
+    ):
         make_sampler({"name": "heun", "init_args": {"sigma_max": 80.0}})
     with pytest.raises(ValueError, match="sigma_max=0.001 must exceed the schedule's first sigma"):
         make_sampler({"name": "heun", "init_args": {"spacing": "karras", "sigma_max": 1e-3}}).grid(d)
-    ztsnr = GaussianDiffusion(make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True),
-                              parameterization="v")
+    ztsnr = GaussianDiffusion(
+        make_schedule("linear", num_timesteps=T, beta_end=0.3, rescale_to_zero_terminal_snr=True), parameterization="v"
+    )
     x0 = torch.tensor([[0.3, -0.8]], dtype=torch.float64)
-    _sample_point_mass(make_sampler({"name": "unipc", "init_args": {"num_steps": 5, "spacing": "karras", "sigma_max": 50.0}}),
-                       ztsnr, x0, torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    _sample_point_mass(
+        make_sampler({"name": "unipc", "init_args": {"num_steps": 5, "spacing": "karras", "sigma_max": 50.0}}),
+        ztsnr,
+        x0,
+        torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+    )
 
 
 def test_heun_warns_when_its_first_step_spans_decades_of_sigma():
@@ -429,7 +469,8 @@ def test_heun_warns_when_its_first_step_spans_decades_of_sigma():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning where the grid is fine: capped, or the linear schedule
         make_sampler({"name": "heun", "init_args": {"num_steps": 10, "spacing": "karras", "sigma_max": 80.0}}).sample(
-            denoise, cosine, x_T)
+            denoise, cosine, x_T
+        )
         make_sampler({"name": "heun", "init_args": {"num_steps": 10}}).sample(denoise, linear, x_T)
         make_sampler({"name": "euler", "init_args": {"num_steps": 10}}).sample(denoise, cosine, x_T)  # no corrector
 

@@ -40,7 +40,11 @@ def _gaussian_eps(d: GaussianDiffusion):
 
 def _random_net(channels: int = 3):
     g = torch.Generator().manual_seed(0)
-    w1, w2, b = torch.randn(channels, 16, generator=g), torch.randn(16, channels, generator=g) * 0.3, torch.randn(16, generator=g)
+    w1, w2, b = (
+        torch.randn(channels, 16, generator=g),
+        torch.randn(16, channels, generator=g) * 0.3,
+        torch.randn(16, generator=g),
+    )
 
     def model(x, t):
         return torch.tanh(x.float() @ w1 + (t.float() / T)[:, None] * b) @ w2
@@ -53,8 +57,12 @@ PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction"}
 
 
 def _scheduler(cls, d: GaussianDiffusion, **config):
-    return cls(num_train_timesteps=T, trained_betas=d.schedule.betas.numpy(),
-               prediction_type=PREDICTION_TYPE[d.parameterization], **config)
+    return cls(
+        num_train_timesteps=T,
+        trained_betas=d.schedule.betas.numpy(),
+        prediction_type=PREDICTION_TYPE[d.parameterization],
+        **config,
+    )
 
 
 def _run_diffusers(scheduler, model, x_T, num_steps, timesteps=None, noises=None, generator=None):
@@ -96,15 +104,28 @@ def test_dpmpp_2m_matches_dpm_solver_multistep(model_name, num_steps, spacing):
     d = _diffusion(parameterization)
     model = make_model(d)
     sampler, ours = _ours("dpmpp_2m", d, model, num_steps, spacing)
-    scheduler = _scheduler(diffusers.DPMSolverMultistepScheduler, d, algorithm_type="dpmsolver++", solver_order=2,
-                           solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
-                           timestep_spacing=spacing)  # the same name means the same grid
+    scheduler = _scheduler(
+        diffusers.DPMSolverMultistepScheduler,
+        d,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing=spacing,
+    )  # the same name means the same grid
     _close(ours, _run_diffusers(scheduler, model, _x_T(), num_steps))
 
 
-GRID_SCHEDULERS = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-                   "dpmpp_2m_sde": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
-                   "euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler"}
+GRID_SCHEDULERS = {
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
 
 
 @pytest.mark.parametrize("name", sorted(GRID_SCHEDULERS))
@@ -144,8 +165,14 @@ def test_dpmpp_2m_sde_matches_sde_dpm_solver_multistep_given_the_same_noise(mode
     # multiplied by sigma = 0), in order, from the generator
     g = torch.Generator().manual_seed(5)
     noises = [torch.randn(8, 3, generator=g) for _ in range(num_steps - 1)] + [torch.zeros(8, 3)]
-    scheduler = _scheduler(diffusers.DPMSolverMultistepScheduler, d, algorithm_type="sde-dpmsolver++",
-                           solver_order=2, solver_type="midpoint", timestep_spacing="trailing")
+    scheduler = _scheduler(
+        diffusers.DPMSolverMultistepScheduler,
+        d,
+        algorithm_type="sde-dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        timestep_spacing="trailing",
+    )
     _close(ours, _run_diffusers(scheduler, model, _x_T(), num_steps, noises=noises))
 
 
@@ -157,8 +184,15 @@ def test_unipc_matches_unipc_multistep(model_name, num_steps, order):
     d = _diffusion(parameterization)
     model = make_model(d)
     _, ours = _ours("unipc", d, model, num_steps, "trailing", order=order)
-    scheduler = _scheduler(diffusers.UniPCMultistepScheduler, d, solver_order=order, solver_type="bh2",
-                           predict_x0=True, lower_order_final=True, timestep_spacing="trailing")
+    scheduler = _scheduler(
+        diffusers.UniPCMultistepScheduler,
+        d,
+        solver_order=order,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        timestep_spacing="trailing",
+    )
     _close(ours, _run_diffusers(scheduler, model, _x_T(), num_steps))
 
 
@@ -166,8 +200,13 @@ def test_unipc_without_corrector_matches_disable_corrector():
     d = _diffusion("v")
     model = _random_net()
     _, ours = _ours("unipc", d, model, 10, "trailing", order=3, corrector=False)
-    scheduler = _scheduler(diffusers.UniPCMultistepScheduler, d, solver_order=3, timestep_spacing="trailing",
-                           disable_corrector=list(range(10)))
+    scheduler = _scheduler(
+        diffusers.UniPCMultistepScheduler,
+        d,
+        solver_order=3,
+        timestep_spacing="trailing",
+        disable_corrector=list(range(10)),
+    )
     _close(ours, _run_diffusers(scheduler, model, _x_T(), 10))
 
 
@@ -182,8 +221,11 @@ def test_euler_and_heun_match_the_discrete_schedulers(name, model_name, num_step
     _, ours = _ours(name, d, model, num_steps, spacing)
     cls = diffusers.EulerDiscreteScheduler if name == "euler" else diffusers.HeunDiscreteScheduler
     # diffusers' Karras sigmas span its spacing's sigmas; "linspace" spans the schedule's first to last
-    config = {"use_karras_sigmas": True, "timestep_spacing": "linspace"} if spacing == "karras" else {
-        "timestep_spacing": "trailing"}
+    config = (
+        {"use_karras_sigmas": True, "timestep_spacing": "linspace"}
+        if spacing == "karras"
+        else {"timestep_spacing": "trailing"}
+    )
     _close(ours, _run_diffusers(_scheduler(cls, d, **config), model, _x_T(), num_steps))
 
 
@@ -194,8 +236,9 @@ def test_ddim_matches_ddim_scheduler(model_name, spacing):
     d = _diffusion(parameterization, schedule="cosine")
     model = make_model(d)
     _, ours = _ours("ddim", d, model, 10, spacing)
-    scheduler = _scheduler(diffusers.DDIMScheduler, d, clip_sample=False, set_alpha_to_one=True,
-                           timestep_spacing=spacing)
+    scheduler = _scheduler(
+        diffusers.DDIMScheduler, d, clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing
+    )
     _close(ours, _run_diffusers(scheduler, model, _x_T(), 10))
 
 
@@ -227,18 +270,23 @@ def test_capped_karras_sigmas_match_diffusers_sigma_max(name, model_name):
     _close(ours, _run_diffusers(scheduler, model, _x_T(), 10))
 
 
-@pytest.mark.parametrize("name, cls, config", [
-    ("dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    ("unipc", "UniPCMultistepScheduler", {"solver_order": 2}),
-    ("euler", "EulerDiscreteScheduler", {}),
-])
+@pytest.mark.parametrize(
+    "name, cls, config",
+    [
+        ("dpmpp_2m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        ("unipc", "UniPCMultistepScheduler", {"solver_order": 2}),
+        ("euler", "EulerDiscreteScheduler", {}),
+    ],
+)
 def test_zero_terminal_snr_starts_where_diffusers_does(name, cls, config):
     """README: on a zero-terminal-SNR schedule the solvers start at alpha_bar = 2^-24, as diffusers does."""
-    d = GaussianDiffusion(make_schedule("linear", num_timesteps=T, rescale_to_zero_terminal_snr=True),
-                          parameterization="v")
+    d = GaussianDiffusion(
+        make_schedule("linear", num_timesteps=T, rescale_to_zero_terminal_snr=True), parameterization="v"
+    )
     assert float(d.schedule.alphas_cumprod[-1]) == 0.0
     model = _random_net()
     _, ours = _ours(name, d, model, 10, "trailing")
-    scheduler = _scheduler(getattr(diffusers, cls), d, timestep_spacing="trailing", rescale_betas_zero_snr=True,
-                           **config)
+    scheduler = _scheduler(
+        getattr(diffusers, cls), d, timestep_spacing="trailing", rescale_betas_zero_snr=True, **config
+    )
     _close(ours, _run_diffusers(scheduler, model, _x_T(), 10))

@@ -31,8 +31,16 @@ def test_a_checkpoint_from_before_the_restructuring_resumes(name, tmp_path):
     checkpoint = torch.load(FIXTURES / f"{name}.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3 and any("EMA" in key for key in checkpoint["callbacks"])
     module = DiffusionModule(**settings, data_shape=data().data_shape, num_classes=data().num_classes)
-    trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, callbacks=[EMA(decay=0.5)],
-                      limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[EMA(decay=0.5)],
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data(), ckpt_path=FIXTURES / f"{name}.ckpt")
     assert trainer.global_step == 4

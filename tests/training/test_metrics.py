@@ -12,16 +12,30 @@ def test_timestep_losses_pool_batches_and_ignore_non_finite_examples(flush_every
     metric = TimestepLosses(num_timesteps=8, flush_every=flush_every)
     batches = [
         # (per-example losses, t, weighted batch loss, vlb)
-        (torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 2, 4, 6]), torch.tensor(2.5), torch.tensor([1.0, 1, 1, 1])),
-        (torch.tensor([5.0, float("nan"), 7.0]), torch.tensor([1, 5, 7]), torch.tensor(float("nan")),
-         torch.tensor([2.0, float("inf"), 2.0])),
+        (
+            torch.tensor([1.0, 2.0, 3.0, 4.0]),
+            torch.tensor([0, 2, 4, 6]),
+            torch.tensor(2.5),
+            torch.tensor([1.0, 1, 1, 1]),
+        ),
+        (
+            torch.tensor([5.0, float("nan"), 7.0]),
+            torch.tensor([1, 5, 7]),
+            torch.tensor(float("nan")),
+            torch.tensor([2.0, float("inf"), 2.0]),
+        ),
         (torch.tensor([9.0, 11.0]), torch.tensor([3, 3]), torch.tensor(10.0), torch.tensor([4.0, 4.0])),
     ]
     for losses, t, loss, vlb in batches:
         metric.update(losses, t, loss, vlb)
     out = {k: v.item() for k, v in metric.compute().items()}
     # quartiles of t in [0, 8): {0,1}, {2,3}, {4,5}, {6,7}; the NaN example (t = 5) is left out
-    for key, want in (("loss_q0", (1 + 5) / 2), ("loss_q1", (2 + 9 + 11) / 3), ("loss_q2", 3.0), ("loss_q3", (4 + 7) / 2)):
+    for key, want in (
+        ("loss_q0", (1 + 5) / 2),
+        ("loss_q1", (2 + 9 + 11) / 3),
+        ("loss_q2", 3.0),
+        ("loss_q3", (4 + 7) / 2),
+    ):
         assert math.isclose(out[key], want, rel_tol=1e-6), key
     # the batch losses weighted by batch size; the NaN batch is skipped as a whole
     assert math.isclose(out["loss"], (2.5 * 4 + 10.0 * 2) / 6, rel_tol=1e-6)

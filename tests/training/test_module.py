@@ -8,21 +8,30 @@ from lightning_ddpm.backbones import MLP
 from lightning_ddpm.samplers import SAMPLERS
 
 TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 1}}
-TINY_UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-                                                  "attn_resolutions": [4], "dropout": 0.0}}
+TINY_UNET = {
+    "name": "unet",
+    "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0},
+}
 
 
 def test_builds_backbone_with_shared_values():
-    m = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_classes=10, variance="learned_range",
-                        num_timesteps=20)
+    m = DiffusionModule(
+        backbone=TINY_UNET, data_shape=[1, 8, 8], num_classes=10, variance="learned_range", num_timesteps=20
+    )
     assert m.backbone.in_channels == 1 and m.backbone.out_channels == 2 and m.backbone.num_classes == 10
     assert m.backbone.image_size == (8, 8)
     with pytest.raises(ValueError, match=r"backbone outputs 1 channels but variance='learned_range'"):
-        DiffusionModule(backbone={"name": "mlp", "init_args": {"out_channels": 1}}, data_shape=[1],
-                        variance="learned_range")
+        DiffusionModule(
+            backbone={"name": "mlp", "init_args": {"out_channels": 1}}, data_shape=[1], variance="learned_range"
+        )
     with pytest.raises(ValueError, match=r"backbone image_size \(16, 16\) does not match the data's \(8, 8\)"):
-        DiffusionModule(backbone={"name": "unet", "init_args": {"image_size": 16, "ch": 32, "ch_mult": [1, 2],
-                                                                        "attn_resolutions": []}}, data_shape=[3, 8, 8])
+        DiffusionModule(
+            backbone={
+                "name": "unet",
+                "init_args": {"image_size": 16, "ch": 32, "ch_mult": [1, 2], "attn_resolutions": []},
+            },
+            data_shape=[3, 8, 8],
+        )
     with pytest.raises(ValueError, match=r"unknown schedule 'cosin'"):
         DiffusionModule(schedule="cosin")
     with pytest.raises(ValueError, match=r"optimizer mapping needs 'name'"):
@@ -35,8 +44,9 @@ def test_batch_forms_and_quartile_logging(form):
     x = torch.randn(64, 2)
     y = torch.zeros(64, dtype=torch.long)
     batch = {"tensor": x, "tuple": (x, y), "dict": {"x": x, "y": y}}[form]
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    trainer = Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     loader = torch.utils.data.DataLoader([batch], batch_size=None)
     trainer.fit(m, loader, loader)
     logged = trainer.logged_metrics
@@ -88,8 +98,9 @@ def test_label_checks():
     # In training the label values are checked on the first batch of each epoch (one host read per epoch).
     m = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_classes=3, num_timesteps=20)
     loader = torch.utils.data.DataLoader([(x, torch.tensor([0, 1, 2, 7]))], batch_size=None)
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False)
+    trainer = Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got range \[0, 7\]"):
         trainer.fit(m, loader)
 
@@ -97,16 +108,18 @@ def test_label_checks():
 def test_sample_is_reproducible_and_shaped():
     m = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
     a = m.sample(3, sampler=DDIMSampler(num_steps=5), generator=torch.Generator().manual_seed(0))
-    b = m.sample(3, sampler={"name": "ddim", "init_args": {"num_steps": 5}},
-                 generator=torch.Generator().manual_seed(0))
+    b = m.sample(3, sampler={"name": "ddim", "init_args": {"num_steps": 5}}, generator=torch.Generator().manual_seed(0))
     assert a.shape == (3, 1, 8, 8) and a.abs().max() <= 1
     torch.testing.assert_close(a, b)
     assert m.training  # sample() restores the mode
 
 
 def test_warmup_schedule():
-    m = DiffusionModule(backbone=TINY_MLP, lr_warmup_steps=4,
-                        optimizer={"name": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.0}})
+    m = DiffusionModule(
+        backbone=TINY_MLP,
+        lr_warmup_steps=4,
+        optimizer={"name": "torch.optim.AdamW", "init_args": {"lr": 1e-3, "weight_decay": 0.0}},
+    )
     cfg = m.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     lrs = []
@@ -146,12 +159,20 @@ def test_examples_run_warning_free(tmp_path, example):
 
 
 def test_loss_aware_timestep_sampler_learns_from_training_losses(tmp_path):
-    m = DiffusionModule(backbone=TINY_MLP, data_shape=[2], num_timesteps=4, timestep_sampler="loss_second_moment",
-                        loss="vlb")
+    m = DiffusionModule(
+        backbone=TINY_MLP, data_shape=[2], num_timesteps=4, timestep_sampler="loss_second_moment", loss="vlb"
+    )
     batch = torch.randn(64, 2)
     loader = torch.utils.data.DataLoader([batch] * 8, batch_size=None)
-    trainer = Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(m, loader)
     sampler = m.timestep_sampler
     assert sampler.warmed_up() and int(sampler.loss_counts.sum()) == 4 * sampler.history
@@ -179,9 +200,17 @@ def test_warns_when_eps_and_the_schedule_amplify_errors():
 def test_every_sampler_samples_a_guided_learned_variance_model(name):
     """Every registered sampler by name: class-conditional with guidance, learned variance, clipped
     images, reproducible with a generator, and sample i depends on generator i alone."""
-    m = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_classes=10, variance="learned_range",
-                        loss="hybrid", num_timesteps=20, clip_denoised=True, guidance_scale=2.0,
-                        sampler={"name": name, "init_args": {"num_steps": 4}})
+    m = DiffusionModule(
+        backbone=TINY_UNET,
+        data_shape=[1, 8, 8],
+        num_classes=10,
+        variance="learned_range",
+        loss="hybrid",
+        num_timesteps=20,
+        clip_denoised=True,
+        guidance_scale=2.0,
+        sampler={"name": name, "init_args": {"num_steps": 4}},
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the U-Net's zero-initialised output layers would make every label look alike
         for p in m.backbone.parameters():
@@ -194,7 +223,9 @@ def test_every_sampler_samples_a_guided_learned_variance_model(name):
     assert a.shape == (3, 1, 8, 8) and torch.isfinite(a).all() and a.abs().max() <= 1
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(a[1:2], alone, rtol=1e-5, atol=1e-5)
-    unguided = m.sample(3, labels=labels, guidance_scale=1.0, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    unguided = m.sample(
+        3, labels=labels, guidance_scale=1.0, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    )
     assert not torch.allclose(a, unguided)
 
 
@@ -215,8 +246,16 @@ def test_a_device_without_float64_gets_float32_constants_on_every_path(monkeypat
     from tests.helpers import DeviceWithoutFloat64
 
     def model(**kw):
-        return DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, num_classes=3,
-                               variance="learned_range", loss="hybrid", clip_denoised=True, **kw)
+        return DiffusionModule(
+            backbone=TINY_UNET,
+            data_shape=[1, 8, 8],
+            num_timesteps=20,
+            num_classes=3,
+            variance="learned_range",
+            loss="hybrid",
+            clip_denoised=True,
+            **kw,
+        )
 
     module = model()
     assert module.to("cpu").diffusion.betas.dtype == torch.float64  # a device with float64 keeps it
@@ -236,9 +275,13 @@ def test_a_device_without_float64_gets_float32_constants_on_every_path(monkeypat
         t, weights = importance.sample(64, "cpu", generator=torch.Generator().manual_seed(0))
         importance.update(t, t.float() + 1)
         assert importance.warmed_up() and importance.loss_history.dtype == torch.float32 and weights.isfinite().all()
-        for sampler in ("ddpm", {"name": "ddpm", "init_args": {"num_steps": 5}}, "ddim",
-                        {"name": "dpmpp_2m", "init_args": {"num_steps": 4, "spacing": "karras"}},
-                        {"name": "unipc", "init_args": {"num_steps": 4}}):
+        for sampler in (
+            "ddpm",
+            {"name": "ddpm", "init_args": {"num_steps": 5}},
+            "ddim",
+            {"name": "dpmpp_2m", "init_args": {"num_steps": 4, "spacing": "karras"}},
+            {"name": "unipc", "init_args": {"num_steps": 4}},
+        ):
             samples = module.sample(2, sampler=sampler, labels=[0, 1], generator=torch.Generator().manual_seed(0))
             assert samples.dtype == torch.float32 and torch.isfinite(samples).all()
         bpd = module.diffusion.bits_per_dim(module.denoiser(), x0.to("cpu"))

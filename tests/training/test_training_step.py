@@ -30,8 +30,9 @@ def _loader(n=16, batch=16, labels=False):
 def _trainer(tmp_path, **kw):
     kw.setdefault("logger", False)
     kw.setdefault("enable_checkpointing", False)
-    return Trainer(enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                   default_root_dir=tmp_path, **kw)
+    return Trainer(
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, **kw
+    )
 
 
 def test_accumulated_micro_batches_draw_their_own_timesteps_and_noise(tmp_path):
@@ -79,8 +80,13 @@ def test_predict_request_i_is_sampled_from_predict_seed_plus_i(tmp_path):
     from lightning_ddpm.data import Toy2DDataModule
 
     torch.manual_seed(0)
-    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v",
-                             sampler={"name": "ddpm", "init_args": {"num_steps": 5}})  # noise at every step
+    module = DiffusionModule(
+        backbone=MLP,
+        data_shape=[2],
+        num_timesteps=20,
+        parameterization="v",
+        sampler={"name": "ddpm", "init_args": {"num_steps": 5}},
+    )  # noise at every step
     data = Toy2DDataModule(num_train=64, batch_size=2, num_predict_samples=5, predict_seed=7)
     writer = SampleWriter(output_dir=str(tmp_path / "out"))
     _trainer(tmp_path, callbacks=[writer]).predict(module, datamodule=data)
@@ -110,14 +116,31 @@ def test_predict_merge_keeps_each_padded_request_once_in_request_order(tmp_path)
 def test_predict_with_two_processes_gives_the_one_process_samples(tmp_path):
     def run(devices: int) -> torch.Tensor:
         out = tmp_path / f"p{devices}"
-        run_cli_process(["predict", "--config", str(ROOT / "configs/toy2d.yaml"),
-               "--model.backbone", json.dumps(MLP), "--model.num_timesteps=50", "--untrained",
-               "--model.sampler", '{"name": "ddpm", "init_args": {"num_steps": 5}}',
-               "--data.init_args.num_predict_samples=9", "--data.init_args.batch_size=4",  # odd: uneven ranks
-               "--data.init_args.predict_seed=7",
-               f"--trainer.devices={devices}", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
-               "--trainer.logger=false", "--trainer.callbacks=[]", f"--trainer.default_root_dir={out}",
-               "--predict_writer.output_dir", str(out)], cwd=tmp_path)
+        run_cli_process(
+            [
+                "predict",
+                "--config",
+                str(ROOT / "configs/toy2d.yaml"),
+                "--model.backbone",
+                json.dumps(MLP),
+                "--model.num_timesteps=50",
+                "--untrained",
+                "--model.sampler",
+                '{"name": "ddpm", "init_args": {"num_steps": 5}}',
+                "--data.init_args.num_predict_samples=9",
+                "--data.init_args.batch_size=4",  # odd: uneven ranks
+                "--data.init_args.predict_seed=7",
+                f"--trainer.devices={devices}",
+                "--trainer.strategy=ddp",
+                "--trainer.accelerator=cpu",
+                "--trainer.logger=false",
+                "--trainer.callbacks=[]",
+                f"--trainer.default_root_dir={out}",
+                "--predict_writer.output_dir",
+                str(out),
+            ],
+            cwd=tmp_path,
+        )
         return torch.load(out / "samples.pt", weights_only=True)["samples"]
 
     two, one = run(2), run(1)
@@ -144,8 +167,9 @@ def test_a_shared_ddpm_sampler_follows_each_live_models_schedule():
     live = [GaussianDiffusion(make_schedule(name, 20), parameterization="v") for name in ("cosine", "sigmoid")]
     for d in (*live, *live):  # in turn: a cache that ignored which model it was built for would fail here
         ours = sampler.sample(lambda x, t: torch.zeros_like(x), d, x_T, generator=torch.Generator().manual_seed(1))
-        alone = DDPMSampler(num_steps=5).sample(lambda x, t: torch.zeros_like(x), d, x_T,
-                                                generator=torch.Generator().manual_seed(1))
+        alone = DDPMSampler(num_steps=5).sample(
+            lambda x, t: torch.zeros_like(x), d, x_T, generator=torch.Generator().manual_seed(1)
+        )
         torch.testing.assert_close(ours, alone, rtol=0, atol=0)
 
 
@@ -157,8 +181,9 @@ def test_a_shared_ddpm_sampler_never_uses_another_models_schedule():
         return sampler.sample(lambda x, t: torch.zeros_like(x), d, x_T, generator=torch.Generator().manual_seed(1))
 
     def fresh(d):
-        return DDPMSampler(num_steps=5).sample(lambda x, t: torch.zeros_like(x), d, x_T,
-                                               generator=torch.Generator().manual_seed(1))
+        return DDPMSampler(num_steps=5).sample(
+            lambda x, t: torch.zeros_like(x), d, x_T, generator=torch.Generator().manual_seed(1)
+        )
 
     first = GaussianDiffusion(make_schedule("linear", 20, beta_end=0.3), parameterization="v")
     run(first)
@@ -240,18 +265,32 @@ class _CountHostSyncs(Callback):
 def test_training_steps_make_no_host_syncs(tmp_path, timestep_sampler):
     from lightning_ddpm.callbacks import EMA
 
-    module = DiffusionModule(backbone=MLP, data_shape=[2], num_classes=3, num_timesteps=50, parameterization="v",
-                             timestep_sampler=timestep_sampler, loss="hybrid", variance="learned_range")
+    module = DiffusionModule(
+        backbone=MLP,
+        data_shape=[2],
+        num_classes=3,
+        num_timesteps=50,
+        parameterization="v",
+        timestep_sampler=timestep_sampler,
+        loss="hybrid",
+        variance="learned_range",
+    )
     counter = _CountHostSyncs(steps=20)
     _trainer(tmp_path, max_steps=20, callbacks=[EMA(decay=0.9), counter], log_every_n_steps=50).fit(
-        module, _loader(n=20, labels=True))
+        module, _loader(n=20, labels=True)
+    )
     assert module.nonfinite.on_device  # fused Adam: the device path
     assert counter.calls == [], counter.calls[:10]
 
 
 def test_compile_option_compiles_the_backbone_without_graph_breaks(tmp_path):
-    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v",
-                             compile={"backend": "eager", "fullgraph": True})  # fullgraph: a graph break raises
+    module = DiffusionModule(
+        backbone=MLP,
+        data_shape=[2],
+        num_timesteps=20,
+        parameterization="v",
+        compile={"backend": "eager", "fullgraph": True},
+    )  # fullgraph: a graph break raises
     plain = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v")
     assert module.backbone._compiled_call_impl is not None
     assert module.state_dict().keys() == plain.state_dict().keys()  # no _orig_mod. prefixes in checkpoints
@@ -265,10 +304,17 @@ def test_adam_is_fused_and_ddp_skips_the_schedule_buffers(tmp_path):
     trainer.fit(module, _loader())
     assert trainer.optimizers[0].defaults["fused"] is True
     buffers = dict(module.named_buffers())
-    assert module._ddp_params_and_buffers_to_ignore and all(n in buffers for n in module._ddp_params_and_buffers_to_ignore)
+    assert module._ddp_params_and_buffers_to_ignore and all(
+        n in buffers for n in module._ddp_params_and_buffers_to_ignore
+    )
     assert not any(n.startswith("backbone.") for n in module._ddp_params_and_buffers_to_ignore)
-    user = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=20, parameterization="v",
-                           optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-3, "foreach": True}})
+    user = DiffusionModule(
+        backbone=MLP,
+        data_shape=[2],
+        num_timesteps=20,
+        parameterization="v",
+        optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-3, "foreach": True}},
+    )
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.fit(user, _loader())
     assert not trainer.optimizers[0].defaults["fused"]  # the user's choice stands
@@ -287,8 +333,15 @@ def test_the_step_loss_is_logged_as_a_host_copy_on_logging_steps_only(tmp_path):
         return log(name, value, *args, **kwargs)
 
     module.log = spy
-    Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
-            log_every_n_steps=4, default_root_dir=tmp_path).fit(module, _loader(n=12))
+    Trainer(
+        max_steps=12,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=4,
+        default_root_dir=tmp_path,
+    ).fit(module, _loader(n=12))
     assert logged == [(step, "cpu", False) for step in (0, 3, 7, 11)]
 
 
@@ -303,6 +356,7 @@ def test_a_ddpm_sampler_follows_changes_to_its_grid():
     for num_steps, spacing in ((5, "trailing"), (7, "trailing"), (3, "linspace"), (5, "leading")):
         sampler.num_steps, sampler.spacing = num_steps, spacing
         ours = sampler.sample(zero, d, x_T, generator=torch.Generator().manual_seed(1))
-        fresh = DDPMSampler(num_steps=num_steps, spacing=spacing).sample(zero, d, x_T,
-                                                                         generator=torch.Generator().manual_seed(1))
+        fresh = DDPMSampler(num_steps=num_steps, spacing=spacing).sample(
+            zero, d, x_T, generator=torch.Generator().manual_seed(1)
+        )
         torch.testing.assert_close(ours, fresh, rtol=0, atol=0, msg=f"{num_steps} {spacing}")
