@@ -110,9 +110,9 @@ def main() -> None:
         data = torch.randn(batch * (args.steps + args.warmup), *shape)
         loader = torch.utils.data.DataLoader(data, batch_size=batch, drop_last=True)
         contenders = {
-            "ours": lambda: fit(module, loader, args.steps, args.warmup),
-            "plain": lambda: plain(module, loader, args.warmup),
-            "bare": lambda: fit(Bare(module), loader, args.steps, args.warmup),
+            "ours": lambda module=module, loader=loader: fit(module, loader, args.steps, args.warmup),
+            "plain": lambda module=module, loader=loader: plain(module, loader, args.warmup),
+            "bare": lambda module=module, loader=loader: fit(Bare(module), loader, args.steps, args.warmup),
         }
         medians: dict[str, list[float]] = {k: [] for k in contenders}
         for r in range(args.rounds):

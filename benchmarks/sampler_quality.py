@@ -123,11 +123,10 @@ def sweep(
     rows = []
     module.eval()
     with ema_weights(trainer, module), torch.no_grad():  # a loaded checkpoint is used with its saved weights
-        draw = lambda sampler: module.sample(
-            num_samples,
-            sampler=sampler,  # noqa: E731
-            generator=torch.Generator().manual_seed(1),
-        )
+
+        def draw(sampler):
+            return module.sample(num_samples, sampler=sampler, generator=torch.Generator().manual_seed(1))
+
         start = time.perf_counter()
         reference = draw(make_sampler("ddpm"))
         rows.append(

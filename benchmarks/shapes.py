@@ -92,7 +92,7 @@ def train_classifier(image_size: int, steps: int = 600, seed: int = 1000) -> tup
     model = ShapeClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     images, labels = render_batch(8192, image_size, seed)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(images), (128,))
         loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
         opt.zero_grad()

@@ -33,12 +33,34 @@ __all__ = list(_PUBLIC)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # static tools see the names as ordinary imports
-    from .backbones import available_backbones, build_backbone, register_backbone
-    from .core.diffusion import GaussianDiffusion
-    from .training.module import DiffusionModule
-    from .core.denoiser import Denoiser, Prediction
-    from .samplers import DDIMSampler, DDPMSampler, make_sampler
-    from .core.schedules import NoiseSchedule, available_schedules, make_schedule, register_schedule
+    from .backbones import (
+        available_backbones as available_backbones,
+    )
+    from .backbones import (
+        build_backbone as build_backbone,
+    )
+    from .backbones import (
+        register_backbone as register_backbone,
+    )
+    from .core.denoiser import Denoiser as Denoiser
+    from .core.denoiser import Prediction as Prediction
+    from .core.diffusion import GaussianDiffusion as GaussianDiffusion
+    from .core.schedules import (
+        NoiseSchedule as NoiseSchedule,
+    )
+    from .core.schedules import (
+        available_schedules as available_schedules,
+    )
+    from .core.schedules import (
+        make_schedule as make_schedule,
+    )
+    from .core.schedules import (
+        register_schedule as register_schedule,
+    )
+    from .samplers import DDIMSampler as DDIMSampler
+    from .samplers import DDPMSampler as DDPMSampler
+    from .samplers import make_sampler as make_sampler
+    from .training.module import DiffusionModule as DiffusionModule
 
 
 def __getattr__(name: str) -> Any:

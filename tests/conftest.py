@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lightning_ddpm import GaussianDiffusion, make_schedule
-from lightning_ddpm.core.variances import available_variances
 from lightning_ddpm.core.parameterizations import available_parameterizations
 from lightning_ddpm.core.schedules import available_schedules
+from lightning_ddpm.core.variances import available_variances
 
 # "custom" needs its own betas; every other registered schedule is checked the same way.
 SCHEDULES = [name for name in available_schedules() if name != "custom"]

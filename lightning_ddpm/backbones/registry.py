@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
@@ -34,7 +34,7 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "lightning_ddpm.backbones"
 # A short name or dotted class path, or {"name": ..., "init_args": {...}} as in a YAML config.
-BackboneSpec = Union[str, dict[str, Any]]
+BackboneSpec = str | dict[str, Any]
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 _PLUGINS: dict[str, importlib.metadata.EntryPoint] = {}

@@ -10,10 +10,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..samplers import DDIMSampler, Sampler, make_sampler
 from ..data.batches import unpack_batch
-from .sampling import iter_samples, resolve_sampler
+from ..samplers import DDIMSampler, Sampler, make_sampler
 from .config import Configurable
+from .sampling import iter_samples, resolve_sampler
 
 
 def inception_extractor(features: str, weights_path: str | None) -> nn.Module:

@@ -10,10 +10,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..training.plotting import load_png, save_image_grid, save_samples_picture
 from ..samplers import DDIMSampler, Sampler, make_sampler
-from .sampling import draw_samples, resolve_sampler
+from ..training.plotting import load_png, save_image_grid, save_samples_picture
 from .config import Configurable
+from .sampling import draw_samples, resolve_sampler
 
 
 class SampleLogger(Configurable, pl.Callback):

@@ -42,6 +42,7 @@ from ..callbacks import SampleWriter
 from ..core.imports import settings_agree
 from ..training.checkpoints import COMPATIBLE_SETTINGS, SafeCheckpointIO, check_checkpoint_file, verify_checkpoint
 from ..training.module import DiffusionModule
+from .configs import configs_command, resolve_config_args
 from .console import _quiet, version_line
 from .errors import (
     DEBUG_ENV,
@@ -54,7 +55,6 @@ from .errors import (
     _trainer_key,
     _unwrap,
 )
-from .configs import configs_command, resolve_config_args
 from .export import export
 from .outputs import SaveConfigWithAbsolutePaths, _place_outputs, _resumes_from, _shown
 from .overrides import _backbone_overrides, _callback_overrides, _overridden_backbone

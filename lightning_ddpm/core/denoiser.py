@@ -16,7 +16,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from .parameterizations import Parameterization
-from .types import DenoiseFn, Prediction, PredictFn, Process, StepCoefficients
+from .types import DenoiseFn, PredictFn, Prediction, Process, StepCoefficients
 from .variances import Variance
 
 __all__ = ["Prediction", "Denoiser", "DenoiseFn", "PredictFn", "split_output", "interpret", "clip_x0"]

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 from .denoiser import clip_x0, interpret, split_output
-from .noise import Generators, randn
 from .dtypes import precise_dtype
 from .likelihood import (
     LN2,
@@ -31,10 +30,11 @@ from .likelihood import (
     normal_kl,
 )
 from .losses import Loss, available_losses, get_loss
+from .noise import Generators, randn
 from .parameterizations import available_parameterizations, get_parameterization
 from .schedules import NoiseSchedule
 from .sigmas import log_sigma_at, log_sigmas_of
-from .types import DenoiseFn, Prediction, PredictFn, StepCoefficients
+from .types import DenoiseFn, PredictFn, Prediction, StepCoefficients
 from .variances import available_variances, get_variance
 from .weightings import LossWeighting, available_weightings, get_weighting
 
@@ -344,7 +344,7 @@ class GaussianDiffusion(nn.Module):
         generator: Generators = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> BitsPerDim:
-        """The full bound in bits/dim, split into its terms: :func:`~lightning_ddpm.core.likelihood.bits_per_dim_terms`."""
+        """The full bound in bits/dim, split into its terms (see ``core.likelihood.bits_per_dim_terms``)."""
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
         return bits_per_dim_terms(self, denoise_fn, x0, clip, generator, callback)
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .dtypes import precise_dtype
 from .noise import Generators
-from .types import Prediction, PredictFn
+from .types import PredictFn, Prediction
 
 __all__ = [
     "normal_kl",

@@ -9,7 +9,7 @@ of them imports the diffusion, not even for type checking.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple, Protocol, Union
+from typing import NamedTuple, Protocol
 
 from torch import Tensor
 
@@ -42,7 +42,7 @@ class Prediction(NamedTuple):
 # A raw network ``denoise_fn(x_t, t) -> output`` (the output the parameterization interprets) ...
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 # ... or a denoiser ``model(x_t, t) -> Prediction``. Samplers and bits/dim accept either.
-PredictFn = Callable[[Tensor, Tensor], Union[Prediction, Tensor]]
+PredictFn = Callable[[Tensor, Tensor], Prediction | Tensor]
 
 
 class Process(Protocol):

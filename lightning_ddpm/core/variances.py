@@ -1,4 +1,5 @@
-"""The reverse-process variance sigma_t^2 of p(x_{t-1} | x_t): fixed (Ho et al. 2020) or learned (Nichol & Dhariwal 2021).
+"""The reverse-process variance sigma_t^2 of p(x_{t-1} | x_t): fixed (Ho et al. 2020) or learned (Nichol &
+Dhariwal 2021).
 
 A variance reads the schedule constants of a :class:`~lightning_ddpm.core.diffusion.GaussianDiffusion`
 (``diffusion.gather(name, t, x)``), so a respaced diffusion gives the respaced sigma_t^2.

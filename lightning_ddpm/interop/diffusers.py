@@ -8,9 +8,8 @@ point imports it through :func:`require_diffusers`, whose error names the extra 
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -248,7 +247,8 @@ def read_folder(path: str | Path) -> tuple[Path, dict[str, Any], tuple[str, dict
         index = _json(root / "model_index.json", "")
         if "unet" not in index:
             raise ValueError(
-                f"{root / 'model_index.json'} names no 'unet'; components: {sorted(k for k in index if not k.startswith('_'))}"
+                f"{root / 'model_index.json'} names no 'unet'; components: "
+                f"{sorted(k for k in index if not k.startswith('_'))}"
             )
         unet_dir = root / "unet"
         scheduler_entry = index.get("scheduler")
@@ -265,7 +265,8 @@ def read_folder(path: str | Path) -> tuple[Path, dict[str, Any], tuple[str, dict
     config = _json(unet_dir / "config.json", "the unet config")
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         raise ValueError(
-            f"{unet_dir / 'config.json'} _class_name: {config['_class_name']!r} is not supported; supported: UNet2DModel"
+            f"{unet_dir / 'config.json'} _class_name: {config['_class_name']!r} is not supported; "
+            "supported: UNet2DModel"
         )
     return unet_dir, config, scheduler
 

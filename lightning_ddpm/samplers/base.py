@@ -15,11 +15,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..core.noise import Generators, noise_like, randn  # noqa: F401  (re-exported: the samplers' API)
-from ..core.types import Prediction, PredictFn
 from ..core.diffusion import GaussianDiffusion
+from ..core.noise import Generators, noise_like, randn  # noqa: F401  (re-exported: the samplers' API)
 from ..core.registry import Registry
 from ..core.sigmas import log_sigmas_of, sigma_to_t
+from ..core.types import PredictFn, Prediction
 
 __all__ = [
     "Generators",

@@ -13,7 +13,8 @@ reports the skipped steps and a streak of ``max_in_a_row`` stops training.
 Optimizers that cannot skip on the device fall back to the host (one synchronisation per step, two
 when the loss is finite): :meth:`NonFiniteGuard.host_skip` skips a step whose loss is not finite before
 backward, and :meth:`NonFiniteGuard.host_skip_gradients` one whose gradients are not, by dropping the
-gradients (torch's optimizers leave a parameter without a gradient untouched, state included). Under 16-mixed, Lightning's GradScaler already skips overflowing
+gradients (torch's optimizers leave a parameter without a gradient untouched, state included). Under
+16-mixed, Lightning's GradScaler already skips overflowing
 steps (overflow is routine while it calibrates its scale), so the guard counts non-finite
 *losses* only and leaves the skipping to it.
 """

@@ -9,9 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.guidance import guided_denoiser
 from ..core.types import PredictFn

@@ -7,19 +7,19 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import warnings
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 import yaml
 
 from lightning_ddpm import DiffusionModule
 from lightning_ddpm.callbacks import EMA
-from lightning_ddpm.training.checkpoints import DIGEST_KEY, SafeCheckpointIO
 from lightning_ddpm.cli import CLIError, run_cli
+from lightning_ddpm.training.checkpoints import DIGEST_KEY, SafeCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_COND = str(ROOT / "configs/toy2d_cond.yaml")

@@ -139,7 +139,7 @@ def test_elbo_weight_turns_the_mse_into_the_kl_term(parameterization):
         x0 = torch.rand(T - 1, 2, 3, 3, dtype=torch.float64, generator=g) * 2 - 1
         noise = torch.randn(x0.shape, dtype=torch.float64, generator=g)
         wrong = torch.randn(x0.shape, dtype=torch.float64, generator=g)  # an arbitrary model output
-        losses = d.training_losses(lambda x, t: wrong, x0, t, noise)
+        losses = d.training_losses(lambda x, t, wrong=wrong: wrong, x0, t, noise)
         x_t = d.q_sample(x0, t, noise)
         kl_bits = d.vlb_terms(wrong, x0, x_t, t)
         # The variance mismatch constant: the KL term of a model with the right mean.

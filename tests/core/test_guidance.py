@@ -6,9 +6,9 @@ import torch
 
 from lightning_ddpm import DDIMSampler, DiffusionModule, GaussianDiffusion
 from lightning_ddpm.cli import run_cli
-from lightning_ddpm.data import TOY_DISTRIBUTIONS, Toy2DDataModule
 from lightning_ddpm.core.denoiser import Denoiser, Prediction
 from lightning_ddpm.core.guidance import guided_denoiser
+from lightning_ddpm.data import TOY_DISTRIBUTIONS, Toy2DDataModule
 from tests.conftest import small_schedule
 
 ROOT = Path(__file__).resolve().parents[2]

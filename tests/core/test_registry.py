@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from lightning_ddpm.backbones import registry as backbones
-from lightning_ddpm.data.images import IMAGE_DATASETS
-from lightning_ddpm.data.toy2d import TOY_DISTRIBUTIONS
 from lightning_ddpm.core.losses import LOSSES
 from lightning_ddpm.core.parameterizations import PARAMETERIZATIONS
 from lightning_ddpm.core.registry import Registry
-from lightning_ddpm.samplers import SAMPLERS
 from lightning_ddpm.core.schedules import SCHEDULES
 from lightning_ddpm.core.timestep_sampling import TIMESTEP_SAMPLERS
 from lightning_ddpm.core.variances import VARIANCES, get_variance
 from lightning_ddpm.core.weightings import LOSS_WEIGHTINGS
+from lightning_ddpm.data.images import IMAGE_DATASETS
+from lightning_ddpm.data.toy2d import TOY_DISTRIBUTIONS
+from lightning_ddpm.samplers import SAMPLERS
 
 REGISTRIES = {
     "schedule": SCHEDULES,

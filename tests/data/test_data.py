@@ -92,7 +92,7 @@ def test_image_folder_errors(tmp_path):
         ImageFolderDataset(tmp_path / "cut")
     flat = ImageDataModule("imagefolder", root=str(tmp_path / "mixed"), labels=True, image_size=12)
     with pytest.raises(ValueError, match="labels: true needs class subfolders"):
-        flat.num_classes
+        _ = flat.num_classes
 
 
 def test_torchvision_dataset_missing_offline(tmp_path):

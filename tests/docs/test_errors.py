@@ -2,18 +2,17 @@
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
-import warnings
-
 import torch
 from PIL import Image
 
 from lightning_ddpm import DDIMSampler, DiffusionModule, make_schedule, register_backbone
 from lightning_ddpm.backbones import UNet
-from lightning_ddpm.training.checkpoints import SafeCheckpointIO
 from lightning_ddpm.data import ImageDataModule, ImageFolderDataset, Toy2DDataModule
+from lightning_ddpm.training.checkpoints import SafeCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {

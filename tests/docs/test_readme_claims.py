@@ -10,11 +10,11 @@ import torch
 
 from lightning_ddpm import DiffusionModule, GaussianDiffusion, make_schedule
 from lightning_ddpm.callbacks import EMA
-from lightning_ddpm.training.checkpoints import DIGEST_KEY
-from lightning_ddpm.data.batches import unpack_batch
 from lightning_ddpm.core.denoiser import Denoiser
 from lightning_ddpm.core.guidance import guided_denoiser
+from lightning_ddpm.data.batches import unpack_batch
 from lightning_ddpm.samplers import DDIMSampler, make_sampler
+from lightning_ddpm.training.checkpoints import DIGEST_KEY
 
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 8, "num_blocks": 1}}
 UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4]}}

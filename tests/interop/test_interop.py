@@ -44,7 +44,7 @@ T = 50
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _unet(seed: int = 0, **config) -> "diffusers.UNet2DModel":
+def _unet(seed: int = 0, **config) -> diffusers.UNet2DModel:
     torch.manual_seed(seed)
     unet = diffusers.UNet2DModel(**{**TINY, **config})
     g = torch.Generator().manual_seed(seed + 1)
@@ -54,7 +54,7 @@ def _unet(seed: int = 0, **config) -> "diffusers.UNet2DModel":
     return unet.eval()
 
 
-def _scheduler(**config) -> "diffusers.DDPMScheduler":
+def _scheduler(**config) -> diffusers.DDPMScheduler:
     return diffusers.DDPMScheduler(**{"num_train_timesteps": T, "beta_end": 0.2, **config})
 
 

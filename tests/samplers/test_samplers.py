@@ -98,7 +98,7 @@ def _sample_point_mass(sampler, d, x0, x_T, seed=1, atol=1e-9):
             expected = mean + variance[d.variance] ** 0.5 * z
         else:
             pytest.fail(f"no exact point-mass trajectory known for {sampler!r}: add its update law here")
-        torch.testing.assert_close(x, expected, rtol=0, atol=atol, msg=lambda m: f"step {i + 1} of {n}: {m}")
+        torch.testing.assert_close(x, expected, rtol=0, atol=atol, msg=lambda m, i=i: f"step {i + 1} of {n}: {m}")
         prev = x
 
 
