@@ -57,13 +57,13 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, t: Tensor, cond: Tensor | None = None) -> Tensor:
         features = timestep_embedding(t, self.base_dim, cos_first=self.cos_first, freq_shift=self.freq_shift)
-        emb = self.mlp(features.to(self.mlp[0].weight.dtype))
+        emb = self.mlp(features.to(self.mlp[0].weight.dtype))  # type: ignore[arg-type]  # an nn.Linear's weight
         if self.class_embedding is None:
             if cond is not None:
                 raise ValueError("cond (class labels) given to a backbone built without num_classes")
             return emb
-        if cond is None:
-            cond = torch.full_like(t, self.num_classes, dtype=torch.long)
+        if cond is None:  # the null label (class_embedding exists: num_classes is set)
+            cond = torch.full_like(t, self.num_classes or 0, dtype=torch.long)
         elif cond.shape != t.shape:
             raise ValueError(
                 f"cond must hold one class label per example, shape {tuple(t.shape)}; got {tuple(cond.shape)}"

@@ -41,6 +41,8 @@ class FourierFeatures(nn.Module):
         self.out_features = in_features + 2 * num_features
         self.x_scale = x_scale
 
+    B: Tensor  # the random frequencies, a buffer
+
     def forward(self, x: Tensor) -> Tensor:
         proj = 2 * math.pi * x @ self.B.to(x.dtype)
         return torch.cat([x * self.x_scale if self.x_scale != 1 else x, proj.sin(), proj.cos()], dim=-1)

@@ -13,7 +13,7 @@ it whole), and nothing that breaks under bf16 autocast.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -237,7 +237,7 @@ class UNet(nn.Module):
             _zero(nn.Conv2d(current, self.out_channels, 3, padding=1)),
         )
 
-    def _run(self, layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
+    def _run(self, layers: Any, h: Tensor, emb: Tensor) -> Tensor:  # an nn.ModuleList of (h, emb) layers
         for layer in layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, emb, use_reentrant=False)

@@ -89,7 +89,8 @@ class EMA(Configurable, WeightAveraging):
             self._update(pl_module, copy=True)
         elif self.should_update(step_idx=step_idx):
             self._update(pl_module, copy=self.num_updates == 1)  # the first update copies, as AveragedModel does
-            self._average_model.n_averaged += 1  # on the device, no read-back
+            if self._average_model is not None:  # built at setup
+                self._average_model.n_averaged += 1  # on the device, no read-back
         else:
             return
         self._latest_update_step = trainer.global_step
@@ -190,7 +191,7 @@ class EMA(Configurable, WeightAveraging):
         # ModelParallelStrategy has sharded the module's backbone (configure_model): shard the copy the same way,
         # so that each rank keeps and updates only its own shard of the average.
         backbone = getattr(pl_module, "backbone", None)  # EMA also serves LightningModules of other kinds
-        average = self._average_model.module if self._average_model is not None else None
+        average: Any = self._average_model.module if self._average_model is not None else None
         if average is not None and backbone is not None and is_sharded(backbone) and not is_sharded(average.backbone):
             shard_backbone(average.backbone, next(backbone.parameters()).device_mesh)
 
@@ -285,9 +286,9 @@ def _load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], st
 @contextmanager
 def ema_weights(trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> Iterator[None]:
     """Run the block with the EMA weights in ``pl_module`` (a no-op without an active :class:`EMA`)."""
-    callbacks = trainer.callbacks if trainer is not None else []
+    callbacks = trainer.callbacks if trainer is not None else []  # type: ignore[attr-defined]  # set by Lightning
     ema = next((c for c in callbacks if isinstance(c, EMA)), None)
-    if ema is None:
+    if ema is None or trainer is None:
         yield
         return
     with ema.averaged(trainer, pl_module):

@@ -122,7 +122,9 @@ class FIDCallback(Configurable, pl.Callback):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         def extractor(features: str) -> nn.Module:
-            return self.feature_extractor if self.custom else inception_extractor(features, self.inception_weights_path)
+            if self.feature_extractor is not None:
+                return self.feature_extractor
+            return inception_extractor(features, self.inception_weights_path)
 
         self.fid = FrechetInceptionDistance(feature=extractor("2048"), reset_real_features=False)
         if self.use_kid:
@@ -149,7 +151,7 @@ class FIDCallback(Configurable, pl.Callback):
                 "trainer.limit_val_batches is 0"
             )
         self.sampler = resolve_sampler(self._sampler_spec, self.sampler, pl_module, 100)
-        if self._final_sampler_spec is not None:
+        if self._final_sampler_spec is not None and self.final_sampler is not None:
             self.final_sampler = resolve_sampler(self._final_sampler_spec, self.final_sampler, pl_module, 100)
         self.build_metrics()
         for metric in self._metrics():

@@ -85,7 +85,7 @@ class BitsPerDimCallback(Configurable, pl.Callback):
         except TypeError:  # no loader, or an iterable dataset without a length
             return self.num_examples
 
-    def per_example(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[list[int], Tensor]:
+    def per_example(self, trainer: pl.Trainer, pl_module: Any) -> tuple[list[int], Tensor]:
         """This rank's kept examples: their validation-set indices and bits/dim, ``(n,)``."""
         if not self._subset:
             return [], torch.zeros(0, device=pl_module.device, dtype=precise_dtype(pl_module.device))  # bpd's dtype

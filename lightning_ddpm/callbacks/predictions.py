@@ -61,21 +61,19 @@ class SampleWriter(Configurable, pl.Callback):
         trainer.strategy.barrier("sample_writer_done")
 
     def _merge(self, trainer: pl.Trainer, out: Path) -> Path:
-        indices, samples = [], []
+        shards = []
         for rank in range(trainer.world_size):
             path = out / f".shard_rank{rank}.pt"
-            shard = torch.load(path, weights_only=True)
-            indices.append(shard["indices"])
-            samples.append(shard["samples"])
+            shards.append(torch.load(path, weights_only=True))
             path.unlink()
-        indices, samples = torch.cat(indices), torch.cat(samples)
+        indices, samples = torch.cat([s["indices"] for s in shards]), torch.cat([s["samples"] for s in shards])
         # The distributed sampler may repeat requests to even out ranks: keep each index once.
         order = torch.argsort(indices, stable=True)
         indices, samples = indices[order], samples[order]
         keep = torch.ones_like(indices, dtype=torch.bool)
         keep[1:] = indices[1:] != indices[:-1]
         samples = samples[keep]
-        dataset = trainer.predict_dataloaders.dataset if trainer.predict_dataloaders is not None else None
+        dataset: Any = trainer.predict_dataloaders.dataset if trainer.predict_dataloaders is not None else None
         labels = None
         if getattr(dataset, "labels", None):
             labels = torch.tensor([dataset.labels[i % len(dataset.labels)] for i in indices[keep].tolist()])
@@ -85,7 +83,7 @@ class SampleWriter(Configurable, pl.Callback):
 
             np.save(out / "samples.npy", samples.numpy())
         reference = None
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]  # set by Lightning's data connector
         if samples.ndim == 2 and hasattr(datamodule, "reference_points"):
             reference = datamodule.reference_points()
         picture = save_samples_picture(samples, out / "samples.png", reference, labels, title=f"{len(samples)} samples")

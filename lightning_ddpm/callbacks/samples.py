@@ -100,8 +100,9 @@ class SampleLogger(Configurable, pl.Callback):
             return None
         self.last_samples = samples.cpu()
         reference = None
-        if samples.ndim == 2 and hasattr(trainer.datamodule, "reference_points"):
-            reference = trainer.datamodule.reference_points()
+        datamodule: Any = getattr(trainer, "datamodule", None)  # set by Lightning's data connector
+        if samples.ndim == 2 and hasattr(datamodule, "reference_points"):
+            reference = datamodule.reference_points()
         path = out_dir / f"step_{step:07d}.png"
         if samples.ndim == 4 and all_labels is not None:
             save_image_grid(samples, path, nrow=per_class)  # one row per class

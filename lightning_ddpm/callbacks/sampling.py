@@ -34,11 +34,12 @@ def resolve_sampler(
     """
     diffusion = getattr(pl_module, "diffusion", None)
     sampler = current
-    if spec is None and module_default and isinstance(getattr(pl_module, "default_sampler", None), Sampler):
-        sampler = pl_module.default_sampler
+    default = getattr(pl_module, "default_sampler", None)
+    if spec is None and module_default and isinstance(default, Sampler):
+        sampler = default
     elif diffusion is not None and spec is None:
         sampler = DDIMSampler(num_steps=min(default_steps, diffusion.num_timesteps))
-    elif diffusion is not None and not isinstance(spec, Sampler):
+    elif diffusion is not None and spec is not None and not isinstance(spec, Sampler):
         sampler = make_sampler(spec, num_timesteps=diffusion.num_timesteps)
     if diffusion is not None:
         sampler.grid(diffusion)
@@ -49,7 +50,7 @@ class Drawn(NamedTuple):
     """One batch of this rank's share: ``samples[:real]`` are samples ``index[:real]``; the rest pad the share."""
 
     samples: Tensor
-    index: list[int]
+    index: list[int]  # type: ignore[assignment]  # shadows tuple.index: the name the callbacks read
     real: int
 
 
@@ -109,7 +110,8 @@ def iter_samples(
             chunk = index[start : start + step]
             generators = sample_generators(chunk, seed, pl_module.device)
             cond = _labels(labels, chunk, generators, pl_module)
-            samples = pl_module.sample(len(chunk), sampler=sampler, generator=generators, labels=cond)
+            sample: Any = pl_module.sample  # a DiffusionModule's
+            samples = sample(len(chunk), sampler=sampler, generator=generators, labels=cond)
             yield Drawn(samples, chunk, max(0, min(len(chunk), real - start)))
 
 

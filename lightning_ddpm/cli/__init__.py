@@ -264,7 +264,7 @@ class DiffusionCLI(LightningCLI):
         save ``last-v1.ckpt`` beside the old ``last.ckpt``, and ``--ckpt_path .../last.ckpt`` would then
         load the old run's weights without a word."""
         ckpt_path = self.config["fit"].get("ckpt_path") if "fit" in self.config else self.config.get("ckpt_path")
-        for i, callback in enumerate(self.trainer.callbacks):
+        for i, callback in enumerate(self.trainer.callbacks):  # type: ignore[attr-defined]  # set by Lightning
             if not isinstance(callback, ModelCheckpoint) or not callback.dirpath:
                 continue
             folder = Path(callback.dirpath)
@@ -303,7 +303,7 @@ class DiffusionCLI(LightningCLI):
             message = message.splitlines()[0] + f" (set {DEBUG_ENV}=1 for the rest)"
         if isinstance(root, RuntimeError) and message.startswith("DataLoader worker"):
             # torch's own error, raised wherever the batch was awaited: the setting the user wrote is the data's
-            key = "data.init_args.num_workers"
+            key: str | None = "data.init_args.num_workers"
             message += (
                 "; a killed worker has usually run out of memory: fewer data.init_args.num_workers or a "
                 "smaller batch_size need less"
@@ -344,9 +344,9 @@ class DiffusionCLI(LightningCLI):
                     if value is obj and not attr.startswith("_"):
                         return f"{key}.{attr}"
             if frame.f_code.co_name == "__init__":
-                key = self._key_of_class(type(obj), frame.f_locals)
-                if key:
-                    return key
+                of_class = self._key_of_class(type(obj), frame.f_locals)
+                if of_class:
+                    return of_class
         return None
 
     def _key_of_class(self, cls: type, arguments: Mapping[str, Any]) -> str | None:

@@ -51,7 +51,7 @@ def _place_outputs(trainer: pl.Trainer) -> set[int]:
     from ..callbacks import SampleLogger
 
     root, placed = Path(trainer.default_root_dir), set()
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
         if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
             callback.dirpath = os.path.realpath(root / "checkpoints")
             placed.add(id(callback))
@@ -64,7 +64,7 @@ def _resumes_from(ckpt_path: str | None, folder: Path) -> bool:
     """Whether ``fit --ckpt_path`` continues a run whose checkpoints are in ``folder``."""
     if ckpt_path in ("last", "hpc"):
         return True
-    return bool(ckpt_path) and Path(ckpt_path).resolve().parent == folder.resolve()
+    return ckpt_path is not None and ckpt_path != "" and Path(ckpt_path).resolve().parent == folder.resolve()
 
 
 def _shown(path: Path) -> str:

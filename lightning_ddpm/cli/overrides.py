@@ -38,7 +38,8 @@ def _extract(args: list[str], pattern: str, skip: tuple[str, ...] = ()) -> tuple
 def _backbone_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """``args`` without ``--model.backbone.init_args.<key> <value>`` (or ``--model.backbone.<key>``,
     ``--model.backbone.name``), and those as (key, value)."""
-    return _extract(args, r"--model\.backbone\.(?:init_args\.)?(\w+)", skip=("help",))
+    rest, found = _extract(args, r"--model\.backbone\.(?:init_args\.)?(\w+)", skip=("help",))
+    return rest, [(key, value) for key, value in found]  # one group and the value
 
 
 def _overridden_backbone(config: Namespace, overrides: list[tuple[str, str]]) -> dict[str, Any]:

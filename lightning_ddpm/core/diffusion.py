@@ -75,6 +75,11 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: default for clipping pred_x0 to [-1, 1] when sampling and in bits/dim.
     """
 
+    # The schedule constants, registered as (non-persistent) buffers in __init__ (see _constants).
+    betas: Tensor
+    alphas_cumprod: Tensor
+    log_sigmas: Tensor
+
     def __init__(
         self,
         schedule: NoiseSchedule,
@@ -154,9 +159,9 @@ class GaussianDiffusion(nn.Module):
         # float64 where the device has it and float32 elsewhere.
         constants = self._constants()
         for name in constants:
-            self._buffers[name] = torch.empty(0, device=self._buffers[name].device)
+            self._buffers[name] = torch.empty(0, device=self.betas.device)
         super()._apply(fn, recurse)
-        device = self._buffers["betas"].device
+        device = self.betas.device
         dtype = precise_dtype(device)
         for name, value in constants.items():
             self._buffers[name] = value.to(dtype).to(device)  # cast on the host: MPS cannot hold the float64
@@ -164,7 +169,9 @@ class GaussianDiffusion(nn.Module):
 
     def gather(self, name: str, t: Tensor, x: Tensor) -> Tensor:
         """The schedule constant ``name`` at integer t, reshaped to (B, 1, ..., 1) in x's dtype."""
-        values = self._buffers[name][t.to(self.betas.device)]
+        buffer = self._buffers[name]
+        assert buffer is not None  # every constant is registered with a tensor
+        values = buffer[t.to(self.betas.device)]
         return values.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     @property

@@ -45,7 +45,8 @@ def guided_denoiser(
 
     def guided(x_t: Tensor, t: Tensor) -> Prediction:
         both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, null]))
-        cond, uncond = (Prediction(*(None if v is None else v.chunk(2, dim=0)[i] for v in both)) for i in (0, 1))
+        frac = (None, None) if both.variance_frac is None else both.variance_frac.chunk(2, dim=0)
+        cond, uncond = (Prediction(both.x0.chunk(2, dim=0)[i], both.eps.chunk(2, dim=0)[i], frac[i]) for i in (0, 1))
         return Prediction(
             torch.lerp(uncond.x0, cond.x0, guidance_scale),
             torch.lerp(uncond.eps, cond.eps, guidance_scale),

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 __all__ = ["Registry"]
 
 T = TypeVar("T")
+D = TypeVar("D")  # what a decorator is given and returns unchanged
 
 
 class Registry(Generic[T]):
@@ -24,10 +25,16 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
-    def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
+    @overload
+    def register(self, name: str) -> Callable[[D], D]: ...
+
+    @overload
+    def register(self, name: str, obj: D) -> D: ...
+
+    def register(self, name: str, obj: Any = None) -> Any:
         """``@registry.register("name")`` on a definition, or ``registry.register("name", obj)``."""
 
-        def add(target: T) -> T:
+        def add(target: Any) -> Any:
             old = self._entries.get(name)
             if old is not None and not same_definition(old, target):
                 raise ValueError(

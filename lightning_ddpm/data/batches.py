@@ -23,7 +23,7 @@ def unpack_batch(batch: Any, data_shape: Sequence[int] | None = None) -> tuple[T
     elif isinstance(batch, (list, tuple)) and batch:
         x, y = batch[0], batch[1] if len(batch) > 1 else None
     elif isinstance(batch, dict):
-        x = next((batch[k] for k in IMAGE_KEYS if k in batch), None)
+        x = next((batch[k] for k in IMAGE_KEYS if k in batch), None)  # type: ignore[assignment]  # checked below
         y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
         if x is None:
             raise ValueError(f"dict batch needs one of the keys 'x', 'image', 'images'; got {sorted(batch)}")

@@ -59,7 +59,7 @@ class _Transformed(Dataset):
         self.transform = v2.Compose(steps)
 
     def __len__(self) -> int:
-        return len(self.base)
+        return len(self.base)  # type: ignore[arg-type]  # a map-style dataset: Dataset does not declare __len__
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -243,7 +243,9 @@ class ImageDataModule(pl.LightningDataModule):
         if self.image_size is not None:
             return [self.channels, *self.image_size]
         if self.dataset == "imagefolder":
-            width, height = self._image_folder().first_size
+            size = self._image_folder().first_size
+            assert size is not None  # without image_size the folder records its images' one size
+            width, height = size
             return [self.channels, height, width]
         return list(IMAGE_DATASETS[self.dataset][:3])
 
@@ -303,6 +305,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
+        assert self._train is not None  # made by setup
         return resumable_train_loader(
             self._train,
             self.batch_size,
@@ -315,6 +318,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
+        assert self._val is not None  # made by setup
         return self._loader(self._val)
 
     def test_dataloader(self) -> DataLoader:

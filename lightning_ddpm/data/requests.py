@@ -52,7 +52,7 @@ def predict_loader(
     if labels is None and num_classes is not None:
         labels = list(range(num_classes))
     requests = SampleRequests(num_samples, seed, labels)
-    sampler = None
+    sampler: Any = None
     if trainer is not None and trainer.world_size > 1:
         sampler = DistributedSampler(
             requests, shuffle=False, drop_last=False, **trainer.strategy.distributed_sampler_kwargs

@@ -66,12 +66,13 @@ def resumable_train_loader(
     """A shuffled training DataLoader whose order depends only on (seed, epoch, rank) and the resume point."""
     world = getattr(trainer, "world_size", 1) if trainer is not None else 1
     rank = getattr(trainer, "global_rank", 0) if trainer is not None else 0
-    per_device = len(dataset) // world
+    size = len(dataset)  # type: ignore[arg-type]  # a map-style dataset: Dataset does not declare __len__
+    per_device = size // world
     if per_device < batch_size:
         # drop_last would give no batches at all, and Lightning would "train" zero steps with success.
         on = f" ({per_device} per device on {world} devices)" if world > 1 else ""
         raise ValueError(
-            f"the training set has {len(dataset)} examples{on}, fewer than one batch of batch_size={batch_size}; "
+            f"the training set has {size} examples{on}, fewer than one batch of batch_size={batch_size}; "
             "lower batch_size or add data"
         )
     sampler = ResumableSampler(

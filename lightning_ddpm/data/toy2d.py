@@ -168,10 +168,12 @@ class Toy2DDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
+        assert self._train is not None  # made by setup
         return resumable_train_loader(self._train, self.batch_size, self.seed, getattr(self, "trainer", None))
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
+        assert self._val is not None  # made by setup
         return DataLoader(self._val, batch_size=self.batch_size)
 
     def test_dataloader(self) -> DataLoader:

@@ -127,12 +127,12 @@ def _divides(value: Any, widths: list[int]) -> bool:
 def _block_attention(cfg: Mapping[str, Any]) -> list[bool]:
     """Check the block types; -> per level (highest resolution first) whether it has attention."""
     levels = len(cfg["block_out_channels"])
-    for field, table in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
-        if len(cfg[field]) != levels:
-            raise ValueError(f"unet config {field} has {len(cfg[field])} entries; block_out_channels has {levels}")
-        for i, kind in enumerate(cfg[field]):
+    for key, table in (("down_block_types", _DOWN_BLOCKS), ("up_block_types", _UP_BLOCKS)):
+        if len(cfg[key]) != levels:
+            raise ValueError(f"unet config {key} has {len(cfg[key])} entries; block_out_channels has {levels}")
+        for i, kind in enumerate(cfg[key]):
             if kind not in table:
-                raise _unsupported(f"{field}[{i}]", kind, ", ".join(table))
+                raise _unsupported(f"{key}[{i}]", kind, ", ".join(table))
     attention = [_DOWN_BLOCKS[kind] for kind in cfg["down_block_types"]]
     # Our U-Net puts attention at the same resolutions on the way down and up; up block i is level n-1-i.
     for i, kind in enumerate(cfg["up_block_types"]):
@@ -162,7 +162,7 @@ def unet_init_args_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     mid_groups = cfg["attn_norm_num_groups"] or (groups if cfg["resnet_time_scale_shift"] == "default" else None)
     widths = [c for c, a in zip(channels, attention) if a] + [channels[-1]]  # attention layers, mid included
     size = cfg["sample_size"]
-    checks = [  # (field, representable, what is supported)
+    checks: list[tuple[str, bool, str]] = [  # (field, representable, what is supported)
         ("block_out_channels", all(c % ch == 0 for c in channels), f"multiples of the first entry {ch}"),
         ("time_embedding_dim", cfg["time_embedding_dim"] in (None, 4 * ch), f"None or {4 * ch} (4 * first width)"),
         ("norm_num_groups", isinstance(groups, int), "an integer"),
@@ -174,9 +174,9 @@ def unet_init_args_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         ),
         ("sample_size", size is not None, "an image size (int or [height, width])"),
     ]
-    for field, representable, supported in checks:
+    for field, representable, what in checks:
         if not representable:
-            raise _unsupported(field, cfg[field], supported)
+            raise _unsupported(field, cfg[field], what)
     height = size if isinstance(size, int) else int(size[0])
     num_class_embeds = cfg["num_class_embeds"]
     return {
@@ -288,7 +288,7 @@ def _key_map(init_args: Mapping[str, Any]) -> dict[str, tuple[tuple[str, ...], t
     for ours, blocks, theirs in (("down", net.down, "down_blocks"), ("up", net.up, "up_blocks")):
         for k, layers in enumerate(blocks):
             level, block = divmod(k, per_level)
-            for i, layer in enumerate(layers):
+            for i, layer in enumerate(layers):  # type: ignore[arg-type, var-annotated]  # an nn.ModuleList
                 name = _LAYER_NAMES[type(layer).__name__].format(block)
                 prefixes[f"{ours}.{k}.{i}"] = f"{theirs}.{level}.{name}"
     mapping = {}

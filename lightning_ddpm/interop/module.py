@@ -7,12 +7,21 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from ..core.diffusion import GaussianDiffusion
 from ..core.imports import settings_agree, split_spec
 from ..core.schedules import make_schedule
 
 
 class DiffusersInterop:
     """``from_diffusers``, ``to_diffusers`` and ``load_diffusers_weights`` for :class:`DiffusionModule`."""
+
+    # What the module this is mixed into holds (annotations only: DiffusionModule sets them).
+    backbone: nn.Module
+    diffusion: GaussianDiffusion
+    hparams: Any
+    linked_backbone_args: dict[str, Any]
 
     @classmethod
     def from_diffusers(cls, source: Any, scheduler: Any = None, **settings: Any) -> Any:

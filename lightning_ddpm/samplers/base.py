@@ -48,7 +48,7 @@ MIN_ALPHA_BAR = 2.0**-24
 
 
 def _check_spacing(spacing: str, allowed: Sequence[str], refused: dict[str, str] | None = None) -> None:
-    if spacing in (refused or {}):
+    if refused and spacing in refused:
         raise ValueError(f"spacing {spacing!r} is refused: {refused[spacing]}; choose one of: {', '.join(allowed)}")
     if spacing not in allowed:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of: {', '.join(allowed)}")

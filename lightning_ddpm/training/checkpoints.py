@@ -129,7 +129,7 @@ def checkpoint_digest(checkpoint: Mapping[str, Any]) -> str | None:
         data = tensor.detach().reshape(-1).contiguous().cpu()
         digest.update(f"{path}:{data.dtype}:{tuple(tensor.shape)};".encode())
         if data.numel():
-            digest.update(data.view(torch.uint8).numpy())  # no copy: hashlib reads the buffer
+            digest.update(data.view(torch.uint8).numpy())  # type: ignore[arg-type]  # no copy: hashlib reads the buffer
     return digest.hexdigest()
 
 

@@ -25,6 +25,7 @@ class TimestepLosses(Metric):
     """
 
     full_state_update = False
+    totals: Tensor  # a metric state (add_state)
 
     def __init__(self, num_timesteps: int, num_bins: int = 4, flush_every: int = 32) -> None:
         super().__init__()
@@ -56,8 +57,8 @@ class TimestepLosses(Metric):
         if vlb is not None:
             weights.append(torch.isfinite(vlb)[:, None])
             values.append(vlb.float()[:, None])
-        weights, values = torch.cat(weights, 1).float(), torch.nan_to_num(torch.cat(values, 1), 0.0, 0.0, 0.0)
-        self.totals[:, : weights.shape[1]] += torch.stack([(values * weights).sum(0), weights.sum(0)])
+        w, v = torch.cat(weights, 1).float(), torch.nan_to_num(torch.cat(values, 1), 0.0, 0.0, 0.0)
+        self.totals[:, : w.shape[1]] += torch.stack([(v * w).sum(0), w.sum(0)])
 
     def sync(self, *args: Any, **kwargs: Any) -> None:
         self._flush()  # before the sums cross ranks
@@ -65,7 +66,8 @@ class TimestepLosses(Metric):
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Metric:
         self._flush()  # pending tensors would stay on the old device
-        return super()._apply(fn, *args, **kwargs)
+        super()._apply(fn, *args, **kwargs)
+        return self
 
     def reset(self) -> None:
         self._pending = []

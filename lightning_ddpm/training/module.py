@@ -220,7 +220,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         generator = self._generator(stage, batch_idx)
         if stage == "train":
             t, weights = self.timestep_sampler.sample(x0.shape[0], self.device, generator=generator)
-            if labels is not None and self.cond_drop_prob > 0:
+            if labels is not None and self.num_classes is not None and self.cond_drop_prob > 0:
                 labels = drop_labels(labels, self.cond_drop_prob, self.num_classes, generator)
         else:
             t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=self.device, generator=generator)
@@ -230,12 +230,13 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         if stage == "train" and isinstance(self.timestep_sampler, LossSecondMomentSampler):
             # Every rank must see the same losses so their timestep distributions agree.
             all_t, all_losses = self.all_gather(t), self.all_gather(terms["loss"].detach())
+            assert isinstance(all_t, Tensor) and isinstance(all_losses, Tensor)  # a tensor gathers to a tensor
             self.timestep_sampler.update(all_t.reshape(-1), all_losses.reshape(-1))
         if stage == "train" and self._log_this_step():
             # A host copy, read back once here: Lightning's progress bar re-reads a logged step value at
             # every refresh until the epoch ends, which for a device tensor is a sync every step.
             self.log("train/loss_step", loss.detach().cpu(), prog_bar=True, on_step=True, on_epoch=False)
-        self.epoch_losses[f"{stage}_losses"].update(terms["loss"], t, loss, terms.get("vlb"))
+        self._epoch_losses(stage).update(terms["loss"], t, loss, terms.get("vlb"))
         return loss, t
 
     def _log_this_step(self) -> bool:
@@ -244,7 +245,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         if self._trainer is None:
             return True
         step = self.global_step
-        return step == 0 or (step + 1) % self.trainer.log_every_n_steps == 0
+        return step == 0 or (step + 1) % self.trainer.log_every_n_steps == 0  # type: ignore[attr-defined]  # set by Lightning
 
     def _generator(self, stage: str, batch_idx: int) -> torch.Generator:
         """A generator on the module's device for this step (see ``seeding.step_generator``)."""
@@ -252,8 +253,13 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return step_generator(stage, batch_idx, self.device, self.global_step, accumulate, rank)
 
+    def _epoch_losses(self, stage: str) -> TimestepLosses:
+        metric = self.epoch_losses[f"{stage}_losses"]
+        assert isinstance(metric, TimestepLosses)
+        return metric
+
     def _log_epoch(self, stage: str) -> None:
-        log_epoch_losses(self, self.epoch_losses[f"{stage}_losses"], stage)
+        log_epoch_losses(self, self._epoch_losses(stage), stage)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -340,7 +346,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DiffusionModule:  # type: ignore[override]
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> DiffusionModule:
         """Lightning's ``load_from_checkpoint`` after checking the file (clear error if truncated)."""
         check_local_checkpoint_file(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -40,7 +40,9 @@ class NonFiniteGuard:
         self.scaler = False
         self.in_a_row = 0  # consecutive non-finite steps, as of the last check
         self._steps: list[int] = []  # the optimizer steps flagged in the buffers since the last check
-        self._flags = self._t_ranges = self._one = None
+        self._flags: Tensor | None = None
+        self._t_ranges: Tensor | None = None
+        self._one: Tensor | None = None
         self._group: Any = None  # FSDP2: the process group the gradients are sharded over
         self._params: list[Tensor] = []  # the trained parameters, listed once at the start of fit
         self._checked_step = -1
@@ -103,7 +105,7 @@ class NonFiniteGuard:
 
         ``parameters``: a list (not a generator: walking the modules costs ~0.5 ms a step on a CPU).
         """
-        if not self.on_device or self._flags is None:
+        if not self.on_device or self._flags is None or self._t_ranges is None or self._one is None:
             return
         i = len(self._steps)
         if i == len(self._flags):  # checked less often than the buffers hold: grow them
@@ -113,7 +115,7 @@ class NonFiniteGuard:
         # GradScaler checks the gradients itself (16-mixed): then the guard counts non-finite losses
         grads = [] if self.scaler else [p.grad for p in parameters if p.grad is not None]
         if self._group is not None:  # FSDP2: each rank holds a shard of every gradient and checks its own
-            grads = [g.to_local() for g in grads]
+            grads = [g.to_local() for g in grads]  # type: ignore[attr-defined]  # DTensor shards (FSDP2)
         for same_dtype in _by_dtype(grads):  # sets the flag to 1 if any value is NaN/inf (and scales by 1)
             torch._amp_foreach_non_finite_check_and_unscale_(same_dtype, flag, self._one)
         if not grads:
@@ -144,7 +146,7 @@ class NonFiniteGuard:
         if not grads:  # the loss was not finite: backward was skipped and host_skip tallied the step
             return False
         if self._group is not None:
-            grads = [g.to_local() for g in grads]
+            grads = [g.to_local() for g in grads]  # type: ignore[attr-defined]  # DTensor shards (FSDP2)
         flag = torch.zeros((), device=grads[0].device)
         one = torch.ones((), device=grads[0].device)
         for same_dtype in _by_dtype(grads):
@@ -162,7 +164,7 @@ class NonFiniteGuard:
     def check(self, trainer: Any = None) -> None:
         """Read the buffers back (a synchronisation): warn about skipped steps, stop after a long streak."""
         n = len(self._steps)
-        if self._flags is None or n == 0:
+        if self._flags is None or self._t_ranges is None or n == 0:
             return
         rows = torch.cat([self._flags[:n, None].long(), self._t_ranges[:n]], 1)
         if trainer is not None and trainer.world_size > 1:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.denoiser import Denoiser
 from ..core.guidance import guided_denoiser
 from ..core.types import PredictFn
 from ..data.batches import check_labels
@@ -54,7 +55,7 @@ def initial_noise(
 
 
 def conditioned(
-    model: PredictFn,
+    model: Denoiser,
     labels: Tensor | Sequence[int] | None,
     num_samples: int,
     num_classes: int | None,
@@ -66,8 +67,9 @@ def conditioned(
         return model
     if num_classes is None:
         raise ValueError("labels given to an unconditional model (num_classes is None)")
-    cond = check_labels(torch.as_tensor(labels).cpu(), num_samples, num_classes).to(device)
-    return guided_denoiser(model, cond, num_classes, scale)
+    cond = check_labels(torch.as_tensor(labels).cpu(), num_samples, num_classes)
+    assert cond is not None  # labels were given
+    return guided_denoiser(model, cond.to(device), num_classes, scale)
 
 
 @contextmanager

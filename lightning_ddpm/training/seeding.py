@@ -20,6 +20,7 @@ def step_generator(
 ) -> torch.Generator:
     """A generator on ``device`` for this step: training keys on the optimizer step, the micro-batch within
     it (``accumulate``: gradient accumulation) and the rank; evaluation on the batch and rank."""
+    key: tuple[str | int, ...]
     if stage == "train":
         key = ("train", torch.initial_seed(), global_step, batch_idx % accumulate, rank)
     else:
