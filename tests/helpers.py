@@ -14,6 +14,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def documentation() -> str:
+    """The README and every page of the documentation site, one text: the claims tests read what the docs say
+    wherever it now stands."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return "\n\n".join(page.read_text() for page in pages)
+
+
 def run_cli_process(args: list[str], cwd: Path, timeout: int = 300) -> None:
     """``python -m lightning_ddpm <args>`` in a fresh process (multi-process strategies launch from it): this
     checkout importable, one OpenMP thread per process, Lightning's fork launcher off. Fails on a non-zero exit."""

@@ -1,7 +1,7 @@
 """What the library asks of a backbone: ``forward(x, t, cond=None) -> output`` (a Protocol).
 
-``tests/backbones/test_backbone_contract.py`` runs every registered backbone, and the README's custom one, over
-the inputs below.
+``tests/backbones/test_backbone_contract.py`` runs every registered backbone, and the custom one of
+docs/backbones.md, over the inputs below.
 """
 
 from __future__ import annotations

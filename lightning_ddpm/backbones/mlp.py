@@ -62,7 +62,7 @@ class MLP(nn.Module):
         dropout: dropout inside each block.
         fourier_features: map x through this many random Fourier features first (0: x as it is).
             ``configs/toy2d.yaml`` uses 64 with ``fourier_scale`` 2.0, which is what lets the MLP separate
-            eight Gaussians in 3000 steps (README, "Sample quality"). Off by default so that checkpoints
+            eight Gaussians in 3000 steps (docs/benchmarks.md, "Sample quality"). Off by default so that checkpoints
             saved without the option keep loading.
         fourier_scale: standard deviation of the Fourier frequencies, in cycles per data unit (data
             about [-1, 1]; larger scales resolve finer detail and fit noisier).
@@ -70,7 +70,7 @@ class MLP(nn.Module):
             At 1 (the default, as before the option) samples on data the recipe was not chosen on left
             ~0.1-0.4% far strays: started in the tail of x_T, they stay outside the data while the
             features, which repeat, make the far points look like inner ones. ``configs/toy2d.yaml`` uses
-            32, so that the first layer sees how far out a point is (README, "Far strays"). No parameters
+            32, so that the first layer sees how far out a point is (docs/benchmarks.md, "Far strays"). No parameters
             change: checkpoints load either way.
     """
 

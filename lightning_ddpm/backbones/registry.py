@@ -1,6 +1,6 @@
 """Backbone registry: built-in short names, installed plugins (entry points) and class paths.
 
-Three ways to name a backbone (README, "Backbones"):
+Three ways to name a backbone (docs/backbones.md):
 - a registered short name (``unet``, ``mlp``, or ``@register_backbone("name")`` on a class);
 - a short name registered by an installed package under the entry-point group
   ``lightning_ddpm.backbones`` (loaded lazily, once);

@@ -157,7 +157,7 @@ class EMA(Configurable, WeightAveraging):
         if isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(
                 "EMA is not supported under FSDPStrategy ('fsdp', FSDP1: its flattened shards do not match the "
-                "averaged copy); use lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), see the README"
+                "averaged copy); use lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), see docs/scaling.md"
             )
         mesh = pl_module.device_mesh  # set by ModelParallelStrategy only
         if mesh is None:

@@ -4,7 +4,7 @@
     lightning-ddpm predict --config configs/toy2d.yaml --ckpt_path <run>/checkpoints/last.ckpt
     lightning-ddpm configs [copy [NAME ...] [--to DIR]]  # list the shipped configs, or copy them out
 
-What it adds to LightningCLI (README, "Command line"):
+What it adds to LightningCLI (docs/cli.md):
 - with ``--ckpt_path``, settings the user wrote (config files or command line) win over the
   checkpoint's hyperparameters, except those that change what the weights mean
   (``training.checkpoints.COMPATIBLE_SETTINGS``), which must agree;

@@ -109,7 +109,7 @@ class DiffusersInterop:
             warnings.warn(
                 "this model is class-conditional: diffusers' DDPMPipeline and DDIMPipeline load it but "
                 "pass no class labels when called; sample it with the UNet2DModel and the scheduler in a "
-                "loop with class_labels (README, 'diffusers interop')",
+                "loop with class_labels (docs/interop.md)",
                 stacklevel=2,
             )
         scheduler = diffusers.DDPMScheduler(**scheduler_config_from_settings(self.hparams))

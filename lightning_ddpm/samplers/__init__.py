@@ -4,7 +4,7 @@ Every sampler takes a model ``model(x_t, t) -> Prediction`` (a :class:`~lightnin
 or a raw network ``denoise_fn(x_t, t) -> output``, runs over a grid of timesteps (``leading``,
 ``trailing``, ``linspace`` or Karras sigmas) and is deterministic given ``x_T`` and a
 ``torch.Generator`` (one for the batch, or one per sample). ``SAMPLERS`` below holds the registered
-names, usable wherever a sampler is accepted (``SAMPLERS.names()``; the README's "Samplers" table).
+names, usable wherever a sampler is accepted (``SAMPLERS.names()``; the table of docs/samplers.md).
 """
 
 from __future__ import annotations

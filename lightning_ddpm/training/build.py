@@ -70,7 +70,7 @@ def build_diffusion(
     )
     amplification = float(1.0 / (1.0 - diffusion.schedule.betas[-1]).sqrt())
     if parameterization == "eps" and not clip_denoised and amplification > 10:
-        # README "Sample quality": sliced W2 633 (eps) vs 0.080 (v) on two moons with the cosine schedule.
+        # docs/benchmarks.md, "Sample quality": sliced W2 633 (eps) vs 0.080 (v) on two moons with the cosine schedule.
         warnings.warn(
             f"parameterization='eps' with beta_T={diffusion.schedule.betas[-1].item():.3g} and clip_denoised=False: "
             f"the first reverse step multiplies eps errors by {amplification:.0f}x, which gives far outliers on "

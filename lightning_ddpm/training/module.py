@@ -77,7 +77,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         compile: ``torch.compile`` the backbone: ``True`` or a mapping of options such as
             ``{"mode": "max-autotune"}``. The state dict is unchanged.
         channels_last: image batches and backbone in channels-last memory format (what GPU convolutions want;
-            on a CPU under bf16, ``False`` measured 2-8% faster, see the README's benchmarks).
+            on a CPU under bf16, ``False`` measured 2-8% faster, see docs/benchmarks.md).
         init_from: a diffusers folder (a DDPM pipeline or a bare ``UNet2DModel``) whose U-Net weights initialise
             the ``unet`` backbone at setup; its architecture and schedule must be this model's. Nothing is
             downloaded; a checkpoint given to the trainer takes precedence, and ``load_from_checkpoint`` never

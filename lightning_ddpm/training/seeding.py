@@ -30,5 +30,5 @@ def step_generator(
 
 def request_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
     """One generator per sample request: its sample depends on its seed alone (starting and per-step noise),
-    not on how requests were batched or shared between ranks (the README's promise)."""
+    not on how requests were batched or shared between ranks (a promise of docs/cli.md)."""
     return [torch.Generator(device).manual_seed(seed) for seed in seeds]

@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_ddpm import available_backbones, build_backbone, register_backbone
 from lightning_ddpm.backbones import MLP, UNet, registry
+from tests.helpers import documentation
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,9 +201,8 @@ def test_entry_point_plugin_is_loaded_lazily_once(monkeypatch):
 
 def test_readme_custom_backbone_example_runs(monkeypatch):
     source = (ROOT / "examples" / "custom_backbone.py").read_text()
-    readme = (ROOT / "README.md").read_text()
     body = source.split('"""', 2)[2].strip()
-    assert body in readme, "README must show examples/custom_backbone.py verbatim"
+    assert body in documentation(), "the docs must show examples/custom_backbone.py verbatim"
     monkeypatch.setattr(registry, "BACKBONES", registry.BACKBONES.copy())
     monkeypatch.syspath_prepend(str(ROOT))
     runpy.run_path(str(ROOT / "examples" / "custom_backbone.py"), run_name="examples.custom_backbone")

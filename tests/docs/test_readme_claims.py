@@ -27,12 +27,11 @@ def _default(callable_, name):
 def test_the_sampler_table_defaults():
     """README "Samplers" table: default steps and spacing of every registered sampler, read from the table."""
     import re
-    from pathlib import Path
 
     from lightning_ddpm.samplers import SAMPLERS
+    from tests.helpers import documentation
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    rows = dict(re.findall(r"^\| `(\w+)` \| `\w+[^|]*` \|(.*)$", readme, flags=re.M))
+    rows = dict(re.findall(r"^\| `(\w+)` \| `\w+[^|]*` \|(.*)$", documentation(), flags=re.M))
     assert set(rows) == set(SAMPLERS.names()), "one table row per registered sampler"
     for name, row in rows.items():
         steps = re.search(r"default (?:N = )?(\d+|all T)", row)[1]

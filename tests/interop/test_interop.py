@@ -23,6 +23,7 @@ from lightning_ddpm.interop.diffusers import (  # noqa: E402
     scheduler_config_from_settings,
     settings_from_scheduler_config,
 )
+from tests.helpers import documentation  # noqa: E402
 
 # A small UNet2DModel laid out like the published DDPM ones (attention at one level, positional time
 # embedding with freq_shift=1, GroupNorm eps 1e-6), on 8x8 grey images.
@@ -608,7 +609,7 @@ def test_the_readme_loop_samples_an_exported_class_conditional_model_as_we_do(tm
         folder = module.to_diffusers(tmp_path / "exported")
     block = re.search(
         r"```python\n  (# sample an exported class-conditional model with diffusers\n.*?)\n  ```",
-        (ROOT / "README.md").read_text(),
+        documentation(),
         re.S,
     ).group(1)
     code = "\n".join(line.removeprefix("  ") for line in block.splitlines())
