@@ -202,7 +202,18 @@ class Sampler:
             generator: one for the batch, or a sequence with one per example (see :func:`randn`).
             callback: ``callback(step, num_steps, x, pred_x0)`` after every step.
         """
-        grid = self.grid(diffusion)
+        return self.run(model, diffusion, self.grid(diffusion), x_T, generator, callback)
+
+    def run(
+        self,
+        model: PredictFn,
+        diffusion: GaussianDiffusion,
+        grid: Grid,
+        x: Tensor,
+        generator: Generators = None,
+        callback: StepCallback | None = None,
+    ) -> Tensor:
+        """Run :meth:`solve` from ``x`` at ``grid.t[0]`` over ``grid`` (this sampler's grid, or its tail)."""
         clip = diffusion.clip_denoised if self.clip_denoised is None else self.clip_denoised
         ts = grid.t.tolist()  # a CPU tensor: no device synchronisation
         dtype = torch.float32 if grid.t.is_floating_point() else torch.long
@@ -212,7 +223,7 @@ class Sampler:
             prediction = diffusion.as_prediction(model(x, t), x, t)
             return diffusion.clip(prediction, x, t) if clip else prediction
 
-        return self.solve(denoise, diffusion, grid, x_T, generator, callback)
+        return self.solve(denoise, diffusion, grid, x, generator, callback)
 
     def solve(
         self,
