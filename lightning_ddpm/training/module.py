@@ -36,7 +36,7 @@ from .fsdp import shard_over_mesh
 from .metrics import TimestepLosses, log_epoch_losses
 from .nonfinite import NonFiniteGuard
 from .optim import make_optimizer, optimizer_spec
-from .sampling import check_sample_args, conditioned, evaluating, initial_noise
+from .sampling import check_edit_images, check_sample_args, conditioned, evaluating, initial_noise
 from .seeding import request_generators, step_generator
 
 __all__ = ["DiffusionModule"]
@@ -328,6 +328,32 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             x_T = initial_noise(num_samples, self.data_shape, generator, self.device, self.network_dtype)
         with evaluating(self):
             return sampler.sample(model, self.diffusion, x_T, generator=generator, callback=callback)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: Tensor,
+        strength: float,
+        sampler: Sampler | str | dict[str, Any] | None = None,
+        generator: Generators = None,
+        labels: Tensor | Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+        callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
+    ) -> Tensor:
+        """SDEdit (Meng et al. 2022): ``images`` noised to the grid point ``strength`` in (0, 1] selects, then the
+        rest of the sampler's grid (``Sampler.edit``). ``strength = 1`` is plain sampling from the fully noised
+        input; with a deterministic sampler a small strength returns the input. Arguments as in :meth:`sample`;
+        ``generator`` draws the noise first, then the sampler's own."""
+        sampler = (
+            self.default_sampler
+            if sampler is None
+            else make_sampler(sampler, num_timesteps=self.diffusion.num_timesteps)
+        )
+        x0 = check_edit_images(images, self.data_shape, self.network_dtype).to(self.device)
+        scale = check_sample_args(x0.shape[0], self.data_shape, guidance_scale, self.guidance_scale, labels, None)
+        model = conditioned(self.denoiser(), labels, x0.shape[0], self.num_classes, scale, self.device)
+        with evaluating(self):
+            return sampler.edit(model, self.diffusion, x0, strength, generator=generator, callback=callback)
 
     def predict_step(self, batch: Any, batch_idx: int = 0) -> Tensor:
         """Generate one sample per request; a request batch is a dict with ``seed`` and optional ``labels``."""

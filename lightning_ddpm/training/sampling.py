@@ -17,7 +17,7 @@ from ..core.types import PredictFn
 from ..data.batches import check_labels
 from ..samplers import Generators, randn
 
-__all__ = ["check_sample_args", "conditioned", "evaluating", "initial_noise"]
+__all__ = ["check_edit_images", "check_sample_args", "conditioned", "evaluating", "initial_noise"]
 
 
 def check_sample_args(
@@ -81,3 +81,20 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
         yield module
     finally:
         module.train(was_training)
+
+
+def check_edit_images(images: Tensor, data_shape: tuple[int, ...], network_dtype: torch.dtype) -> Tensor:
+    """The examples to edit, ``(B, *data_shape)``, in at least float32 (as ``initial_noise``); images must hold
+    values in [-1, 1] (read back once: editing is not a hot path)."""
+    if not isinstance(images, Tensor) or tuple(images.shape[1:]) != tuple(data_shape) or images.shape[0] < 1:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must have shape (B, *data_shape) = (B, {', '.join(map(str, data_shape))}), got {got}")
+    x = images.to(torch.promote_types(network_dtype, torch.float32))
+    if len(data_shape) == 3:
+        low, high = float(x.min()), float(x.max())
+        if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
+            raise ValueError(
+                f"images must hold values in [-1, 1], got range [{low:.4g}, {high:.4g}] "
+                "(x / 127.5 - 1 for 8-bit images)"
+            )
+    return x

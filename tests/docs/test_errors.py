@@ -20,6 +20,7 @@ ROWS = {
     for m in re.finditer(r"^\| ([a-z0-9-]+) \| .* \| `(.*)` \|$", (ROOT / "docs/errors.md").read_text(), re.M)
 }
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 8, "num_blocks": 1}}
+UNET = {"name": "unet", "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": []}}
 
 
 TINY_UNET_ERRORS = {
@@ -337,6 +338,9 @@ CASES = {
     "mu-fractional": lambda tmp: _module(data_shape=[2], parameterization="mu").sample(
         2, sampler={"name": "euler", "init_args": {"num_steps": 3, "spacing": "karras"}}
     ),
+    "edit-strength": lambda tmp: _module().edit(torch.zeros(2, 2), 1.5),
+    "edit-shape": lambda tmp: _module().edit(torch.zeros(2, 3), 0.5),
+    "edit-range": lambda tmp: _module(backbone=UNET, data_shape=[1, 8, 8]).edit(torch.full((1, 1, 8, 8), 255.0), 0.5),
     "missing-folder": lambda tmp: ImageDataModule("imagefolder", root=str(tmp / "no/such/folder")),
     "empty-folder": lambda tmp: (tmp / "empty").mkdir() or ImageFolderDataset(tmp / "empty"),
     "corrupt-image": lambda tmp: (
