@@ -56,6 +56,12 @@ def check_strength(strength: float) -> None:
         )
 
 
+def edit_count(num_steps: int, strength: float) -> int:
+    """floor(num_steps strength), the steps an edit runs, after checking ``strength``."""
+    check_strength(strength)
+    return min(num_steps, math.floor(num_steps * strength + 1e-9))  # 0.29 * 100 is 28.999...: count it as 29
+
+
 def _check_spacing(spacing: str, allowed: Sequence[str], refused: dict[str, str] | None = None) -> None:
     if refused and spacing in refused:
         raise ValueError(f"spacing {spacing!r} is refused: {refused[spacing]}; choose one of: {', '.join(allowed)}")
@@ -216,9 +222,7 @@ class Sampler:
     def edit_steps(self, diffusion: GaussianDiffusion, strength: float) -> int:
         """How many of the grid's last steps an edit at ``strength`` runs: floor(N strength), diffusers' img2img
         rule (so ``strength = 1`` runs the whole grid and a strength below 1 / N runs none)."""
-        check_strength(strength)
-        n = self.grid(diffusion).num_steps
-        return min(n, math.floor(n * strength + 1e-9))  # 0.29 * 100 is 28.999...: count it as 29
+        return edit_count(self.grid(diffusion).num_steps, strength)
 
     def edit(
         self,
@@ -237,7 +241,7 @@ class Sampler:
         sampling from that noised start; k = 0 returns ``x0`` unchanged.
         """
         grid = self.grid(diffusion)
-        k = self.edit_steps(diffusion, strength)
+        k = edit_count(grid.num_steps, strength)
         if k == 0:
             return x0.clone()
         start = grid.num_steps - k

@@ -316,12 +316,7 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
             x_T: starting noise; drawn from ``generator`` when not given.
             callback: ``callback(step, num_steps, x, pred_x0)`` after every step (progress bars).
         """
-        # a bare name caps its default steps at T, as everywhere else a sampler is named
-        sampler = (
-            self.default_sampler
-            if sampler is None
-            else make_sampler(sampler, num_timesteps=self.diffusion.num_timesteps)
-        )
+        sampler = self._sampler(sampler)
         scale = check_sample_args(num_samples, self.data_shape, guidance_scale, self.guidance_scale, labels, x_T)
         model = conditioned(self.denoiser(), labels, num_samples, self.num_classes, scale, self.device)
         if x_T is None:  # in at least float32 (see initial_noise)
@@ -344,16 +339,17 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         rest of the sampler's grid (``Sampler.edit``). ``strength = 1`` is plain sampling from the fully noised
         input; with a deterministic sampler a small strength returns the input. Arguments as in :meth:`sample`;
         ``generator`` draws the noise first, then the sampler's own."""
-        sampler = (
-            self.default_sampler
-            if sampler is None
-            else make_sampler(sampler, num_timesteps=self.diffusion.num_timesteps)
-        )
+        sampler = self._sampler(sampler)
         x0 = check_edit_images(images, self.data_shape, self.network_dtype).to(self.device)
         scale = check_sample_args(x0.shape[0], self.data_shape, guidance_scale, self.guidance_scale, labels, None)
         model = conditioned(self.denoiser(), labels, x0.shape[0], self.num_classes, scale, self.device)
         with evaluating(self):
             return sampler.edit(model, self.diffusion, x0, strength, generator=generator, callback=callback)
+
+    def _sampler(self, spec: Sampler | str | dict[str, Any] | None) -> Sampler:
+        """The module's ``sampler`` setting, or ``spec`` built with its default steps capped at T (as everywhere
+        a sampler is named)."""
+        return self.default_sampler if spec is None else make_sampler(spec, num_timesteps=self.diffusion.num_timesteps)
 
     def predict_step(self, batch: Any, batch_idx: int = 0) -> Tensor:
         """Generate one sample per request; a request batch is a dict with ``seed`` and optional ``labels``."""
