@@ -34,7 +34,7 @@ def test_an_edit_runs_the_tail_of_the_grid_for_every_spacing_steps_and_strength(
     grid (decreasing, in range), the first evaluation at alpha_bar of the point the input was noised to."""
     d = GaussianDiffusion(small_schedule("cosine", 50), parameterization="v")
     for spacing in SAMPLERS.get(name).spacings:
-        for n in (1, 2, 3, 7, 10, 25, 49, 50):
+        for n in range(1, 51):
             if spacing == "karras" and n == 1:
                 continue  # a Karras grid needs two sigmas
             sampler = _sampler(name, n, spacing)
@@ -65,6 +65,17 @@ def test_an_edit_runs_the_tail_of_the_grid_for_every_spacing_steps_and_strength(
                 tail = grid.t[n - k :].float().tolist()  # the model sees fractional t in float32
                 assert seen[0] == tail[0] and set(seen) <= set(tail), (spacing, n, strength)
                 assert all(a >= b for a, b in zip(seen, seen[1:])) and min(seen) >= 0 and max(seen) <= 49
+
+
+def test_edit_steps_count_every_boundary_strength():
+    """Strength j / N runs exactly j steps for every N in 1..1000 and every j (floating point: 0.29 * 100 is
+    28.999...), and just below j / N runs j - 1."""
+    from lightning_ddpm.samplers.base import edit_count
+
+    for n in range(1, 1001):
+        for j in range(1, n + 1):
+            assert edit_count(n, j / n) == j, (n, j)
+            assert edit_count(n, j / n - 1e-6) == j - 1, (n, j)
 
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
