@@ -260,6 +260,10 @@ class Sampler:
         callback: StepCallback | None = None,
     ) -> Tensor:
         """Run :meth:`solve` from ``x`` at ``grid.t[0]`` over ``grid`` (this sampler's grid, or its tail)."""
+        return self.solve(self.denoiser(model, diffusion, grid), diffusion, grid, x, generator, callback)
+
+    def denoiser(self, model: PredictFn, diffusion: GaussianDiffusion, grid: Grid) -> Denoise:
+        """``denoise(x, i)``: ``model``'s prediction at the grid's i-th timestep, clipped if this sampler clips."""
         clip = diffusion.clip_denoised if self.clip_denoised is None else self.clip_denoised
         ts = grid.t.tolist()  # a CPU tensor: no device synchronisation
         dtype = torch.float32 if grid.t.is_floating_point() else torch.long
@@ -269,7 +273,7 @@ class Sampler:
             prediction = diffusion.as_prediction(model(x, t), x, t)
             return diffusion.clip(prediction, x, t) if clip else prediction
 
-        return self.solve(denoise, diffusion, grid, x, generator, callback)
+        return denoise
 
     def solve(
         self,
