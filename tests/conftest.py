@@ -39,6 +39,15 @@ def variance(request) -> str:
     return request.param
 
 
+def sampler_spec(name: str, **init_args) -> dict:
+    """``{"name": name, "init_args": init_args}`` with options that let the sampler run on a short grid: RePaint's
+    jumps (10 levels by default, which must be below the step count) go up a third of the grid, twice."""
+    if name == "repaint" and init_args.get("num_steps") and "jump_length" not in init_args:
+        n = init_args["num_steps"]
+        init_args = {"jump_length": max(1, n // 3), "jump_n_sample": 2 if n > 1 else 1, **init_args}
+    return {"name": name, "init_args": init_args}
+
+
 def oracle(diffusion: GaussianDiffusion, x0_star: torch.Tensor):
     """The exact denoiser for data that is the single point ``x0_star``, in any parameterization."""
 

@@ -1,4 +1,4 @@
-"""Samplers: DDPM ancestral, DDIM, DPM-Solver++ 2M (ODE and SDE), UniPC, Euler and Heun.
+"""Samplers: DDPM ancestral, DDIM, DPM-Solver++ 2M (ODE and SDE), UniPC, Euler, Heun and RePaint.
 
 Every sampler takes a model ``model(x_t, t) -> Prediction`` (a :class:`~lightning_ddpm.core.denoiser.Denoiser`)
 or a raw network ``denoise_fn(x_t, t) -> output``, runs over a grid of timesteps (``leading``,
@@ -31,6 +31,7 @@ from .ddim import DDIMSampler  # isort: skip
 from .dpm_solver import DPMSolverPP2MSampler, DPMSolverPP2MSDESampler  # isort: skip
 from .unipc import UniPCSampler  # isort: skip
 from .karras import EulerSampler, HeunSampler  # isort: skip
+from .repaint import RePaintSampler  # isort: skip
 
 __all__ = [
     "timestep_schedule",
@@ -45,6 +46,7 @@ __all__ = [
     "UniPCSampler",
     "EulerSampler",
     "HeunSampler",
+    "RePaintSampler",
     "SPACINGS",
     "INTEGER_SPACINGS",
     "SAMPLERS",

@@ -28,6 +28,8 @@ __all__ = [
     "Denoise",
     "Grid",
     "Sampler",
+    "check_mask",
+    "paste",
     "SPACINGS",
     "INTEGER_SPACINGS",
     "randn",
@@ -60,6 +62,27 @@ def edit_count(num_steps: int, strength: float) -> int:
     """floor(num_steps strength), the steps an edit runs, after checking ``strength``."""
     check_strength(strength)
     return min(num_steps, math.floor(num_steps * strength + 1e-9))  # 0.29 * 100 is 28.999...: count it as 29
+
+
+def check_mask(mask: Tensor, shape: Sequence[int]) -> Tensor:
+    """An inpainting mask, 1 where the example is kept and 0 where it is generated, broadcastable to ``shape``
+    with values in [0, 1] (read back once, before the loop)."""
+    if not isinstance(mask, Tensor):
+        got = type(mask).__name__
+        raise ValueError(f"mask must be a tensor broadcastable to the examples' shape {tuple(shape)}, got {got}")
+    try:
+        broadcast = torch.broadcast_shapes(mask.shape, tuple(shape))
+    except RuntimeError:
+        broadcast = None
+    if broadcast != tuple(shape):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the examples' shape {tuple(shape)} "
+            "(1 keeps a value, 0 generates it; e.g. (H, W), (1, 1, H, W) or (B, C, H, W) for images)"
+        )
+    low, high = torch.stack(torch.aminmax(mask.float())).tolist()  # one read back
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"mask values must lie in [0, 1] (1 keeps, 0 generates), got range [{low:.4g}, {high:.4g}]")
+    return mask
 
 
 def _check_spacing(spacing: str, allowed: Sequence[str], refused: dict[str, str] | None = None) -> None:
@@ -250,6 +273,41 @@ class Sampler:
         x = alpha_bar**0.5 * x0 + (1.0 - alpha_bar) ** 0.5 * randn(x0.shape, generator, x0.device, x0.dtype)
         return self.run(model, diffusion, tail, x, generator, callback)
 
+    def inpaint(
+        self,
+        model: PredictFn,
+        diffusion: GaussianDiffusion,
+        x0: Tensor,
+        mask: Tensor,
+        generator: Generators = None,
+        callback: StepCallback | None = None,
+        x_T: Tensor | None = None,
+    ) -> Tensor:
+        """Inpainting by replacement: generate where ``mask`` is 0, keep ``x0`` where it is 1.
+
+        The solver runs from ``x_T`` (drawn from ``generator`` first when not given) as in :meth:`sample`;
+        before every network evaluation after the first, the kept region is replaced by ``x0`` noised to that
+        step's level with the starting noise, sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) x_T (no draws of its
+        own: a mask of zeros is plain sampling), and ``x0`` is pasted at the end. The solvers update x
+        elementwise, so the kept region the solver carries between evaluations never reaches the generated one.
+        Cheaper than :class:`~lightning_ddpm.samplers.repaint.RePaintSampler`'s resampling, and less coherent:
+        the generated region never sees the kept one except through the network at each step.
+        """
+        mask = check_mask(mask, x0.shape).to(x0.dtype)
+        grid = self.grid(diffusion)
+        x = randn(x0.shape, generator, x0.device, x0.dtype) if x_T is None else x_T
+        z, alpha_bar = x, grid.alpha_bar.tolist()  # on the host: no device synchronisation in the loop
+        denoise = self.denoiser(model, diffusion, grid)
+
+        def replaced(x: Tensor, i: int) -> Prediction:
+            if i > 0:  # the first evaluation sees x_T itself, as plain sampling does
+                a = alpha_bar[i]
+                x = mask * (a**0.5 * x0 + (1.0 - a) ** 0.5 * z) + (1.0 - mask) * x
+            return denoise(x, i)
+
+        out = self.solve(replaced, diffusion, grid, x, generator, callback)
+        return paste(x0, mask, out)
+
     def run(
         self,
         model: PredictFn,
@@ -298,6 +356,11 @@ class Sampler:
 # Every sampler class registers itself under its name (``@SAMPLERS.register("ddim")``), in the order
 # samplers/__init__.py imports the modules.
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
+
+
+def paste(x0: Tensor, mask: Tensor, x: Tensor) -> Tensor:
+    """``x0`` where ``mask`` is 1, ``x`` where it is 0: exactly (1 * x0 + 0 * x), so a kept value is the input's."""
+    return mask * x0 + (1.0 - mask) * x
 
 
 def solver_alpha_bar(grid: Grid) -> list[float]:

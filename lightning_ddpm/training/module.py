@@ -346,6 +346,32 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         with evaluating(self):
             return sampler.edit(model, self.diffusion, x0, strength, generator=generator, callback=callback)
 
+    @torch.no_grad()
+    def inpaint(
+        self,
+        images: Tensor,
+        mask: Tensor,
+        sampler: Sampler | str | dict[str, Any] | None = None,
+        generator: Generators = None,
+        labels: Tensor | Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+        callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
+    ) -> Tensor:
+        """Complete ``images`` where ``mask`` is 0, keeping them where it is 1 (broadcastable to ``images``).
+
+        ``sampler`` defaults to ``repaint`` (``RePaintSampler(250, jump_length=10, jump_n_sample=10)``, its
+        steps capped at T); any other sampler inpaints by replacement (``Sampler.inpaint``). The starting noise
+        is drawn from ``generator`` first, as in :meth:`sample`, so a mask of zeros is plain sampling with the
+        same generator. Other arguments as in :meth:`sample`."""
+        sampler = self._sampler("repaint" if sampler is None else sampler)
+        x0 = check_edit_images(images, self.data_shape, self.network_dtype).to(self.device)
+        mask = torch.as_tensor(mask).to(self.device)
+        scale = check_sample_args(x0.shape[0], self.data_shape, guidance_scale, self.guidance_scale, labels, None)
+        model = conditioned(self.denoiser(), labels, x0.shape[0], self.num_classes, scale, self.device)
+        x_T = initial_noise(x0.shape[0], self.data_shape, generator, self.device, self.network_dtype)
+        with evaluating(self):
+            return sampler.inpaint(model, self.diffusion, x0, mask, generator=generator, callback=callback, x_T=x_T)
+
     def _sampler(self, spec: Sampler | str | dict[str, Any] | None) -> Sampler:
         """The module's ``sampler`` setting, or ``spec`` built with its default steps capped at T (as everywhere
         a sampler is named)."""

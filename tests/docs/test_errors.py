@@ -341,6 +341,14 @@ CASES = {
     "edit-strength": lambda tmp: _module().edit(torch.zeros(2, 2), 1.5),
     "edit-shape": lambda tmp: _module().edit(torch.zeros(2, 3), 0.5),
     "edit-range": lambda tmp: _module(backbone=UNET, data_shape=[1, 8, 8]).edit(torch.full((1, 1, 8, 8), 255.0), 0.5),
+    "inpaint-mask-shape": lambda tmp: _module(backbone=UNET, data_shape=[1, 8, 8]).inpaint(
+        torch.zeros(2, 1, 8, 8), torch.ones(3, 8)
+    ),
+    "inpaint-mask-values": lambda tmp: _module(backbone=UNET, data_shape=[1, 8, 8]).inpaint(
+        torch.zeros(2, 1, 8, 8), torch.tensor([0.0, 255.0]).repeat(8, 4)
+    ),
+    "repaint-jump": lambda tmp: _module(sampler={"name": "repaint", "init_args": {"num_steps": 5}}),
+    "repaint-jump-count": lambda tmp: _module(sampler={"name": "repaint", "init_args": {"jump_n_sample": 0}}),
     "missing-folder": lambda tmp: ImageDataModule("imagefolder", root=str(tmp / "no/such/folder")),
     "empty-folder": lambda tmp: (tmp / "empty").mkdir() or ImageFolderDataset(tmp / "empty"),
     "corrupt-image": lambda tmp: (

@@ -6,6 +6,7 @@ the step (``torch.cuda.set_sync_debug_mode("error")``) and bit-exact resume on C
 """
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from lightning_ddpm import DiffusionModule
 from lightning_ddpm.cli import run_cli
+from tests.conftest import sampler_spec
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -243,7 +245,7 @@ def test_every_sampler_loop_runs_without_host_synchronisation(spacing):
     for name in SAMPLERS.names():
         if spacing not in SAMPLERS.get(name).spacings:
             continue
-        sampler = make_sampler({"name": name, "init_args": {"num_steps": 8, "spacing": spacing}})
+        sampler = make_sampler(sampler_spec(name, num_steps=8, spacing=spacing))
         generators = [torch.Generator("cuda").manual_seed(i) for i in range(4)]
         model = guided_denoiser(module.eval().denoiser(), torch.tensor([0, 1, 2, 0], device="cuda"), 3, 2.0)
         x_T = torch.randn(4, 1, 8, 8, device="cuda", generator=generators[0])
@@ -254,6 +256,19 @@ def test_every_sampler_loop_runs_without_host_synchronisation(spacing):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.isfinite(out).all(), name
+        # inpainting: the mask's range is read back once (check_mask), before the loop; the loop reads nothing
+        images, mask = out.clamp(-1, 1), torch.ones(1, 1, 8, 8, device="cuda")
+        mask[..., 4:, :] = 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                painted = sampler.inpaint(model, module.diffusion, images, mask, generator=generators)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, (name, [str(w.message) for w in syncs])
+        assert torch.isfinite(painted).all() and torch.equal(painted[..., :4, :], images[..., :4, :]), name
 
 
 def test_compile_fits_and_samples_on_cuda(tmp_path):

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from lightning_ddpm import DiffusionModule, GaussianDiffusion, make_schedule
-from lightning_ddpm.samplers import SAMPLERS, make_sampler
-from tests.conftest import small_schedule
+from lightning_ddpm.samplers import SAMPLERS, RePaintSampler, make_sampler
+from lightning_ddpm.samplers.repaint import jump_schedule
+from tests.conftest import sampler_spec, small_schedule
 
 STRENGTHS = (0.02, 0.1, 0.29, 0.5, 0.77, 0.999, 1.0)
-STOCHASTIC = {"ddpm", "dpmpp_2m_sde"}
+STOCHASTIC = {"ddpm", "dpmpp_2m_sde", "repaint"}
 
 
 def _sampler(name, n, spacing="leading"):
-    return make_sampler({"name": name, "init_args": {"num_steps": n, "spacing": spacing}})
+    return make_sampler(sampler_spec(name, num_steps=n, spacing=spacing))
 
 
 def _gaussian(m=0.4, s=0.5, T=1000):
@@ -61,10 +62,16 @@ def test_an_edit_runs_the_tail_of_the_grid_for_every_spacing_steps_and_strength(
                 if k == 0:
                     assert torch.equal(out, x0) and not seen
                     continue
-                assert steps == [(i, k) for i in range(1, k + 1)], (spacing, n, strength)
                 tail = grid.t[n - k :].float().tolist()  # the model sees fractional t in float32
-                assert seen[0] == tail[0] and set(seen) <= set(tail), (spacing, n, strength)
-                assert all(a >= b for a, b in zip(seen, seen[1:])) and min(seen) >= 0 and max(seen) <= 49
+                if isinstance(sampler, RePaintSampler):  # the tail's levels, down and back up its jumps
+                    levels = jump_schedule(k, sampler.jump_length, sampler.jump_n_sample)
+                    assert seen == [tail[k - a] for a, b in zip(levels, levels[1:]) if b < a], (spacing, n, strength)
+                else:
+                    assert all(a >= b for a, b in zip(seen, seen[1:])), (spacing, n, strength)
+                reported = len(seen) if isinstance(sampler, RePaintSampler) else k  # RePaint: after every evaluation
+                assert steps == [(i, reported) for i in range(1, reported + 1)], (spacing, n, strength)
+                assert len(seen) >= k and seen[0] == tail[0] and set(seen) <= set(tail), (spacing, n, strength)
+                assert min(seen) >= 0 and max(seen) <= 49
 
 
 def test_edit_steps_count_every_boundary_strength():

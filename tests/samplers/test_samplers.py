@@ -15,6 +15,7 @@ from lightning_ddpm.samplers import (
     DPMSolverPP2MSDESampler,
     EulerSampler,
     HeunSampler,
+    RePaintSampler,
     UniPCSampler,
     karras_sigmas,
     make_sampler,
@@ -22,20 +23,21 @@ from lightning_ddpm.samplers import (
     timestep_schedule,
 )
 from lightning_ddpm.samplers.base import MIN_ALPHA_BAR
-from tests.conftest import oracle, small_schedule
+from lightning_ddpm.samplers.repaint import jump_schedule
+from tests.conftest import oracle, sampler_spec, small_schedule
 
 T = 20
 # Every registered sampler at all T steps and at two respaced counts, with its default options;
 # options worth covering separately are listed by name (a new sampler gets the checks for free).
 EXTRA_OPTIONS = {"ddim": [{"eta": 1.0}], "unipc": [{"order": 1}, {"order": 3}, {"corrector": False}]}
-STOCHASTIC = {"ddpm": {}, "ddim": {"eta": 1.0}, "dpmpp_2m_sde": {}}
+STOCHASTIC = {"ddpm": {}, "ddim": {"eta": 1.0}, "dpmpp_2m_sde": {}, "repaint": {}}
 CASES = [(name, steps, {}) for name in SAMPLERS.names() for steps in (T, 5, 7)] + [
     (name, 7, options) for name, variants in EXTRA_OPTIONS.items() for options in variants
 ]
 
 
 def _sampler(name: str, steps: int, options: dict, spacing: str = "leading"):
-    return make_sampler({"name": name, "init_args": {"num_steps": steps, "spacing": spacing, **options}})
+    return make_sampler(sampler_spec(name, num_steps=steps, spacing=spacing, **options))
 
 
 # The solvers that divide by sigma start from MIN_ALPHA_BAR where the grid has alpha_bar = 0; DDPM and DDIM do not.
@@ -60,23 +62,35 @@ def _sample_point_mass(sampler, d, x0, x_T, seed=1, atol=1e-9):
     n, ab = grid.num_steps, grid.alpha_bar.tolist()
     if isinstance(sampler, ODE_SOLVERS):
         ab = [a if a > 0 else MIN_ALPHA_BAR for a in ab]
+    # the moves: a step down from grid point i (one per grid point), or RePaint's jumps back up its levels
+    if isinstance(sampler, RePaintSampler):
+        levels = jump_schedule(n, sampler.jump_length, sampler.jump_n_sample)
+        moves = [("up" if b > a else "down", n - a, n - b) for a, b in zip(levels, levels[1:])]
+    else:
+        moves = [("down", i, i + 1) for i in range(n)]
+    evaluations = sum(move[0] == "down" for move in moves)
     xs = []
 
     def callback(step, num_steps, x, pred_x0):
-        assert (step, num_steps) == (len(xs) + 1, n)
+        assert (step, num_steps) == (len(xs) + 1, evaluations)
         xs.append(x.clone())
 
     out = sampler.sample(oracle(d, x0), d, x_T, generator=torch.Generator().manual_seed(seed), callback=callback)
-    assert len(xs) == n
+    assert len(xs) == evaluations
     torch.testing.assert_close(xs[-1], out, rtol=0, atol=0)
     torch.testing.assert_close(out, x0.expand_as(out), rtol=0, atol=atol)
     x0 = x0.expand_as(x_T)
     replay = torch.Generator().manual_seed(seed)
     eps = lambda x, a: (x - a**0.5 * x0) / (1 - a) ** 0.5  # noqa: E731
-    eps_T, prev = eps(x_T, ab[0]), x_T
-    for i, x in enumerate(xs):
-        a_t, a_s = ab[i], ab[i + 1]
-        if i == n - 1:
+    eps_T, prev, seen = eps(x_T, ab[0]), x_T, iter(xs)
+    for kind, i, j in moves:
+        a_t, a_s = ab[i], ab[j]
+        if kind == "up":  # the forward process from grid point i back to grid point j < i: x is not reported
+            z = torch.randn(prev.shape, generator=replay, dtype=prev.dtype)
+            prev = (a_s / a_t) ** 0.5 * prev + (1 - a_s / a_t) ** 0.5 * z
+            continue
+        x = next(seen)
+        if j == n:
             expected = x0  # alpha_bar = 1: no noise, the data
         elif isinstance(sampler, DPMSolverPP2MSDESampler):
             decay = (a_t * (1 - a_s) / ((1 - a_t) * a_s)) ** 0.5  # e^{-h}, h = lambda_s - lambda_t
@@ -98,7 +112,7 @@ def _sample_point_mass(sampler, d, x0, x_T, seed=1, atol=1e-9):
             expected = mean + variance[d.variance] ** 0.5 * z
         else:
             pytest.fail(f"no exact point-mass trajectory known for {sampler!r}: add its update law here")
-        torch.testing.assert_close(x, expected, rtol=0, atol=atol, msg=lambda m, i=i: f"step {i + 1} of {n}: {m}")
+        torch.testing.assert_close(x, expected, rtol=0, atol=atol, msg=lambda m, i=i: f"step from {i} of {n}: {m}")
         prev = x
 
 
@@ -263,13 +277,14 @@ def test_determinism_and_randomness():
 
 
 # First-order samplers get 100 steps, the second- and third-order ones 25 (every registered one is here).
-GAUSSIAN_STEPS = {"ddpm": 1000, "ddim": 100, "euler": 100}
+GAUSSIAN_STEPS = {"ddpm": 1000, "ddim": 100, "euler": 100, "repaint": 1000}
+GAUSSIAN_OPTIONS = {"repaint": {"jump_length": 10, "jump_n_sample": 2}}  # 1990 evaluations
 
 
 @pytest.mark.parametrize(
     "sampler",
     [
-        make_sampler({"name": name, "init_args": {"num_steps": GAUSSIAN_STEPS.get(name, 25)}})
+        make_sampler(sampler_spec(name, num_steps=GAUSSIAN_STEPS.get(name, 25), **GAUSSIAN_OPTIONS.get(name, {})))
         for name in SAMPLERS.names()
     ],
     ids=repr,
@@ -371,7 +386,7 @@ def test_zero_terminal_snr_schedules_sample_finite_values(name):
     x0 = torch.tensor([[0.3, -0.8]], dtype=torch.float64)
     x_T = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     # alpha_bar_0 = 0: DDIM's eps_T is x_T itself, the solvers' starts from MIN_ALPHA_BAR (x_T at sigma 4096)
-    _sample_point_mass(make_sampler({"name": name, "init_args": {"num_steps": 6, "spacing": "trailing"}}), d, x0, x_T)
+    _sample_point_mass(make_sampler(sampler_spec(name, num_steps=6, spacing="trailing")), d, x0, x_T)
 
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
@@ -384,10 +399,13 @@ def test_network_evaluations_and_callback(name):
         seen.append(t.clone())
         return 0.5 * x
 
-    sampler = make_sampler({"name": name, "init_args": {"num_steps": 6, "spacing": "trailing"}})
+    sampler = make_sampler(sampler_spec(name, num_steps=6, spacing="trailing"))
     sampler.sample(model, d, torch.randn(3, 2), callback=lambda i, n, x, x0: calls.append((i, n)))
-    assert len(seen) == (11 if name == "heun" else 6)
-    assert calls == [(i, 6) for i in range(1, 7)]
+    # Heun: 2N - 1; RePaint (jumps of 2 levels from levels 1 and 3, once each): N + 4, reported after each one
+    evaluations = {"heun": 11, "repaint": 10}.get(name, 6)
+    assert len(seen) == evaluations and (name != "repaint" or sampler.evaluations(6) == 10)
+    reported = 10 if name == "repaint" else 6
+    assert calls == [(i, reported) for i in range(1, reported + 1)]
     visited = sorted({int(t[0]) for t in seen}, reverse=True)
     assert visited == sampler.grid(d).t.tolist()
 
@@ -397,7 +415,7 @@ def test_stochastic_samplers_are_reproducible_and_random(name):
     d = GaussianDiffusion(small_schedule("linear", T), parameterization="v")
     net = lambda x, t: 0.3 * x  # noqa: E731
     x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
-    sampler = make_sampler({"name": name, "init_args": {"num_steps": 10, **STOCHASTIC[name]}})
+    sampler = make_sampler(sampler_spec(name, num_steps=10, **STOCHASTIC[name]))
     run = lambda seed: sampler.sample(net, d, x_T, generator=torch.Generator().manual_seed(seed))  # noqa: E731
     torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
     assert not torch.allclose(run(1), run(2))
@@ -408,7 +426,7 @@ def test_deterministic_samplers_use_no_noise(name):
     d = GaussianDiffusion(small_schedule("linear", T), parameterization="v")
     net = lambda x, t: 0.3 * x  # noqa: E731
     x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
-    sampler = make_sampler({"name": name, "init_args": {"num_steps": 10}})
+    sampler = make_sampler(sampler_spec(name, num_steps=10))
     torch.testing.assert_close(
         sampler.sample(net, d, x_T, generator=torch.Generator().manual_seed(1)),
         sampler.sample(net, d, x_T),
@@ -423,7 +441,7 @@ def test_denoiser_and_raw_network_give_the_same_samples():
     net = lambda x, t: torch.cat([torch.tanh(x), torch.sin(x)], dim=1) * 0.5  # noqa: E731
     x_T = torch.randn(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for name in SAMPLERS.names():
-        sampler = make_sampler({"name": name, "init_args": {"num_steps": 5}})
+        sampler = make_sampler(sampler_spec(name, num_steps=5))
         raw = sampler.sample(net, d, x_T, generator=torch.Generator().manual_seed(1))
         wrapped = sampler.sample(Denoiser(net, d), d, x_T, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(raw, wrapped, rtol=0, atol=0)
@@ -478,7 +496,7 @@ def test_heun_warns_when_its_first_step_spans_decades_of_sigma():
 def _spec_cases():
     for name, cls in SAMPLERS.items():
         for spacing in cls.spacings:
-            options = {"num_steps": 7, "spacing": spacing, "clip_denoised": True}
+            options = sampler_spec(name, num_steps=7, spacing=spacing, clip_denoised=True)["init_args"]
             if spacing == "karras" and "sigma_max" in inspect.signature(cls).parameters:
                 options["sigma_max"] = 50.0
             yield pytest.param(name, options, id=f"{name}-{spacing}")

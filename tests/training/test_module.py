@@ -6,6 +6,7 @@ from torch import nn
 from lightning_ddpm import DDIMSampler, DiffusionModule
 from lightning_ddpm.backbones import MLP
 from lightning_ddpm.samplers import SAMPLERS
+from tests.conftest import sampler_spec
 
 TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 1}}
 TINY_UNET = {
@@ -211,7 +212,7 @@ def test_every_sampler_samples_a_guided_learned_variance_model(name):
         num_timesteps=20,
         clip_denoised=True,
         guidance_scale=2.0,
-        sampler={"name": name, "init_args": {"num_steps": 4}},
+        sampler=sampler_spec(name, num_steps=4),
     )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # the U-Net's zero-initialised output layers would make every label look alike
