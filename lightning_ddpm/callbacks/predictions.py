@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ..training.plotting import save_samples_picture
+from ..training.plotting import save_edits_grid, save_samples_picture
 from .config import Configurable
 
 
@@ -16,7 +16,8 @@ class SampleWriter(Configurable, pl.Callback):
     """Every rank saves its share with the request indices; rank 0 merges them in request order.
 
     Outputs in ``output_dir``: ``samples.pt`` ({"samples", "labels"}), ``samples.npy`` for
-    vector data, and ``samples.png``. Active only in ``predict``.
+    vector data, and ``samples.png``; for edit requests of images also ``edits.png``, a row of originals, a row
+    of what the model was given (the holes grey) and a row of results. Active only in ``predict``.
 
     Args:
         output_dir: defaults to ``<trainer.default_root_dir>/predictions``.
@@ -28,12 +29,13 @@ class SampleWriter(Configurable, pl.Callback):
         self.written: Path | None = None
         self._indices: list[torch.Tensor] = []
         self._samples: list[torch.Tensor] = []
+        self._before: list[torch.Tensor] = []  # edit requests: (2, B, ...) originals and what the model was given
 
     def _dir(self, trainer: pl.Trainer) -> Path:
         return Path(self.output_dir or Path(trainer.default_root_dir) / "predictions")
 
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._indices, self._samples = [], []
+        self._indices, self._samples, self._before = [], [], []
 
     def on_predict_batch_end(
         self,
@@ -47,6 +49,11 @@ class SampleWriter(Configurable, pl.Callback):
         if isinstance(batch, dict) and "index" in batch and isinstance(outputs, torch.Tensor):
             self._indices.append(batch["index"].cpu())
             self._samples.append(outputs.cpu())
+            if "images" in batch:  # edit requests: the originals, and what the model was given
+                images = batch["images"].cpu().float()
+                mask = batch.get("mask")
+                given = images if mask is None else images * mask.cpu() + (1 - mask.cpu()) * 0.0  # holes grey
+                self._before.append(torch.stack([images, given]))
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._samples:
@@ -54,6 +61,8 @@ class SampleWriter(Configurable, pl.Callback):
         out = self._dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         shard = {"indices": torch.cat(self._indices), "samples": torch.cat(self._samples)}
+        if self._before:
+            shard["before"] = torch.cat(self._before, dim=1)
         torch.save(shard, out / f".shard_rank{trainer.global_rank}.pt")
         trainer.strategy.barrier("sample_writer")
         if trainer.is_global_zero:
@@ -73,6 +82,7 @@ class SampleWriter(Configurable, pl.Callback):
         keep = torch.ones_like(indices, dtype=torch.bool)
         keep[1:] = indices[1:] != indices[:-1]
         samples = samples[keep]
+        before = torch.cat([s["before"] for s in shards], dim=1)[:, order][:, keep] if "before" in shards[0] else None
         dataset: Any = trainer.predict_dataloaders.dataset if trainer.predict_dataloaders is not None else None
         labels = None
         if getattr(dataset, "labels", None):
@@ -87,5 +97,11 @@ class SampleWriter(Configurable, pl.Callback):
         if samples.ndim == 2 and hasattr(datamodule, "reference_points"):
             reference = datamodule.reference_points()
         picture = save_samples_picture(samples, out / "samples.png", reference, labels, title=f"{len(samples)} samples")
-        print(f"[lightning-ddpm] wrote {len(samples)} samples to {out} ({picture.name}, samples.pt)")
+        written = f"{picture.name}, samples.pt"
+        if before is not None and samples.ndim == 4:
+            mask_given = not torch.equal(before[0], before[1])
+            rows = [before[0], before[1], samples] if mask_given else [before[0], samples]
+            save_edits_grid(rows, out / "edits.png")
+            written += ", edits.png: " + ("original / given / result" if mask_given else "original / result")
+        print(f"[lightning-ddpm] wrote {len(samples)} samples to {out} ({written})")
         return out

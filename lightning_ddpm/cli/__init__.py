@@ -210,8 +210,10 @@ class DiffusionCLI(LightningCLI):
             )
         update: dict[str, Any] = {"model": {**saved, **given}}
         data = self.config[subcommand].get("data")
-        if getattr(data, "class_path", None) == "lightning_ddpm.data.SampleRequestsDataModule":
-            init_args = data.get("init_args") or Namespace()
+        init_args = data.get("init_args") if data is not None and hasattr(data, "class_path") else None
+        if init_args is not None and any(key in init_args for key in _LINKED):
+            # a DataModule that takes the model's data_shape / num_classes (sample or edit requests): the
+            # checkpoint's where the user gave none
             update["data"] = {
                 "class_path": data.class_path,
                 "init_args": {

@@ -36,7 +36,7 @@ from .fsdp import shard_over_mesh
 from .metrics import TimestepLosses, log_epoch_losses
 from .nonfinite import NonFiniteGuard
 from .optim import make_optimizer, optimizer_spec
-from .sampling import check_edit_images, check_sample_args, conditioned, evaluating, initial_noise
+from .sampling import check_edit_images, check_sample_args, conditioned, edit_request, evaluating, initial_noise
 from .seeding import request_generators, step_generator
 
 __all__ = ["DiffusionModule"]
@@ -378,10 +378,14 @@ class DiffusionModule(DiffusersInterop, pl.LightningModule):
         return self.default_sampler if spec is None else make_sampler(spec, num_timesteps=self.diffusion.num_timesteps)
 
     def predict_step(self, batch: Any, batch_idx: int = 0) -> Tensor:
-        """Generate one sample per request; a request batch is a dict with ``seed`` and optional ``labels``."""
+        """Generate one sample per request; a request batch is a dict with ``seed`` and optional ``labels``. Edit
+        requests (``lightning_ddpm.data.EditRequestsDataModule``) also hold ``images`` and a ``mask`` (inpainting)
+        or a ``strength`` (SDEdit), and optionally a ``sampler`` (JSON)."""
         if not isinstance(batch, dict) or "seed" not in batch:
             raise ValueError("predict batches are sample requests: a dict with 'seed' (and optional 'labels')")
         generators = request_generators(batch["seed"].tolist(), self.device)  # one per request
+        if "images" in batch:
+            return edit_request(self, batch, generators).cpu()
         return self.sample(len(generators), generator=generators, labels=batch.get("labels")).cpu()
 
     # -- optimisation --------------------------------------------------------------------------

@@ -25,6 +25,19 @@ def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, m
     return path
 
 
+def save_edits_grid(rows: list[Tensor], path: str | Path, per_row: int = 16) -> Path:
+    """Before/after pictures: ``rows`` are equally shaped (N, C, H, W) image batches (e.g. originals, what the
+    model was given, results) shown one above the other, ``per_row`` examples wide, in blocks of ``len(rows)``."""
+    n = rows[0].shape[0]
+    blocks = []
+    for start in range(0, n, per_row):
+        for row in rows:
+            part = row[start : start + per_row]
+            pad = per_row - part.shape[0] if n > per_row else 0  # the last block filled with black
+            blocks.append(torch.cat([part, part.new_full((pad, *part.shape[1:]), -1.0)]) if pad else part)
+    return save_image_grid(torch.cat(blocks), path, nrow=min(n, per_row))
+
+
 def save_scatter(
     samples: Tensor,
     path: str | Path,

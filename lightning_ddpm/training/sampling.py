@@ -3,6 +3,7 @@ starting noise, and eval mode for the duration of a draw."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from ..core.types import PredictFn
 from ..data.batches import check_labels
 from ..samplers import Generators, randn
 
-__all__ = ["check_edit_images", "check_sample_args", "conditioned", "evaluating", "initial_noise"]
+__all__ = ["check_edit_images", "check_sample_args", "conditioned", "edit_request", "evaluating", "initial_noise"]
 
 
 def check_sample_args(
@@ -98,3 +99,17 @@ def check_edit_images(images: Tensor, data_shape: tuple[int, ...], network_dtype
                 "(x / 127.5 - 1 for 8-bit images)"
             )
     return x
+
+
+def edit_request(module: Any, batch: dict[str, Any], generators: list[torch.Generator]) -> Tensor:
+    """One batch of edit requests through ``module.inpaint`` (a ``mask``) or ``module.edit`` (a ``strength``, one
+    per batch), with the request's ``sampler`` (JSON; empty: the method's default)."""
+    spec = (batch.get("sampler") or [""])[0]
+    sampler = json.loads(spec) if spec else None
+    labels = batch.get("labels")
+    if "mask" in batch:
+        return module.inpaint(batch["images"], batch["mask"], sampler, generators, labels)
+    if "strength" in batch:
+        strength = float(batch["strength"][0])  # read once per batch: predict is not a hot path
+        return module.edit(batch["images"], strength, sampler, generators, labels)
+    raise ValueError("edit requests hold 'images' and a 'mask' (inpainting) or a 'strength' (SDEdit)")

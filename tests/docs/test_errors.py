@@ -11,7 +11,7 @@ from PIL import Image
 
 from lightning_ddpm import DDIMSampler, DiffusionModule, make_schedule, register_backbone
 from lightning_ddpm.backbones import UNet
-from lightning_ddpm.data import ImageDataModule, ImageFolderDataset, Toy2DDataModule
+from lightning_ddpm.data import EditRequestsDataModule, ImageDataModule, ImageFolderDataset, Toy2DDataModule
 from lightning_ddpm.training.checkpoints import SafeCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +62,12 @@ def _images(folder: Path, sizes=((8, 8),)) -> Path:
     for i, size in enumerate(sizes):
         Image.new("RGB", size).save(folder / f"{i}.png")
     return folder
+
+
+def _edit_requests_with_a_missing_mask(tmp: Path):
+    images, masks = _images(tmp / "images"), _images(tmp / "masks", sizes=((8, 8), (8, 8)))
+    (masks / "0.png").unlink()  # images/0.png has no mask; masks/1.png belongs to no image
+    return EditRequestsDataModule(str(images), masks=str(masks), channels=1).requests()
 
 
 def _fit(tmp_path: Path, module: DiffusionModule, steps: int, ckpt_path: Path | None = None):
@@ -349,6 +355,9 @@ CASES = {
     ),
     "repaint-jump": lambda tmp: _module(sampler={"name": "repaint", "init_args": {"num_steps": 5}}),
     "repaint-jump-count": lambda tmp: _module(sampler={"name": "repaint", "init_args": {"jump_n_sample": 0}}),
+    "edit-requests-kind": lambda tmp: EditRequestsDataModule("digits"),
+    "unknown-mask": lambda tmp: EditRequestsDataModule("digits", mask="middle"),
+    "missing-masks": lambda tmp: _edit_requests_with_a_missing_mask(tmp),
     "missing-folder": lambda tmp: ImageDataModule("imagefolder", root=str(tmp / "no/such/folder")),
     "empty-folder": lambda tmp: (tmp / "empty").mkdir() or ImageFolderDataset(tmp / "empty"),
     "corrupt-image": lambda tmp: (

@@ -159,14 +159,19 @@ def test_bad_edits_are_refused_with_the_field(kwargs, match):
         module.edit(**args)
 
 
-def test_the_editing_page_example_runs():
-    """docs/editing.md's block, with a small class-conditional module and four images in scope."""
+def test_the_editing_page_examples_run():
+    """docs/editing.md's Python blocks (SDEdit, inpainting), with a small class-conditional module and four images
+    in scope; repaint's 250 steps are capped at this module's T = 50."""
     import re
 
     from tests.helpers import ROOT
 
-    (block,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "editing.md").read_text(), flags=re.S)
-    module = DiffusionModule(backbone=UNET, data_shape=[1, 8, 8], num_classes=4, num_timesteps=20, clip_denoised=True)
-    scope = {"module": module, "images": torch.rand(4, 1, 8, 8) * 2 - 1, "torch": torch}
-    exec(block, scope)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "editing.md").read_text(), flags=re.S)
+    assert len(blocks) == 2
+    module = DiffusionModule(backbone=UNET, data_shape=[1, 8, 8], num_classes=4, num_timesteps=50, clip_denoised=True)
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    scope = {"module": module, "images": images, "torch": torch}
+    for block in blocks:
+        exec(block, scope)
     assert scope["edited"].shape == (4, 1, 8, 8) and torch.isfinite(scope["edited"]).all()
+    assert torch.equal(scope["completed"][..., :4, :], images[..., :4, :])
