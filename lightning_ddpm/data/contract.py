@@ -26,6 +26,8 @@ class DiffusionDataModule(Protocol):
       unconditional model ignores any).
     - ``predict_dataloader``: batches of requests ``{"seed": (B,), "index": (B,)[, "labels": (B,)]}``,
       sample ``i`` drawn from seed ``seed[i]`` (``lightning_ddpm.data.requests.predict_loader`` builds one).
+      Edit requests (``EditRequestsDataModule``) add ``images`` (B, *data_shape) in [-1, 1] and a ``mask`` of
+      the same shape (inpainting) or a ``strength`` (B,) (SDEdit), and a ``sampler`` (JSON strings).
     - optional ``reference_points(n)``: ``(n, 2)`` data points that 2-D sample pictures draw beneath.
     """
 

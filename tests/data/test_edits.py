@@ -121,3 +121,25 @@ def test_predict_edits_with_a_strength(tmp_path):
     )
     out = torch.load(tmp_path / "samples.pt", weights_only=True)["samples"]
     assert out.shape[1:] == (1, 8, 8) and torch.isfinite(out).all() and (tmp_path / "edits.png").exists()
+
+
+@pytest.mark.parametrize("kind", [{"mask": "center"}, {"strength": 0.4}])
+def test_edit_requests_keep_the_data_contract(kind):
+    """A DiffusionDataModule; requests ``seed + i`` in order, images in [-1, 1] of the data shape, a mask of the
+    same shape or the strength, the sampler as JSON."""
+    from lightning_ddpm.data import DiffusionDataModule
+
+    data = EditRequestsDataModule(
+        "digits", num_images=5, repeats=2, seed=11, batch_size=3, data_shape=[1, 8, 8], **kind
+    )
+    assert isinstance(data, DiffusionDataModule) and data.data_shape == [1, 8, 8]
+    batches = list(data.predict_dataloader())
+    index, seed = torch.cat([b["index"] for b in batches]), torch.cat([b["seed"] for b in batches])
+    assert index.tolist() == list(range(10)) and torch.equal(seed, index + 11)
+    for batch in batches:
+        assert batch["images"].shape[1:] == (1, 8, 8) and batch["images"].abs().max() <= 1
+        assert batch["sampler"] == [""] * len(batch["index"])
+        if "mask" in kind:
+            assert batch["mask"].shape == batch["images"].shape and "strength" not in batch
+        else:
+            assert torch.equal(batch["strength"], torch.full((len(batch["index"]),), 0.4)) and "mask" not in batch
