@@ -29,6 +29,8 @@ _PUBLIC = {
     "build_backbone": "backbones",
     "available_backbones": "backbones",
 }
+# subpackages that `import lightning_ddpm` makes reachable as attributes (lightning_ddpm.ema.reconstruct)
+_SUBPACKAGES = ("ema",)
 __all__ = list(_PUBLIC)
 __version__ = "0.1.0"
 
@@ -68,6 +70,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
         globals()[name] = value  # once
         return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

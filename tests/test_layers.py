@@ -18,13 +18,14 @@ LAYERS = {
     "samplers": 1,
     "backbones": 1,
     "interop": 1,
+    "ema": 1,
     "training": 2,
     "data": 2,
     "callbacks": 3,
     "cli": 4,
     "__main__": 5,
 }
-TORCH_ONLY = ("core", "samplers", "backbones", "interop")
+TORCH_ONLY = ("core", "samplers", "backbones", "interop", "ema")
 
 
 def _modules() -> dict[str, Path]:
