@@ -3,6 +3,7 @@
     lightning-ddpm fit --config configs/toy2d.yaml      # or --config toy2d: the config shipped in the package
     lightning-ddpm predict --config configs/toy2d.yaml --ckpt_path <run>/checkpoints/last.ckpt
     lightning-ddpm configs [copy [NAME ...] [--to DIR]]  # list the shipped configs, or copy them out
+    lightning-ddpm ema --ckpt_path C --sigma_rel 0.08 --output_path OUT.ckpt  # post-hoc EMA (PostHocEMA)
 
 What it adds to LightningCLI (docs/cli.md):
 - with ``--ckpt_path``, settings the user wrote (config files or command line) win over the
@@ -15,7 +16,7 @@ What it adds to LightningCLI (docs/cli.md):
 
 Here: the CLI class (checkpoint-hyperparameter merging, error location) and the entry point; beside it
 ``errors`` (one-line errors), ``overrides`` (one callback, one backbone key), ``outputs`` (where a run
-writes), ``export`` and ``configs`` (those subcommands) and ``console`` (console filtering, ``--version``).
+writes), ``export``, ``ema`` and ``configs`` (those subcommands) and ``console`` (console filtering, ``--version``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ..training.checkpoints import COMPATIBLE_SETTINGS, SafeCheckpointIO, check_
 from ..training.module import DiffusionModule
 from .configs import configs_command, resolve_config_args
 from .console import _quiet, version_line
+from .ema import ema_command
 from .errors import (
     DEBUG_ENV,
     PROG,
@@ -59,7 +61,17 @@ from .export import export
 from .outputs import SaveConfigWithAbsolutePaths, _place_outputs, _resumes_from, _shown
 from .overrides import _backbone_overrides, _callback_overrides, _overridden_backbone
 
-__all__ = ["CLIError", "DiffusionArgumentParser", "DiffusionCLI", "PROG", "export", "main", "run_cli", "version_line"]
+__all__ = [
+    "CLIError",
+    "DiffusionArgumentParser",
+    "DiffusionCLI",
+    "PROG",
+    "ema_command",
+    "export",
+    "main",
+    "run_cli",
+    "version_line",
+]
 
 # Set by the data: compared by DiffusionModule.on_load_checkpoint once the data has linked them in.
 _LINKED = ("data_shape", "num_classes")
@@ -406,6 +418,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["export"]:
             export(argv[1:])
+            return
+        if argv[:1] == ["ema"]:
+            ema_command(argv[1:])
             return
         if argv[:1] == ["configs"]:
             configs_command(argv[1:])

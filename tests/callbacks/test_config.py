@@ -28,6 +28,12 @@ OPTIONS = {
     },
     "BitsPerDimCallback": {"num_examples": 16, "every_n_validations": 3, "batch_size": 8, "seed": 2},
     "SampleWriter": {"output_dir": "out"},
+    "PostHocEMA": {
+        "sigma_rels": [0.04, 0.12, 0.2],
+        "snapshot_every_n_steps": 50,
+        "snapshot_dir": "snapshots",
+        "snapshot_dtype": "bfloat16",
+    },
     "SampleLogger": {
         "every_n_steps": 5,
         "every_n_epochs": None,

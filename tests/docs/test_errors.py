@@ -11,7 +11,11 @@ from PIL import Image
 
 from lightning_ddpm import DDIMSampler, DiffusionModule, make_schedule, register_backbone
 from lightning_ddpm.backbones import UNet
+from lightning_ddpm.callbacks import PostHocEMA
+from lightning_ddpm.cli.ema import write_posthoc_checkpoint
 from lightning_ddpm.data import EditRequestsDataModule, ImageDataModule, ImageFolderDataset, Toy2DDataModule
+from lightning_ddpm.ema import PowerProfile, reconstruct
+from lightning_ddpm.ema.snapshots import save_snapshot
 from lightning_ddpm.training.checkpoints import SafeCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,6 +72,16 @@ def _edit_requests_with_a_missing_mask(tmp: Path):
     images, masks = _images(tmp / "images"), _images(tmp / "masks", sizes=((8, 8), (8, 8)))
     (masks / "0.png").unlink()  # images/0.png has no mask; masks/1.png belongs to no image
     return EditRequestsDataModule(str(images), masks=str(masks), channels=1).requests()
+
+
+def _snapshots(tmp: Path, runs: dict, sigma_rels=(0.05, 0.10), widths=(4, 4)) -> Path:
+    """A folder of post-hoc EMA snapshots of a (widths[i] x 2) matrix, for each run at each of its steps."""
+    folder = tmp / "phema"
+    for run, steps in runs.items():
+        for step in steps:
+            for sigma_rel, width in zip(sigma_rels, widths):
+                save_snapshot(folder, run, step, PowerProfile(sigma_rel), {"w": torch.zeros(width, 2)}, torch.float32)
+    return folder
 
 
 def _fit(tmp_path: Path, module: DiffusionModule, steps: int, ckpt_path: Path | None = None):
@@ -400,6 +414,20 @@ CASES = {
     "ema-device-sharded": lambda tmp: _ema_under_model_parallel(False, "cpu"),
     "ema-fsdp1": lambda tmp: _ema_under_fsdp1(),
     "ema-sharded-without-backbone": lambda tmp: _ema_sharded_without_backbone(),
+    "posthoc-sigma-rel": lambda tmp: PostHocEMA(sigma_rels=(0.05, 0.3)),
+    "posthoc-profiles": lambda tmp: PostHocEMA(sigma_rels=(0.05,)),
+    "posthoc-every": lambda tmp: PostHocEMA(snapshot_every_n_steps=0),
+    "posthoc-dtype": lambda tmp: PostHocEMA(snapshot_dtype="int8"),
+    "reconstruct-missing": lambda tmp: reconstruct(tmp / "no/such/folder", sigma_rel=0.07),
+    "reconstruct-empty": lambda tmp: (tmp / "empty").mkdir() or reconstruct(tmp / "empty", sigma_rel=0.07),
+    "reconstruct-step": lambda tmp: reconstruct(_snapshots(tmp, {"r1": [10, 20]}), sigma_rel=0.07, step=5),
+    "reconstruct-one-profile": lambda tmp: reconstruct(_snapshots(tmp, {"r1": [10]}, (0.05,)), sigma_rel=0.07),
+    "reconstruct-runs": lambda tmp: reconstruct(_snapshots(tmp, {"r1": [10], "r2": [10]}), sigma_rel=0.07),
+    "reconstruct-models": lambda tmp: reconstruct(_snapshots(tmp, {"r1": [10]}, widths=(4, 5)), sigma_rel=0.07),
+    "ema-command-model": lambda tmp: write_posthoc_checkpoint(
+        _checkpoint(tmp), tmp / "out.ckpt", 0.07, snapshot_dir=_snapshots(tmp, {"r1": [1]})
+    ),
+    "ema-command-folder": lambda tmp: write_posthoc_checkpoint(_checkpoint(tmp), tmp / "out.ckpt", 0.07),
 }
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_ddpm.ema import list_snapshots
+
 ROOT = Path(__file__).resolve().parents[2]
 MLP = {"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 2, "dropout": 0.1}}  # dropout uses the global RNG
 
@@ -18,6 +20,14 @@ MLP = {"name": "mlp", "init_args": {"hidden_dim": 32, "num_blocks": 2, "dropout"
 def _command(root: Path, max_steps: int, *extra: str) -> list[str]:
     callbacks = [
         {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {
+            "class_path": "lightning_ddpm.callbacks.PostHocEMA",
+            "init_args": {
+                "snapshot_every_n_steps": 5,
+                "snapshot_dir": str(root / "phema"),
+                "snapshot_dtype": "float32",
+            },
+        },
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
             "init_args": {"dirpath": str(root / "ckpt"), "every_n_train_steps": 5, "save_last": True, "save_top_k": -1},
@@ -97,6 +107,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     a, b = _final(straight), _final(crashed)
     assert a["global_step"] == b["global_step"] == 45
     _assert_same_training_state(a, b)
+    # PostHocEMA's profiles continue bit for bit: every snapshot (steps 5..45) equals the uninterrupted run's
+    ours, theirs = list_snapshots(straight / "phema"), list_snapshots(crashed / "phema")
+    assert [(s.step, s.sigma_rel) for s in ours] == [(s.step, s.sigma_rel) for s in theirs]
+    assert [s.step for s in ours][::2] == list(range(5, 50, 5)) and len({s.run for s in theirs}) == 1
+    for x, y in zip(ours, theirs):
+        for key, value in x.load().items():
+            torch.testing.assert_close(value, y.load()[key], rtol=0, atol=0, msg=f"{x.path.name} {key}")
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run_with_two_processes(tmp_path):

@@ -5,6 +5,7 @@ and a resume from one continues exactly."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from lightning_ddpm import DiffusionModule
+from lightning_ddpm.ema import list_snapshots
 from lightning_ddpm.samplers import DDIMSampler
 from tests.helpers import run_cli_process
 
@@ -31,6 +33,10 @@ def _fit(
     callbacks = [
         *extra,
         {"class_path": "lightning_ddpm.callbacks.EMA", "init_args": {"decay": 0.9}},
+        {
+            "class_path": "lightning_ddpm.callbacks.PostHocEMA",
+            "init_args": {"snapshot_every_n_steps": 3, "snapshot_dir": str(tmp / "phema"), "snapshot_dtype": "float32"},
+        },
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
             "init_args": {"dirpath": str(tmp / "ckpt"), "every_n_train_steps": 3, "save_top_k": -1},
@@ -91,6 +97,10 @@ def runs(tmp_path_factory):
     tmp = {name: tmp_path_factory.mktemp(name) for name in ("fsdp", "ddp", "resumed")}
     _fit(tmp["fsdp"], FSDP2, 6)
     _fit(tmp["ddp"], ["--trainer.strategy=ddp"], 6)
+    # the resumed run writes its snapshots into the checkpoint's folder: keep the uninterrupted run's to compare
+    shutil.copytree(tmp["fsdp"] / "phema", tmp["resumed"] / "uninterrupted")
+    for late in (tmp["fsdp"] / "phema").glob("phema-*-000000006-*.pt"):
+        late.unlink()  # the resumed run must write these again
     _fit(tmp["resumed"], FSDP2, 6, ckpt_path=tmp["fsdp"] / "ckpt" / "epoch=0-step=3.ckpt")
     return tmp
 
@@ -135,6 +145,30 @@ def test_fsdp2_resume_continues_bit_for_bit(runs):
     assert whole["averaging_state"]["n_averaged"] == resumed["averaging_state"]["n_averaged"] == 6
     for a, b in zip(whole["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         _assert_same(a, b, exact=True)
+
+
+def test_fsdp2_posthoc_ema_snapshots_are_full_tensors_and_agree_with_ddp(runs):
+    fsdp, ddp = (list_snapshots(runs[name] / "phema") for name in ("fsdp", "ddp"))
+    assert (
+        [(s.step, s.sigma_rel) for s in fsdp]
+        == [(s.step, s.sigma_rel) for s in ddp]
+        == [(3, 0.05), (3, 0.1), (6, 0.05), (6, 0.1)]
+    )
+    module = DiffusionModule.load_from_checkpoint(runs["fsdp"] / "ckpt" / "epoch=1-step=6.ckpt")
+    shapes = {name: p.shape for name, p in module.named_parameters()}
+    for a, b in zip(fsdp, ddp):
+        state = a.load()
+        assert {k: v.shape for k, v in state.items()} == shapes
+        assert all(type(v) is torch.Tensor for v in state.values())
+        _assert_same(state, b.load(), exact=False)
+
+
+def test_fsdp2_resume_continues_the_posthoc_ema_profiles_bit_for_bit(runs):
+    whole, resumed = list_snapshots(runs["resumed"] / "uninterrupted"), list_snapshots(runs["fsdp"] / "phema")
+    assert [s.path.name for s in whole] == [s.path.name for s in resumed]  # the same run id, the same folder
+    for a, b in zip(whole, resumed):
+        _assert_same(a.load(), b.load(), exact=True)
+    assert not (runs["resumed"] / "phema").exists()
 
 
 def test_fsdp2_sample_pictures_are_drawn_by_every_rank(runs):
