@@ -38,3 +38,41 @@ def median_bandwidth(x: Tensor) -> float:
     d = torch.cdist(flat, flat)
     i, j = torch.triu_indices(len(x), len(x), 1)
     return float(d[i, j].median())
+
+
+class DigitsScores:
+    """Image-quality scores of 8x8 digits in the shipped classifier's features, against fixed ``reference``
+    digits ([-1, 1]): the Frechet distance (biased by the sample count: compare equal counts), KID (unbiased)
+    and the share of images the classifier is confident about (max softmax > 0.9)."""
+
+    def __init__(self, reference: Tensor, kid_subset_size: int = 100) -> None:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        from lightning_ddpm.metrics import DigitsFeatures, load_digits_classifier
+
+        self.classifier, _ = load_digits_classifier()
+        self.fid = FrechetInceptionDistance(feature=DigitsFeatures(), reset_real_features=False)
+        self.kid = KernelInceptionDistance(
+            feature=DigitsFeatures(), reset_real_features=False, subset_size=kid_subset_size
+        )
+        self.kid_subset_size = kid_subset_size
+        for metric in (self.fid, self.kid):
+            metric.update((reference.float() + 1) / 2, real=True)
+
+    def __call__(self, images: Tensor, seed: int = 0) -> dict[str, float]:
+        images = (images.float().clamp(-1, 1) + 1) / 2
+        self.fid.reset()
+        self.fid.update(images, real=False)
+        self.kid.reset()
+        self.kid.subset_size = min(self.kid_subset_size, len(images))
+        self.kid.update(images, real=False)
+        torch.manual_seed(seed)  # KID draws its subsets from the global generator
+        kid_mean, _ = self.kid.compute()
+        with torch.no_grad():
+            confidence = self.classifier(images * 2 - 1).softmax(1).max(1).values
+        return {
+            "frechet": float(self.fid.compute()),
+            "kid": float(kid_mean),
+            "confident": float((confidence > 0.9).float().mean()),
+        }

@@ -19,13 +19,14 @@ LAYERS = {
     "backbones": 1,
     "interop": 1,
     "ema": 1,
+    "metrics": 1,
     "training": 2,
     "data": 2,
     "callbacks": 3,
     "cli": 4,
     "__main__": 5,
 }
-TORCH_ONLY = ("core", "samplers", "backbones", "interop", "ema")
+TORCH_ONLY = ("core", "samplers", "backbones", "interop", "ema", "metrics")
 
 
 def _modules() -> dict[str, Path]:

@@ -61,3 +61,21 @@ def test_median_bandwidth_is_the_median_pairwise_distance():
 )
 def test_profile_categories(op, expected):
     assert category(op) == expected
+
+
+def test_digits_scores_are_zero_for_the_reference_and_grow_away_from_it():
+    """The digits scores of the benchmarks: the reference against itself has Frechet distance 0 (to float
+    rounding); other digits of the same split have KID near 0 (unbiased); noise is far on both; the
+    classifier is confident about nearly all held-out digits and few noise images."""
+    from benchmarks.digits_classifier import digits_split
+    from benchmarks.metrics import DigitsScores
+
+    train, held_out = digits_split("train")[0], digits_split("val")[0]
+    scores = DigitsScores(train[:400])
+    assert abs(scores(train[:400])["frechet"]) < 1e-2
+    other = scores(train[400:800])
+    real = scores(held_out)
+    noise = scores(torch.rand(len(held_out), 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert noise["frechet"] > 10 * max(real["frechet"], other["frechet"])
+    assert abs(other["kid"]) < 0.05 * noise["kid"] and abs(real["kid"]) < 0.05 * noise["kid"]
+    assert real["confident"] > 0.95 > noise["confident"]
