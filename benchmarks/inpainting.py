@@ -1,8 +1,8 @@
 """Inpainting held-out digits: does the completion keep the digit? RePaint against replacement and chance.
 
 With a trained digits model (``lightning-ddpm fit --config digits``), complete the hidden part of held-out digits
-(the split the model never saw) and ask a small classifier trained on the training split
-(``benchmarks/digits_classifier.py``) which digit each completion is:
+(the split the model never saw) and ask the shipped digits classifier (``lightning_ddpm.metrics``, trained on
+the training split by ``benchmarks/digits_classifier.py``) which digit each completion is:
 
 - the originals (the classifier's ceiling) and the masked inputs alone (the hole grey: what the kept part tells);
 - ``repaint`` (250 steps, jumps of 10, 10 times: 2410 evaluations), ``repaint`` without resampling
@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import device_name, print_table, write_json
-from benchmarks.digits_classifier import accuracy, digits_split, train_digits_classifier
+from benchmarks.digits_classifier import accuracy, digits_split
 from lightning_ddpm import DiffusionModule
 from lightning_ddpm.data import named_mask
+from lightning_ddpm.metrics import load_digits_classifier
 from lightning_ddpm.training.plotting import save_edits_grid
 
 METHODS = {
@@ -46,8 +47,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    classifier, held_out_accuracy = train_digits_classifier()
+    classifier, meta = load_digits_classifier()
+    held_out_accuracy = meta["held_out_accuracy"]
     images, labels = digits_split("val")
     images, labels = images[: args.num_images], labels[: args.num_images]
     mask = named_mask(args.mask, 8, 8)
