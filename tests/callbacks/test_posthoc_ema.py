@@ -64,10 +64,11 @@ def test_profiles_are_the_closed_form_averages_of_the_weights_and_leave_training
     phema = PostHocEMA(
         (0.05, 0.10), snapshot_every_n_steps=3, snapshot_dir=str(tmp_path / "phema"), snapshot_dtype="float32"
     )
-    module = _fit(tmp_path, [record, phema], max_steps=9)
-    assert sorted({s.step for s in list_snapshots(tmp_path / "phema")}) == [3, 6, 9]
+    module = _fit(tmp_path, [record, phema], max_steps=10)
+    # every 3 steps, and at the end of fit
+    assert sorted({s.step for s in list_snapshots(tmp_path / "phema")}) == [3, 6, 9, 10]
     names = [n for n, _ in module.backbone.named_parameters()]
-    for t in (3, 6, 9):
+    for t in (3, 6, 9, 10):
         for sigma_rel in (0.05, 0.10):
             weights = PowerProfile(sigma_rel).weights(t)
             state = _snapshot(tmp_path / "phema", t, sigma_rel)
@@ -75,7 +76,7 @@ def test_profiles_are_the_closed_form_averages_of_the_weights_and_leave_training
                 expected = sum(w * step[i].double() for w, step in zip(weights.tolist(), record.after_step[:t]))
                 torch.testing.assert_close(state[f"backbone.{name}"].double(), expected, rtol=1e-5, atol=1e-6)
     # the module trained as without the callback: its weights are the last step's raw weights
-    plain = _fit(tmp_path / "plain", [], max_steps=9)
+    plain = _fit(tmp_path / "plain", [], max_steps=10)
     for a, b in zip(module.parameters(), plain.parameters()):
         assert torch.equal(a, b)
 
