@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -130,11 +131,14 @@ class FIDCallback(Configurable, pl.Callback):
         if self.use_kid:
             from torchmetrics.image.kid import KernelInceptionDistance
 
-            self.kid = KernelInceptionDistance(
-                feature=extractor("2048"),
-                reset_real_features=False,
-                subset_size=min(self.kid_subset_size, self.num_samples),
-            )
+            with warnings.catch_warnings():
+                # torchmetrics warns that KID keeps every feature in memory: here at most num_samples of them
+                warnings.filterwarnings("ignore", message=r"Metric `Kernel Inception Distance` will save all")
+                self.kid = KernelInceptionDistance(
+                    feature=extractor("2048"),
+                    reset_real_features=False,
+                    subset_size=min(self.kid_subset_size, self.num_samples),
+                )
         if self.use_inception_score:
             from torchmetrics.image.inception import InceptionScore
 
@@ -257,6 +261,11 @@ class FIDCallback(Configurable, pl.Callback):
             values["val/is"] = float(mean)
         for metric in self._metrics():
             metric.reset()  # fake statistics only; real ones are kept
-        rank_zero_info(f"[lightning-ddpm] FID over {total} samples: {values['val/fid']:.3f} ({elapsed:.1f} s)")
+        features = type(self.feature_extractor).__name__ if self.custom else "Inception"
+        kid = f", KID {values['val/kid_mean']:.4g}" if self.kid is not None else ""
+        rank_zero_info(
+            f"[lightning-ddpm] FID ({features} features) over {total} samples: {values['val/fid']:.3f}{kid} "
+            f"({elapsed:.1f} s)"
+        )
         self.last = values
         return values

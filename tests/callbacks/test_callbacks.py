@@ -275,7 +275,7 @@ def test_fid_is_low_for_data_and_high_for_noise():
         FIDCallback(feature_extractor=TinyFeatures(), inception_score=True)
 
 
-def test_fid_callback_logs_during_training(tmp_path):
+def test_fid_callback_logs_during_training(tmp_path, caplog):
     torch.manual_seed(0)
     module = DiffusionModule(backbone=TINY_UNET, data_shape=[1, 8, 8], num_timesteps=20, clip_denoised=True)
     fid = FIDCallback(num_samples=30, batch_size=16, feature_extractor=TinyFeatures(), sampler=DDIMSampler(num_steps=4))
@@ -294,6 +294,8 @@ def test_fid_callback_logs_during_training(tmp_path):
     assert "val/fid_time_s" in metrics
     assert torch.isfinite(metrics["val/bpd"]) and metrics["val/bpd"] > 0
     assert fid.fid.real_features_num_samples == 64  # cached from the 2 validation batches
+    # the console line names the features it measured in (these are not Inception FIDs)
+    assert f"FID (TinyFeatures features) over 30 samples: {float(metrics['val/fid']):.3f}" in caplog.text
 
 
 class ChangingImages(torch.utils.data.Dataset):
