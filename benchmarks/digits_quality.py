@@ -8,10 +8,14 @@ with EMA, then report with the EMA weights:
   compression rate for the 17-level source);
 - pixel-space MMD (RBF kernel, median-heuristic bandwidth) between samples and the held-out images,
   next to the train-vs-held-out floor (a sample-quality figure that needs no feature network);
+- the digits Frechet distance, KID and confident share (``benchmarks.metrics.DigitsScores``: the shipped
+  classifier's features) of ``--score-samples`` DDIM-50 samples against the training digits, as mean and
+  standard deviation over ``--score-seeds`` sampling seeds;
 - a grid of 100 samples (DDIM 50 steps and DDPM with all T steps) per configuration.
 
     python -m benchmarks.digits_quality --steps 1500
     python -m benchmarks.digits_quality --configs ho_linear v_cosine --steps 3000
+    python -m benchmarks.digits_quality --configs eps_cosine v_cosine v_sigmoid eps_sigmoid --no-ddpm  # ablation
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import device_name, print_table, write_json
-from benchmarks.metrics import median_bandwidth, mmd_rbf
+from benchmarks.metrics import DigitsScores, median_bandwidth, mmd_rbf
 from lightning_ddpm import DDIMSampler, DDPMSampler, DiffusionModule
 from lightning_ddpm.callbacks import EMA, ema_weights
 from lightning_ddpm.data import ImageDataModule
@@ -55,7 +59,64 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "v, cosine, fixed_small, L_simple",
         {"schedule": "cosine", "parameterization": "v", "variance": "fixed_small", "loss": "simple"},
     ),
+    # one change at a time from configs/digits.yaml (eps_cosine), for the recipe ablation
+    "v_sigmoid": (
+        "v, sigmoid, fixed_small, L_simple",
+        {"schedule": "sigmoid", "parameterization": "v", "variance": "fixed_small", "loss": "simple"},
+    ),
+    "eps_sigmoid": (
+        "eps, sigmoid, fixed_small, L_simple",
+        {"schedule": "sigmoid", "parameterization": "eps", "variance": "fixed_small", "loss": "simple"},
+    ),
+    "eps_cosine_no_dropout": (
+        "configs/digits.yaml without dropout",
+        {
+            "schedule": "cosine",
+            "parameterization": "eps",
+            "variance": "fixed_small",
+            "loss": "simple",
+            "backbone": {**BACKBONE, "init_args": {**BACKBONE["init_args"], "dropout": 0.0}},
+        },
+    ),
+    "eps_cosine_lr3e-4": (
+        "configs/digits.yaml with lr 3e-4",
+        {
+            "schedule": "cosine",
+            "parameterization": "eps",
+            "variance": "fixed_small",
+            "loss": "simple",
+            "optimizer": {"name": "torch.optim.Adam", "init_args": {"lr": 3e-4}},
+        },
+    ),
 }
+
+
+COLUMNS = [
+    "config",
+    "bpd_held_out",
+    "mmd_ddim50",
+    "mmd_ddpm",
+    "frechet_mean",
+    "frechet_sd",
+    "kid_mean",
+    "confident_mean",
+    "train_s",
+]
+
+
+def digits_scores(module: DiffusionModule, scores: DigitsScores, n: int, seeds: int) -> dict[str, float]:
+    """Digits Frechet distance / KID / confident share of ``n`` DDIM-50 samples against the training digits, as mean
+    and standard deviation over ``seeds`` sampling seeds (sample i of seed s from 100000 * (s + 1) + i)."""
+    runs = []
+    for seed in range(seeds):
+        generators = [torch.Generator().manual_seed(100_000 * (seed + 1) + i) for i in range(n)]
+        runs.append(scores(module.sample(n, sampler=DDIMSampler(num_steps=50), generator=generators)))
+    out = {}
+    for key in ("frechet", "kid", "confident"):
+        values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+        out[f"{key}_mean"] = float(values.mean())
+        out[f"{key}_sd"] = float(values.std()) if seeds > 1 else 0.0
+    return out
 
 
 def images(loader: torch.utils.data.DataLoader) -> Tensor:
@@ -96,6 +157,8 @@ def main() -> None:
         default=True,
         help="also sample with DDPM over all T steps (slow: T model calls)",
     )
+    parser.add_argument("--score-samples", type=int, default=1000, help="DDIM-50 samples for the digits scores")
+    parser.add_argument("--score-seeds", type=int, default=3, help="sampling seeds of the digits scores (0: none)")
     parser.add_argument("--out", default="benchmarks/results/digits_quality.json")
     parser.add_argument("--plots", default="benchmarks/results/digits_quality")
     args = parser.parse_args()
@@ -109,6 +172,7 @@ def main() -> None:
         held_out,
         bandwidth,
     )
+    scores = DigitsScores(train)
     grids: dict[str, Path] = {}
     rows: list[dict[str, Any]] = [{"config": "train vs held-out (floor)", "mmd_ddim50": floor, "mmd_ddpm": floor}]
     print(f"{len(train)} training and {len(held_out)} held-out digits; RBF bandwidth {bandwidth:.2f}")
@@ -116,12 +180,14 @@ def main() -> None:
         description, settings = CONFIGS[name]
         pl.seed_everything(0, verbose=False)
         module = DiffusionModule(
-            backbone=BACKBONE,
-            data_shape=[1, 8, 8],
-            clip_denoised=True,
-            optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
-            lr_warmup_steps=200,
-            **settings,
+            **{
+                "backbone": BACKBONE,
+                "data_shape": [1, 8, 8],
+                "clip_denoised": True,
+                "optimizer": {"name": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
+                "lr_warmup_steps": 200,
+                **settings,
+            }
         )
         trainer = pl.Trainer(
             accelerator="cpu",
@@ -148,11 +214,13 @@ def main() -> None:
                 samples = module.sample(args.num_samples, sampler=sampler, generator=torch.Generator().manual_seed(1))
                 row[f"mmd_{label}"] = mmd_rbf(samples, held_out, bandwidth)
                 grids[name] = save_image_grid(samples[:100], Path(args.plots) / f"{name}_{label}.png", nrow=10)
+            if args.score_seeds:
+                row.update(digits_scores(module, scores, args.score_samples, args.score_seeds))
         rows.append(row)
-        print_table(rows[-1:], ["config", "bpd_held_out", "mmd_ddim50", "mmd_ddpm", "train_s"])
+        print_table(rows[-1:], COLUMNS)
     device = device_name(torch.device("cpu"))
     print(f"\ndevice: {device}; {args.steps} training steps of batch 64 per configuration, EMA 0.999 weights")
-    print_table(rows, ["config", "bpd_held_out", "mmd_ddim50", "mmd_ddpm", "train_s", "bpd_s"])
+    print_table(rows, [*COLUMNS, "bpd_s"])
     write_json(args.out, {"device": device, "steps": args.steps, "bandwidth": bandwidth, "rows": rows})
     sampler = "DDPM, all T steps" if args.ddpm else "DDIM 50 steps"
     print(f"wrote {save_overview(grids, Path(args.plots) / 'overview.png', f'{sampler}, {args.steps} training steps')}")
