@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from benchmarks.common import device_name, print_table, write_json
 from benchmarks.metrics import DigitsScores, median_bandwidth, mmd_rbf
+from benchmarks.peer import PEER_UNET, PeerModule, peer_available, register_peer_unet
 from lightning_ddpm import DDIMSampler, DDPMSampler, DiffusionModule
 from lightning_ddpm.callbacks import EMA, ema_weights
 from lightning_ddpm.data import ImageDataModule
@@ -88,6 +90,49 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "optimizer": {"name": "torch.optim.Adam", "init_args": {"lr": 3e-4}},
         },
     ),
+    "v_sigmoid_no_dropout": (
+        "v, sigmoid, no dropout",
+        {
+            "schedule": "sigmoid",
+            "parameterization": "v",
+            "variance": "fixed_small",
+            "loss": "simple",
+            "backbone": {**BACKBONE, "init_args": {**BACKBONE["init_args"], "dropout": 0.0}},
+        },
+    ),
+    # the peer's two differences from v_sigmoid besides the trainer: its loss weight and its U-Net
+    "v_sigmoid_eps_mse": (
+        "v, sigmoid, the v error weighted by alpha_bar (the eps-space error, the peer's loss)",
+        {
+            "schedule": "sigmoid",
+            "parameterization": "v",
+            "variance": "fixed_small",
+            "loss": "simple",
+            # min(snr, gamma) * |dx0/dv|^2 = snr * (1 - alpha_bar) = alpha_bar; gamma never clamps
+            "loss_weighting": "min_snr",
+            "min_snr_gamma": 1e12,
+        },
+    ),
+    "v_sigmoid_peer_unet": (
+        "v, sigmoid, the peer's U-Net (0.83 M parameters, no dropout)",
+        {
+            "schedule": "sigmoid",
+            "parameterization": "v",
+            "variance": "fixed_small",
+            "loss": "simple",
+            "backbone": PEER_UNET,
+        },
+    ),
+}
+# needs denoising-diffusion-pytorch: its own GaussianDiffusion in the same loop (benchmarks/peer.py)
+PEER = "peer"
+PEER_DESCRIPTION = "denoising-diffusion-pytorch's default recipe (its U-Net, v, sigmoid, its loss)"
+COMMON: dict[str, Any] = {
+    "backbone": BACKBONE,
+    "data_shape": [1, 8, 8],
+    "clip_denoised": True,
+    "optimizer": {"name": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
+    "lr_warmup_steps": 200,
 }
 
 
@@ -104,19 +149,40 @@ COLUMNS = [
 ]
 
 
-def digits_scores(module: DiffusionModule, scores: DigitsScores, n: int, seeds: int) -> dict[str, float]:
-    """Digits Frechet distance / KID / confident share of ``n`` DDIM-50 samples against the training digits, as mean
-    and standard deviation over ``seeds`` sampling seeds (sample i of seed s from 100000 * (s + 1) + i)."""
-    runs = []
-    for seed in range(seeds):
-        generators = [torch.Generator().manual_seed(100_000 * (seed + 1) + i) for i in range(n)]
-        runs.append(scores(module.sample(n, sampler=DDIMSampler(num_steps=50), generator=generators)))
+def digits_scores(sample: Callable[[int, int], Tensor], scores: DigitsScores, n: int, seeds: int) -> dict[str, float]:
+    """Digits Frechet distance / KID / confident share of ``sample(n, seed)`` against the training digits, as mean
+    and standard deviation over ``seeds`` sampling seeds."""
+    runs = [scores(sample(n, seed)) for seed in range(seeds)]
     out = {}
     for key in ("frechet", "kid", "confident"):
         values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
         out[f"{key}_mean"] = float(values.mean())
         out[f"{key}_sd"] = float(values.std()) if seeds > 1 else 0.0
     return out
+
+
+def ddim50(module: DiffusionModule) -> Callable[[int, int], Tensor]:
+    """``(n, seed) -> n`` DDIM-50 samples of ``module``; sample i of seed s from 100000 * (s + 1) + i."""
+
+    def sample(n: int, seed: int) -> Tensor:
+        generators = [torch.Generator().manual_seed(100_000 * (seed + 1) + i) for i in range(n)]
+        return module.sample(n, sampler=DDIMSampler(num_steps=50), generator=generators)
+
+    return sample
+
+
+def peer_ddim50(module: PeerModule) -> Callable[[int, int], Tensor]:
+    """``(n, seed) -> n`` samples of the peer's own DDIM-50 sampler (global generator seeded 100000 * (s + 1))."""
+    return lambda n, seed: module.sample(n, seed=100_000 * (seed + 1))
+
+
+def peer_network(peer: PeerModule) -> DiffusionModule:
+    """A ``DiffusionModule`` (v, sigmoid, the peer's U-Net) holding the network the peer trained (its current
+    weights: call under ``ema_weights`` for the EMA), for this library's samplers and bound."""
+    settings = {**COMMON, **CONFIGS["v_sigmoid_peer_unet"][1]}
+    module = DiffusionModule(**settings)
+    module.backbone.unet.load_state_dict(peer.diffusion.model.state_dict())
+    return module.eval()
 
 
 def images(loader: torch.utils.data.DataLoader) -> Tensor:
@@ -146,9 +212,26 @@ def save_overview(grids: dict[str, Path], path: str | Path, title: str) -> Path:
     return path
 
 
+def train(module: pl.LightningModule, steps: int) -> tuple[pl.Trainer, float]:
+    """Fit ``module`` on the digits for ``steps`` steps of batch 64 with EMA 0.999 and gradient clipping 1."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        callbacks=[EMA(decay=0.999)],
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=64, val_fraction=0.1))
+    return trainer, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, PEER])
     parser.add_argument("--steps", type=int, default=1500, help="training steps of batch 64 per configuration")
     parser.add_argument("--num-samples", type=int, default=300, help="samples for the MMD")
     parser.add_argument(
@@ -159,51 +242,54 @@ def main() -> None:
     )
     parser.add_argument("--score-samples", type=int, default=1000, help="DDIM-50 samples for the digits scores")
     parser.add_argument("--score-seeds", type=int, default=3, help="sampling seeds of the digits scores (0: none)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed: initialisation and noise (the split and batch order stay fixed)",
+    )
     parser.add_argument("--out", default="benchmarks/results/digits_quality.json")
     parser.add_argument("--plots", default="benchmarks/results/digits_quality")
     args = parser.parse_args()
+    if PEER in args.configs or any(CONFIGS[c][1].get("backbone") == PEER_UNET for c in args.configs if c in CONFIGS):
+        if not peer_available():
+            parser.error("the peer rows need denoising-diffusion-pytorch: pip install denoising-diffusion-pytorch")
+        register_peer_unet()
 
     data = ImageDataModule("digits", batch_size=64, val_fraction=0.1)
     data.setup("fit")
-    train, held_out = images(data.train_dataloader()), images(data.val_dataloader())
+    train_images, held_out = images(data.train_dataloader()), images(data.val_dataloader())
     bandwidth = median_bandwidth(held_out)
     floor = mmd_rbf(
-        train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: len(held_out)]],
+        train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[: len(held_out)]],
         held_out,
         bandwidth,
     )
-    scores = DigitsScores(train)
+    scores = DigitsScores(train_images)
     grids: dict[str, Path] = {}
     rows: list[dict[str, Any]] = [{"config": "train vs held-out (floor)", "mmd_ddim50": floor, "mmd_ddpm": floor}]
-    print(f"{len(train)} training and {len(held_out)} held-out digits; RBF bandwidth {bandwidth:.2f}")
+    print(f"{len(train_images)} training and {len(held_out)} held-out digits; RBF bandwidth {bandwidth:.2f}")
     for name in args.configs:
-        description, settings = CONFIGS[name]
-        pl.seed_everything(0, verbose=False)
-        module = DiffusionModule(
-            **{
-                "backbone": BACKBONE,
-                "data_shape": [1, 8, 8],
-                "clip_denoised": True,
-                "optimizer": {"name": "torch.optim.Adam", "init_args": {"lr": 1e-3}},
-                "lr_warmup_steps": 200,
-                **settings,
-            }
-        )
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=args.steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            gradient_clip_val=1.0,
-            callbacks=[EMA(decay=0.999)],
-        )
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=ImageDataModule("digits", batch_size=64, val_fraction=0.1))
-        train_s = time.perf_counter() - start
-        module.eval()
-        row: dict[str, Any] = {"config": name, "description": description, "train_s": train_s}
+        pl.seed_everything(args.seed, verbose=False)
+        if name == PEER:
+            peer = PeerModule()
+            trainer, train_s = train(peer, args.steps)
+            peer.eval()
+            with ema_weights(trainer, peer), torch.no_grad():
+                own = {"config": PEER, "description": f"{PEER_DESCRIPTION}, its DDIM-50", "seed": args.seed}
+                own["train_s"] = train_s
+                if args.score_seeds:
+                    own.update(digits_scores(peer_ddim50(peer), scores, args.score_samples, args.score_seeds))
+                module = peer_network(peer)
+            rows.append(own)
+            print_table(rows[-1:], COLUMNS)
+            name, description, trainer = "peer_ours", "the peer's network, this library's DDIM-50 and bound", None
+        else:
+            description, settings = CONFIGS[name]
+            module = DiffusionModule(**{**COMMON, **settings})
+            trainer, train_s = train(module, args.steps)
+            module.eval()
+        row: dict[str, Any] = {"config": name, "description": description, "seed": args.seed, "train_s": train_s}
         with ema_weights(trainer, module), torch.no_grad():
             generator = torch.Generator().manual_seed(0)
             start = time.perf_counter()
@@ -215,13 +301,15 @@ def main() -> None:
                 row[f"mmd_{label}"] = mmd_rbf(samples, held_out, bandwidth)
                 grids[name] = save_image_grid(samples[:100], Path(args.plots) / f"{name}_{label}.png", nrow=10)
             if args.score_seeds:
-                row.update(digits_scores(module, scores, args.score_samples, args.score_seeds))
+                row.update(digits_scores(ddim50(module), scores, args.score_samples, args.score_seeds))
         rows.append(row)
         print_table(rows[-1:], COLUMNS)
     device = device_name(torch.device("cpu"))
     print(f"\ndevice: {device}; {args.steps} training steps of batch 64 per configuration, EMA 0.999 weights")
     print_table(rows, [*COLUMNS, "bpd_s"])
-    write_json(args.out, {"device": device, "steps": args.steps, "bandwidth": bandwidth, "rows": rows})
+    write_json(
+        args.out, {"device": device, "steps": args.steps, "seed": args.seed, "bandwidth": bandwidth, "rows": rows}
+    )
     sampler = "DDPM, all T steps" if args.ddpm else "DDIM 50 steps"
     print(f"wrote {save_overview(grids, Path(args.plots) / 'overview.png', f'{sampler}, {args.steps} training steps')}")
 
