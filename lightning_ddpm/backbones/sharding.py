@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["is_sharded", "reshard", "shard_backbone", "shard_units"]
+__all__ = ["full_tensor", "is_sharded", "load_full_state", "local_shard", "reshard", "shard_backbone", "shard_units"]
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -53,3 +53,36 @@ def shard_backbone(backbone: nn.Module, mesh: Any, **fully_shard_kwargs: Any) ->
         fully_shard(unit, mesh=mesh, **fully_shard_kwargs)
     fully_shard(backbone, mesh=mesh, **fully_shard_kwargs)
     return backbone
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """This rank's shard of a sharded tensor (DTensor), sharing its storage; other tensors as they are."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """A sharded tensor (DTensor) gathered into a full CPU tensor (a collective); other tensors as they are."""
+    if not torch.distributed.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def load_full_state(module: nn.Module, state: dict[str, Tensor], strict: bool) -> None:
+    """Load full tensors into ``module``, each sharded parameter taking its own rank's chunk (no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    targets = module.state_dict(keep_vars=True)
+    missing = sorted(set(targets) - set(state))
+    if strict and missing:
+        raise RuntimeError(f"the checkpoint's current_model_state lacks {len(missing)} entries, e.g. {missing[:3]}")
+    for name, target in targets.items():
+        if name not in state:
+            continue
+        value = state[name].to(device=target.device, dtype=target.dtype)
+        if isinstance(target, DTensor):
+            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+        target.copy_(value)

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.swa_utils import AveragedModel
 
-from ..backbones.sharding import is_sharded, reshard, shard_backbone
+from ..backbones.sharding import full_tensor, is_sharded, load_full_state, local_shard, reshard, shard_backbone
 from .config import Configurable
 
 
@@ -103,7 +103,7 @@ class EMA(Configurable, WeightAveraging):
             averaged.append(average.detach())
             current.append(param.detach().to(average.device))
         if copy:  # DTensors (FSDP2) have no foreach copy: copy this rank's shards
-            torch._foreach_copy_([_local(a) for a in averaged], [_local(c) for c in current])
+            torch._foreach_copy_([local_shard(a) for a in averaged], [local_shard(c) for c in current])
         else:
             self._lerp(averaged, current, None)
         # Buffers are not averaged; the copy keeps the model's (as AveragedModel(use_buffers=False) does), so
@@ -213,11 +213,11 @@ class EMA(Configurable, WeightAveraging):
         if self._raw_at_end is not None and "current_model_state" in checkpoint:
             # after fit the module holds the EMA weights: put back the raw ones kept in on_train_end
             # (gathered on every rank first: a sharded tensor's gather is a collective)
-            raw = {name: _full(p) for (name, _), p in zip(pl_module.named_parameters(), self._raw_at_end)}
+            raw = {name: full_tensor(p) for (name, _), p in zip(pl_module.named_parameters(), self._raw_at_end)}
             checkpoint["current_model_state"] = {k: raw.get(k, v) for k, v in checkpoint["current_model_state"].items()}
         # Under FSDP2 the average is sharded: gather it into the full tensors a checkpoint file holds (every rank
         # takes part in the gathers; only rank 0 writes the file, so the others drop their copies).
-        state = {k: _full(v) for k, v in checkpoint["state_dict"].items()}
+        state = {k: full_tensor(v) for k, v in checkpoint["state_dict"].items()}
         checkpoint["state_dict"] = state if trainer.is_global_zero or pl_module.device_mesh is None else {}
 
     def on_load_checkpoint(
@@ -238,7 +238,7 @@ class EMA(Configurable, WeightAveraging):
             if "averaging_state" in checkpoint:
                 self._average_model.n_averaged.copy_(checkpoint["averaging_state"]["n_averaged"])
             if "current_model_state" in checkpoint:
-                _load_full_state(pl_module, checkpoint["current_model_state"], strict=pl_module.strict_loading)
+                load_full_state(pl_module, checkpoint["current_model_state"], strict=pl_module.strict_loading)
             else:  # a checkpoint written without EMA: average and model both start from its weights
                 rank_zero_warn("The checkpoint was not created with EMA: the average starts from its weights.")
 
@@ -248,39 +248,6 @@ class EMA(Configurable, WeightAveraging):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.num_updates = state_dict.get("num_updates", 0)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a sharded tensor (DTensor), sharing its storage; other tensors as they are."""
-    to_local = getattr(tensor, "to_local", None)
-    return to_local() if callable(to_local) else tensor
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """A sharded tensor (DTensor) gathered into a full CPU tensor (a collective); other tensors as they are."""
-    if not torch.distributed.is_available():
-        return tensor
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
-
-
-@torch.no_grad()
-def _load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool) -> None:
-    """Load full tensors into ``module``, each sharded parameter taking its own rank's chunk (no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    targets = module.state_dict(keep_vars=True)
-    missing = sorted(set(targets) - set(state))
-    if strict and missing:
-        raise RuntimeError(f"the checkpoint's current_model_state lacks {len(missing)} entries, e.g. {missing[:3]}")
-    for name, target in targets.items():
-        if name not in state:
-            continue
-        value = state[name].to(device=target.device, dtype=target.dtype)
-        if isinstance(target, DTensor):
-            value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
-        target.copy_(value)
 
 
 @contextmanager

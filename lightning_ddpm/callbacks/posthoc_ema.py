@@ -12,11 +12,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from ..backbones.sharding import reshard
+from ..backbones.sharding import full_tensor, local_shard, reshard
 from ..ema.power import PowerProfile
 from ..ema.snapshots import save_snapshot
 from .config import Configurable
-from .ema import _full, _local
 
 __all__ = ["PostHocEMA"]
 
@@ -104,11 +103,11 @@ class PostHocEMA(Configurable, pl.Callback):
         if t <= self.step or self.averages is None:
             return
         # FSDP2: each rank's own shards, as plain tensors (the same kernel however the DTensor was built)
-        current = [_local(p.detach()) for _, p in self._parameters(pl_module)]
+        current = [local_shard(p.detach()) for _, p in self._parameters(pl_module)]
         with torch.no_grad():
             for profile, average in zip(self.profiles, self.averages):
                 # beta from the host's step count
-                torch._foreach_lerp_([_local(a) for a in average], current, 1.0 - profile.beta(t))
+                torch._foreach_lerp_([local_shard(a) for a in average], current, 1.0 - profile.beta(t))
         self.step = t
         if t % self.snapshot_every_n_steps == 0:
             self.save_snapshots(trainer, pl_module)
@@ -122,7 +121,7 @@ class PostHocEMA(Configurable, pl.Callback):
         assert self.averages is not None and self.snapshot_dir is not None and self.run is not None
         names = [name for name, _ in self._parameters(pl_module)]
         for profile, average in zip(self.profiles, self.averages):
-            state = {name: _full(value) for name, value in zip(names, average)}
+            state = {name: full_tensor(value) for name, value in zip(names, average)}
             if trainer.is_global_zero:
                 save_snapshot(self.snapshot_dir, self.run, self.step, profile, state, self.snapshot_dtype)
         self.last_snapshot_step = self.step
@@ -137,7 +136,9 @@ class PostHocEMA(Configurable, pl.Callback):
             "sigma_rels": list(self.sigma_rels),
             "step": self.step,
             "last_snapshot_step": self.last_snapshot_step,
-            "averages": [{name: _full(value) for name, value in zip(names, average)} for average in self.averages],
+            "averages": [
+                {name: full_tensor(value) for name, value in zip(names, average)} for average in self.averages
+            ],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

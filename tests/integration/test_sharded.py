@@ -245,8 +245,7 @@ def test_fsdp2_with_compile_trains_like_eager(runs, tmp_path):
 def test_sharding_helpers_leave_builds_without_torch_distributed_alone(monkeypatch):
     """Some torch builds lack torch.distributed (importing its fsdp/tensor modules fails there): the helpers that
     every run calls (EMA swaps and checkpoints, the non-finite guard) must then not import them."""
-    from lightning_ddpm.backbones.sharding import is_sharded, reshard
-    from lightning_ddpm.callbacks.ema import _full
+    from lightning_ddpm.backbones.sharding import full_tensor, is_sharded, reshard
     from lightning_ddpm.training.nonfinite import _shard_group
 
     monkeypatch.setattr(torch.distributed, "is_available", lambda: False)
@@ -257,4 +256,4 @@ def test_sharding_helpers_leave_builds_without_torch_distributed_alone(monkeypat
     reshard(net)
     assert _shard_group([torch.zeros(1)]) is None
     tensor = torch.ones(2)
-    assert _full(tensor) is tensor
+    assert full_tensor(tensor) is tensor
