@@ -14,6 +14,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
+
+
+def toy_module(seed: int | None = None) -> Any:
+    """A 2-D DiffusionModule small enough for many short fits: TINY_MLP, T = 20, SGD lr 0.5, no warm-up; its
+    initialisation drawn after ``torch.manual_seed(seed)`` when a seed is given."""
+    from lightning_ddpm import DiffusionModule
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return DiffusionModule(
+        backbone=TINY_MLP,
+        data_shape=[2],
+        num_timesteps=20,
+        lr_warmup_steps=0,
+        optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+    )
+
+
 def documentation() -> str:
     """The README and every page of the documentation site, one text: the claims tests read what the docs say
     wherever it now stands."""

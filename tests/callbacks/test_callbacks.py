@@ -15,10 +15,9 @@ from lightning_ddpm import DDIMSampler, DiffusionModule
 from lightning_ddpm.backbones import MLP
 from lightning_ddpm.callbacks import EMA, BitsPerDimCallback, FIDCallback, SampleLogger
 from lightning_ddpm.data import ImageDataModule, Toy2DDataModule
-from tests.helpers import RecordWeights, TinyFeatures, run_cli_process
+from tests.helpers import TINY_MLP, RecordWeights, TinyFeatures, run_cli_process, toy_module
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
 TINY_UNET = {
     "name": "unet",
     "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
@@ -40,16 +39,6 @@ def _trainer(tmp_path, callbacks, max_steps, **kw):
 
 def _toy(**kw):
     return Toy2DDataModule("two_moons", num_train=512, num_val=128, batch_size=64, **kw)
-
-
-def _toy_module():
-    return DiffusionModule(
-        backbone=TINY_MLP,
-        data_shape=[2],
-        num_timesteps=20,
-        lr_warmup_steps=0,
-        optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.5}},
-    )
 
 
 class RecordingLogger(Logger):
@@ -80,7 +69,7 @@ def _expected_ema(history, decay, warmup=True):
 def test_ema_matches_a_hand_computed_average(tmp_path, warmup):
     torch.manual_seed(0)
     record, ema = RecordWeights(), EMA(decay=0.9, warmup=warmup)
-    module = _toy_module()
+    module = toy_module()
     _trainer(tmp_path, [record, ema], max_steps=6, limit_val_batches=0).fit(module, datamodule=_toy())
     expected = _expected_ema(record.after_step, 0.9, warmup)
     for got, want in zip(ema._average_model.module.backbone.parameters(), expected):
@@ -120,7 +109,7 @@ def test_ema_weights_in_validation_then_restored(tmp_path):
     record, ema = RecordWeights(), EMA(decay=0.9)
     _trainer(
         tmp_path, [record, ema], max_steps=4, val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0
-    ).fit(_toy_module(), datamodule=_toy())
+    ).fit(toy_module(), datamodule=_toy())
     expected = _expected_ema(record.after_step[:3], 0.9)
     for got, want in zip(record.at_validation[0], expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -136,7 +125,7 @@ def test_ema_follows_the_raw_weights_until_start_step(tmp_path):
     torch.manual_seed(0)
     record, ema = RecordWeights(), EMA(decay=0.9, start_step=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    module = _toy_module()
+    module = toy_module()
     _trainer(
         tmp_path,
         [record, ema, ckpt],
@@ -157,7 +146,7 @@ def test_ema_follows_the_raw_weights_until_start_step(tmp_path):
     for got, want in zip(module.backbone.parameters(), _expected_ema(record.after_step[3:], 0.9)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # a run that ends before start_step ends with its trained weights, not the initial ones
-    record, early = RecordWeights(), _toy_module()
+    record, early = RecordWeights(), toy_module()
     _trainer(tmp_path, [record, EMA(decay=0.9, start_step=100)], max_steps=4, limit_val_batches=0).fit(
         early, datamodule=_toy()
     )
@@ -200,12 +189,12 @@ def test_checkpoint_keeps_ema_and_resume_continues_it(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_last=True, save_top_k=-1)
     record = RecordWeights()
     _trainer(tmp_path, [record, ema, ckpt], max_steps=3, limit_val_batches=0, enable_checkpointing=True).fit(
-        _toy_module(), datamodule=_toy()
+        toy_module(), datamodule=_toy()
     )
     path = tmp_path / "ckpt" / "last.ckpt"
     raw = torch.load(path, weights_only=False)
     expected = _expected_ema(record.after_step, 0.9)
-    state_ema = [raw["state_dict"][f"backbone.{n}"] for n, _ in _toy_module().backbone.named_parameters()]
+    state_ema = [raw["state_dict"][f"backbone.{n}"] for n, _ in toy_module().backbone.named_parameters()]
     for got, want in zip(state_ema, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # one call gives a sampling-ready model with the EMA weights
@@ -215,7 +204,7 @@ def test_checkpoint_keeps_ema_and_resume_continues_it(tmp_path):
     # resuming restores the average and its update count, and keeps averaging the same way
     ema2, record2 = EMA(decay=0.9), RecordWeights()
     _trainer(tmp_path, [record2, ema2], max_steps=5, limit_val_batches=0).fit(
-        _toy_module(), datamodule=_toy(), ckpt_path=path
+        toy_module(), datamodule=_toy(), ckpt_path=path
     )
     assert ema2.num_updates == 5
     continued = _expected_ema(record.after_step + record2.after_step, 0.9)
@@ -230,9 +219,9 @@ def test_checkpoints_written_when_fit_ends_keep_the_raw_weights(tmp_path):
     record, ema = RecordWeights(), EMA(decay=0.9)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=False)
     trainer = _trainer(tmp_path, [record, ema, ckpt], max_steps=3, limit_val_batches=0, enable_checkpointing=True)
-    trainer.fit(_toy_module(), datamodule=_toy())
+    trainer.fit(toy_module(), datamodule=_toy())
     trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
-    names = [n for n, _ in _toy_module().backbone.named_parameters()]
+    names = [n for n, _ in toy_module().backbone.named_parameters()]
     expected = _expected_ema(record.after_step, 0.9)
     assert not all(torch.equal(a, b) for a, b in zip(record.after_step[-1], expected))
     for path in (tmp_path / "ckpt" / "last.ckpt", tmp_path / "after_fit.ckpt"):
@@ -244,7 +233,7 @@ def test_checkpoints_written_when_fit_ends_keep_the_raw_weights(tmp_path):
     # so a resume continues training from the raw weights, not from their average
     record2 = RecordWeights()
     _trainer(tmp_path, [record2, EMA(decay=0.9)], max_steps=4, limit_val_batches=0).fit(
-        _toy_module(), datamodule=_toy(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        toy_module(), datamodule=_toy(), ckpt_path=tmp_path / "ckpt" / "last.ckpt"
     )
     for got, want in zip(record2.at_train_batch_start[0], record.after_step[-1]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -425,13 +414,13 @@ def test_sample_pictures_are_drawn_with_the_ema_weights(tmp_path, ema_first):
         output_dir=str(tmp_path / "pictures"),
     )
     callbacks = [record, ema, samples] if ema_first else [record, samples, ema]
-    _trainer(tmp_path, callbacks, max_steps=3, limit_val_batches=0).fit(_toy_module(), datamodule=_toy())
+    _trainer(tmp_path, callbacks, max_steps=3, limit_val_batches=0).fit(toy_module(), datamodule=_toy())
     assert (tmp_path / "pictures" / "step_0000003.png").exists()
     assert ema.num_updates == 3  # one update per step, whichever callback brought the average up to date
     expected = _expected_ema(record.after_step, 0.5)  # the average after all 3 steps
     generators = lambda: [torch.Generator().manual_seed(5 + i) for i in range(16)]  # noqa: E731
-    with_ema = _with_weights(_toy_module(), expected).sample(16, sampler=ddim, generator=generators())
-    with_raw = _with_weights(_toy_module(), record.after_step[-1]).sample(16, sampler=ddim, generator=generators())
+    with_ema = _with_weights(toy_module(), expected).sample(16, sampler=ddim, generator=generators())
+    with_raw = _with_weights(toy_module(), record.after_step[-1]).sample(16, sampler=ddim, generator=generators())
     torch.testing.assert_close(samples.last_samples, with_ema, rtol=1e-4, atol=1e-5)
     assert (samples.last_samples - with_raw).abs().max() > 1e-2, "the picture must not come from the raw weights"
 
@@ -718,7 +707,7 @@ def test_a_users_callback_sees_the_ema_model_through_the_public_api(tmp_path):
 
     torch.manual_seed(0)
     record, peek, ema = RecordWeights(), Peek(), EMA(decay=0.5)
-    _trainer(tmp_path, [record, peek, ema], max_steps=3, limit_val_batches=0).fit(_toy_module(), datamodule=_toy())
+    _trainer(tmp_path, [record, peek, ema], max_steps=3, limit_val_batches=0).fit(toy_module(), datamodule=_toy())
     for step in range(3):
         for got, want in zip(peek.inside[step], _expected_ema(record.after_step[: step + 1], 0.5)):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

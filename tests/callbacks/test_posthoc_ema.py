@@ -19,25 +19,13 @@ from lightning_ddpm.cli.ema import write_posthoc_checkpoint
 from lightning_ddpm.data import Toy2DDataModule
 from lightning_ddpm.ema import PowerProfile, list_snapshots, reconstruct
 from lightning_ddpm.ema.snapshots import save_snapshot
-from tests.helpers import RecordWeights
+from tests.helpers import RecordWeights, toy_module
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
-
-
-def _module(seed: int = 0) -> DiffusionModule:
-    torch.manual_seed(seed)
-    return DiffusionModule(
-        backbone=TINY_MLP,
-        data_shape=[2],
-        num_timesteps=20,
-        lr_warmup_steps=0,
-        optimizer={"name": "torch.optim.SGD", "init_args": {"lr": 0.5}},
-    )
 
 
 def _fit(tmp_path, callbacks, max_steps, module=None, ckpt_path=None, **kw) -> DiffusionModule:
-    module = module or _module()
+    module = module or toy_module(0)
     Trainer(
         max_steps=max_steps,
         callbacks=callbacks,
@@ -183,7 +171,7 @@ def test_a_resumed_run_continues_its_profiles_bit_for_bit(tmp_path):
         max_steps=12,
         enable_checkpointing=True,
         ckpt_path=tmp_path / "part" / "ckpt" / "epoch=0-step=6.ckpt",
-        module=_module(seed=5),
+        module=toy_module(seed=5),
     )
     assert not (tmp_path / "elsewhere").exists()
     a, b = list_snapshots(whole), list_snapshots(part)

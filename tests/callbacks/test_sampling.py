@@ -10,9 +10,8 @@ import torch
 from lightning_ddpm import DDIMSampler, DiffusionModule
 from lightning_ddpm.callbacks import BitsPerDimCallback, FIDCallback
 from lightning_ddpm.callbacks.sampling import draw_samples, iter_samples, rank_share
-from tests.helpers import TinyFeatures
+from tests.helpers import TINY_MLP, TinyFeatures
 
-TINY_MLP = {"name": "mlp", "init_args": {"hidden_dim": 16, "num_blocks": 1}}
 TINY_UNET = {
     "name": "unet",
     "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
