@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.common import device_name, print_table, write_json
-from benchmarks.metrics import DigitsScores, median_bandwidth, mmd_rbf
+from benchmarks.metrics import DigitsScores, mean_sd, median_bandwidth, mmd_rbf
 from benchmarks.peer import PEER_UNET, PeerModule, peer_available, register_peer_unet
 from lightning_ddpm import DDIMSampler, DDPMSampler, DiffusionModule
 from lightning_ddpm.callbacks import EMA, ema_weights
@@ -152,13 +152,7 @@ COLUMNS = [
 def digits_scores(sample: Callable[[int, int], Tensor], scores: DigitsScores, n: int, seeds: int) -> dict[str, float]:
     """Digits Frechet distance / KID / confident share of ``sample(n, seed)`` against the training digits, as mean
     and standard deviation over ``seeds`` sampling seeds."""
-    runs = [scores(sample(n, seed)) for seed in range(seeds)]
-    out = {}
-    for key in ("frechet", "kid", "confident"):
-        values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
-        out[f"{key}_mean"] = float(values.mean())
-        out[f"{key}_sd"] = float(values.std()) if seeds > 1 else 0.0
-    return out
+    return mean_sd([scores(sample(n, seed)) for seed in range(seeds)])
 
 
 def ddim50(module: DiffusionModule) -> Callable[[int, int], Tensor]:

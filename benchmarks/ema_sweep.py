@@ -30,7 +30,7 @@ import torch
 
 from benchmarks.common import device_name, print_table, write_json
 from benchmarks.digits_classifier import digits_split
-from benchmarks.metrics import DigitsScores
+from benchmarks.metrics import DigitsScores, mean_sd
 from lightning_ddpm import DDIMSampler, DiffusionModule
 from lightning_ddpm.ema import list_snapshots, reconstruct
 
@@ -72,12 +72,7 @@ def score(
 
 def spread(module: DiffusionModule, scores: DigitsScores, held_out: torch.Tensor, args: Any) -> dict[str, Any]:
     """Mean and standard deviation of the sample scores over ``args.spread`` sampling seeds (1, 2, ...)."""
-    runs = [score(module, scores, held_out, args, seed=s, bpd=False) for s in range(1, args.spread + 1)]
-    out: dict[str, Any] = {}
-    for key in ("frechet", "kid", "confident"):
-        values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
-        out[f"{key}_mean"], out[f"{key}_sd"] = float(values.mean()), float(values.std())
-    return out
+    return mean_sd([score(module, scores, held_out, args, seed=s, bpd=False) for s in range(1, args.spread + 1)])
 
 
 def load_params(module: DiffusionModule, state: dict[str, torch.Tensor]) -> None:

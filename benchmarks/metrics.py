@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
@@ -76,3 +78,17 @@ class DigitsScores:
             "kid": float(kid_mean),
             "confident": float((confidence > 0.9).float().mean()),
         }
+
+
+def mean_sd(
+    runs: Sequence[Mapping[str, float]], keys: Sequence[str] = ("frechet", "kid", "confident")
+) -> dict[str, float]:
+    """``{key}_mean`` and ``{key}_sd`` of each key over ``runs`` (one score dict per seed); the standard deviation
+    only from two runs on."""
+    out = {}
+    for key in keys:
+        values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+        out[f"{key}_mean"] = float(values.mean())
+        if len(runs) > 1:
+            out[f"{key}_sd"] = float(values.std())
+    return out

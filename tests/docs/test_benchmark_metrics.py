@@ -79,3 +79,13 @@ def test_digits_scores_are_zero_for_the_reference_and_grow_away_from_it():
     assert noise["frechet"] > 10 * max(real["frechet"], other["frechet"])
     assert abs(other["kid"]) < 0.05 * noise["kid"] and abs(real["kid"]) < 0.05 * noise["kid"]
     assert real["confident"] > 0.95 > noise["confident"]
+
+
+def test_mean_sd_over_seeds():
+    """The benchmarks' spread over sampling seeds: mean and sample standard deviation per key; no standard
+    deviation from a single run."""
+    from benchmarks.metrics import mean_sd
+
+    out = mean_sd([{"frechet": 1.0, "kid": 2.0}, {"frechet": 3.0, "kid": 2.0}], keys=("frechet", "kid"))
+    assert out == pytest.approx({"frechet_mean": 2.0, "frechet_sd": 2**0.5, "kid_mean": 2.0, "kid_sd": 0.0})
+    assert mean_sd([{"frechet": 5.0}], keys=("frechet",)) == {"frechet_mean": 5.0}
