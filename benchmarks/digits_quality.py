@@ -36,6 +36,7 @@ from benchmarks.peer import PEER_UNET, PeerModule, peer_available, register_peer
 from lightning_ddpm import DDIMSampler, DDPMSampler, DiffusionModule
 from lightning_ddpm.callbacks import EMA, ema_weights
 from lightning_ddpm.data import ImageDataModule
+from lightning_ddpm.samplers import INTEGER_SPACINGS
 from lightning_ddpm.training.plotting import save_image_grid
 
 BACKBONE = {
@@ -155,12 +156,13 @@ def digits_scores(sample: Callable[[int, int], Tensor], scores: DigitsScores, n:
     return mean_sd([scores(sample(n, seed)) for seed in range(seeds)])
 
 
-def ddim50(module: DiffusionModule) -> Callable[[int, int], Tensor]:
-    """``(n, seed) -> n`` DDIM-50 samples of ``module``; sample i of seed s from 100000 * (s + 1) + i."""
+def ddim50(module: DiffusionModule, spacing: str = "leading") -> Callable[[int, int], Tensor]:
+    """``(n, seed) -> n`` DDIM-50 samples of ``module`` on the ``spacing`` grid; sample i of seed s from
+    100000 * (s + 1) + i."""
 
     def sample(n: int, seed: int) -> Tensor:
         generators = [torch.Generator().manual_seed(100_000 * (seed + 1) + i) for i in range(n)]
-        return module.sample(n, sampler=DDIMSampler(num_steps=50), generator=generators)
+        return module.sample(n, sampler=DDIMSampler(num_steps=50, spacing=spacing), generator=generators)
 
     return sample
 
@@ -242,6 +244,12 @@ def main() -> None:
         default=0,
         help="training seed: initialisation and noise (the split and batch order stay fixed)",
     )
+    parser.add_argument(
+        "--spacing",
+        default="leading",
+        choices=INTEGER_SPACINGS,
+        help="timestep grid of this library's DDIM-50 (leading starts at t = T - T/50; trailing at t = T - 1)",
+    )
     parser.add_argument("--out", default="benchmarks/results/digits_quality.json")
     parser.add_argument("--plots", default="benchmarks/results/digits_quality")
     args = parser.parse_args()
@@ -284,26 +292,27 @@ def main() -> None:
             trainer, train_s = train(module, args.steps)
             module.eval()
         row: dict[str, Any] = {"config": name, "description": description, "seed": args.seed, "train_s": train_s}
+        row["spacing"] = args.spacing
         with ema_weights(trainer, module), torch.no_grad():
             generator = torch.Generator().manual_seed(0)
             start = time.perf_counter()
             row["bpd_held_out"] = module.diffusion.mean_bits_per_dim(module.denoiser(), [held_out], generator=generator)
             row["bpd_s"] = time.perf_counter() - start
-            samplers = [("ddim50", DDIMSampler(num_steps=50))] + ([("ddpm", DDPMSampler())] if args.ddpm else [])
+            samplers = [("ddim50", DDIMSampler(num_steps=50, spacing=args.spacing))]
+            samplers += [("ddpm", DDPMSampler())] if args.ddpm else []
             for label, sampler in samplers:
                 samples = module.sample(args.num_samples, sampler=sampler, generator=torch.Generator().manual_seed(1))
                 row[f"mmd_{label}"] = mmd_rbf(samples, held_out, bandwidth)
                 grids[name] = save_image_grid(samples[:100], Path(args.plots) / f"{name}_{label}.png", nrow=10)
             if args.score_seeds:
-                row.update(digits_scores(ddim50(module), scores, args.score_samples, args.score_seeds))
+                row.update(digits_scores(ddim50(module, args.spacing), scores, args.score_samples, args.score_seeds))
         rows.append(row)
         print_table(rows[-1:], COLUMNS)
     device = device_name(torch.device("cpu"))
     print(f"\ndevice: {device}; {args.steps} training steps of batch 64 per configuration, EMA 0.999 weights")
     print_table(rows, [*COLUMNS, "bpd_s"])
-    write_json(
-        args.out, {"device": device, "steps": args.steps, "seed": args.seed, "bandwidth": bandwidth, "rows": rows}
-    )
+    settings = {"device": device, "steps": args.steps, "seed": args.seed, "spacing": args.spacing}
+    write_json(args.out, {**settings, "bandwidth": bandwidth, "rows": rows})
     sampler = "DDPM, all T steps" if args.ddpm else "DDIM 50 steps"
     print(f"wrote {save_overview(grids, Path(args.plots) / 'overview.png', f'{sampler}, {args.steps} training steps')}")
 
