@@ -44,85 +44,57 @@ BACKBONE = {
     "init_args": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 2, "attn_resolutions": [4], "dropout": 0.1},
 }
 
+
+def unet(**init_args: Any) -> dict[str, Any]:
+    """The digits U-Net of configs/digits.yaml with ``init_args`` changed."""
+    return {**BACKBONE, "init_args": {**BACKBONE["init_args"], **init_args}}
+
+
+def recipe(description: str, parameterization: str, schedule: str, **settings: Any) -> tuple[str, dict[str, Any]]:
+    """``(description, DiffusionModule settings)``: fixed_small and L_simple unless ``settings`` say otherwise."""
+    return description, {
+        "schedule": schedule,
+        "parameterization": parameterization,
+        "variance": "fixed_small",
+        "loss": "simple",
+        **settings,
+    }
+
+
 # name -> (what it is, DiffusionModule settings)
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ho_linear": (
-        "Ho et al.: eps, linear, fixed_large, L_simple",
-        {"schedule": "linear", "parameterization": "eps", "variance": "fixed_large", "loss": "simple"},
-    ),
-    "eps_cosine": (
-        "eps, cosine, fixed_small, L_simple (configs/digits.yaml)",
-        {"schedule": "cosine", "parameterization": "eps", "variance": "fixed_small", "loss": "simple"},
-    ),
-    "iddpm_hybrid": (
+    "ho_linear": recipe("Ho et al.: eps, linear, fixed_large, L_simple", "eps", "linear", variance="fixed_large"),
+    "eps_cosine": recipe("eps, cosine, fixed_small, L_simple (configs/digits.yaml)", "eps", "cosine"),
+    "iddpm_hybrid": recipe(
         "Nichol & Dhariwal: eps, cosine, learned_range, L_hybrid",
-        {"schedule": "cosine", "parameterization": "eps", "variance": "learned_range", "loss": "hybrid"},
+        "eps",
+        "cosine",
+        variance="learned_range",
+        loss="hybrid",
     ),
-    "v_cosine": (
-        "v, cosine, fixed_small, L_simple",
-        {"schedule": "cosine", "parameterization": "v", "variance": "fixed_small", "loss": "simple"},
-    ),
+    "v_cosine": recipe("v, cosine, fixed_small, L_simple", "v", "cosine"),
     # one change at a time from configs/digits.yaml (eps_cosine), for the recipe ablation
-    "v_sigmoid": (
-        "v, sigmoid, fixed_small, L_simple",
-        {"schedule": "sigmoid", "parameterization": "v", "variance": "fixed_small", "loss": "simple"},
-    ),
-    "eps_sigmoid": (
-        "eps, sigmoid, fixed_small, L_simple",
-        {"schedule": "sigmoid", "parameterization": "eps", "variance": "fixed_small", "loss": "simple"},
-    ),
-    "eps_cosine_no_dropout": (
-        "configs/digits.yaml without dropout",
-        {
-            "schedule": "cosine",
-            "parameterization": "eps",
-            "variance": "fixed_small",
-            "loss": "simple",
-            "backbone": {**BACKBONE, "init_args": {**BACKBONE["init_args"], "dropout": 0.0}},
-        },
-    ),
-    "eps_cosine_lr3e-4": (
+    "v_sigmoid": recipe("v, sigmoid, fixed_small, L_simple", "v", "sigmoid"),
+    "eps_sigmoid": recipe("eps, sigmoid, fixed_small, L_simple", "eps", "sigmoid"),
+    "eps_cosine_no_dropout": recipe("configs/digits.yaml without dropout", "eps", "cosine", backbone=unet(dropout=0.0)),
+    "eps_cosine_lr3e-4": recipe(
         "configs/digits.yaml with lr 3e-4",
-        {
-            "schedule": "cosine",
-            "parameterization": "eps",
-            "variance": "fixed_small",
-            "loss": "simple",
-            "optimizer": {"name": "torch.optim.Adam", "init_args": {"lr": 3e-4}},
-        },
+        "eps",
+        "cosine",
+        optimizer={"name": "torch.optim.Adam", "init_args": {"lr": 3e-4}},
     ),
-    "v_sigmoid_no_dropout": (
-        "v, sigmoid, no dropout",
-        {
-            "schedule": "sigmoid",
-            "parameterization": "v",
-            "variance": "fixed_small",
-            "loss": "simple",
-            "backbone": {**BACKBONE, "init_args": {**BACKBONE["init_args"], "dropout": 0.0}},
-        },
-    ),
+    "v_sigmoid_no_dropout": recipe("v, sigmoid, no dropout", "v", "sigmoid", backbone=unet(dropout=0.0)),
     # the peer's two differences from v_sigmoid besides the trainer: its loss weight and its U-Net
-    "v_sigmoid_eps_mse": (
+    "v_sigmoid_eps_mse": recipe(
         "v, sigmoid, the v error weighted by alpha_bar (the eps-space error, the peer's loss)",
-        {
-            "schedule": "sigmoid",
-            "parameterization": "v",
-            "variance": "fixed_small",
-            "loss": "simple",
-            # min(snr, gamma) * |dx0/dv|^2 = snr * (1 - alpha_bar) = alpha_bar; gamma never clamps
-            "loss_weighting": "min_snr",
-            "min_snr_gamma": 1e12,
-        },
+        "v",
+        "sigmoid",
+        # min(snr, gamma) * |dx0/dv|^2 = snr * (1 - alpha_bar) = alpha_bar; gamma never clamps
+        loss_weighting="min_snr",
+        min_snr_gamma=1e12,
     ),
-    "v_sigmoid_peer_unet": (
-        "v, sigmoid, the peer's U-Net (0.83 M parameters, no dropout)",
-        {
-            "schedule": "sigmoid",
-            "parameterization": "v",
-            "variance": "fixed_small",
-            "loss": "simple",
-            "backbone": PEER_UNET,
-        },
+    "v_sigmoid_peer_unet": recipe(
+        "v, sigmoid, the peer's U-Net (0.83 M parameters, no dropout)", "v", "sigmoid", backbone=PEER_UNET
     ),
 }
 # needs denoising-diffusion-pytorch: its own GaussianDiffusion in the same loop (benchmarks/peer.py)
