@@ -93,6 +93,23 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         loss_weighting="min_snr",
         min_snr_gamma=1e12,
     ),
+    # which of the peer U-Net's choices this U-Net lacks, one at a time on v_sigmoid_no_dropout: 32 GroupNorm
+    # groups of 32 channels normalise each channel over its 8x8 map alone (the peer: RMSNorm across channels)
+    "v_sigmoid_g8": recipe(
+        "v, sigmoid, no dropout, 8 GroupNorm groups", "v", "sigmoid", backbone=unet(dropout=0.0, norm_groups=8)
+    ),
+    "v_sigmoid_g8_film": recipe(
+        "v, sigmoid, no dropout, 8 groups, scale-shift time conditioning (as the peer)",
+        "v",
+        "sigmoid",
+        backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True),
+    ),
+    "v_sigmoid_g8_film_attn8": recipe(
+        "v, sigmoid, no dropout, 8 groups, scale-shift, attention at 8x8 and 4x4 (4 heads)",
+        "v",
+        "sigmoid",
+        backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True, attn_resolutions=[8, 4], num_heads=4),
+    ),
     "v_sigmoid_peer_unet": recipe(
         "v, sigmoid, the peer's U-Net (0.83 M parameters, no dropout)", "v", "sigmoid", backbone=PEER_UNET
     ),
