@@ -225,3 +225,26 @@ def test_the_model_contract_is_public_and_loads_without_lightning():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_configs_digits_yaml_is_the_recipe_ablation_row_it_names():
+    # docs/benchmarks.md ("Recipe ablation") reports configs/digits.yaml as the row v_sigmoid_g8_film of
+    # benchmarks/digits_quality.py, trained as that benchmark trains (EMA 0.999, clipping 1, batch 64)
+    from pathlib import Path
+
+    import yaml
+
+    from benchmarks.digits_quality import COMMON, CONFIGS
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "configs/digits.yaml").read_text())
+    description, settings = CONFIGS["v_sigmoid_g8_film"]
+    assert "(configs/digits.yaml)" in description
+    row = {**COMMON, **settings}
+    defaults = inspect.signature(DiffusionModule).parameters
+    for key, value in row.items():
+        if key == "data_shape":
+            continue  # the config takes it from the data module
+        assert config["model"].get(key, defaults[key].default) == value, key
+    ema = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(".EMA")]
+    assert [c["init_args"]["decay"] for c in ema] == [0.999]
+    assert config["trainer"]["gradient_clip_val"] == 1.0 and config["data"]["init_args"]["batch_size"] == 64
