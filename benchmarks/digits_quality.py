@@ -283,8 +283,8 @@ def main() -> None:
             module = DiffusionModule(**{**COMMON, **settings})
             trainer, train_s = train(module, args.steps)
             module.eval()
-        row: dict[str, Any] = {"config": name, "description": description, "seed": args.seed, "train_s": train_s}
-        row["spacing"] = args.spacing
+        row: dict[str, Any] = {"config": name, "description": description, "seed": args.seed, "spacing": args.spacing}
+        row["train_s"] = train_s
         with ema_weights(trainer, module), torch.no_grad():
             generator = torch.Generator().manual_seed(0)
             start = time.perf_counter()
