@@ -248,3 +248,23 @@ def test_configs_digits_yaml_is_the_recipe_ablation_row_it_names():
     ema = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(".EMA")]
     assert [c["init_args"]["decay"] for c in ema] == [0.999]
     assert config["trainer"]["gradient_clip_val"] == 1.0 and config["data"]["init_args"]["batch_size"] == 64
+
+
+def test_the_which_sampler_table_lists_each_config_under_its_parameterization():
+    # docs/own_images.md, "Rule of thumb": the configs column of each row names configs of that row's prediction
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).parents[2]
+    table = (root / "docs/own_images.md").read_text().split("| network predicts |", 1)[1].split("\n\n", 1)[0]
+    seen = set()
+    for line in table.splitlines()[2:]:
+        predicts, _, _, configs = (cell.strip() for cell in line.strip("|").split("|"))
+        allowed = {"v", "x0"} if predicts.startswith("v") else {"eps"}
+        for name in re.findall(r"\b([a-z0-9_]+)(?: \(|,|$)", configs):
+            config = yaml.safe_load((root / f"configs/{name}.yaml").read_text())
+            assert config["model"].get("parameterization", "eps") in allowed, (name, predicts)
+            seen.add(name)
+    assert {"digits", "toy2d", "cifar10_ddpm", "cifar10_iddpm"} <= seen
