@@ -80,6 +80,19 @@ class DigitsScores:
         }
 
 
+def digits_frechet(a: Tensor, b: Tensor) -> float:
+    """The Frechet distance between two sets of 8x8 digits ([-1, 1]) in the shipped classifier's features
+    (biased by the sample count: compare sets of equal sizes)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from lightning_ddpm.metrics import DigitsFeatures
+
+    fid = FrechetInceptionDistance(feature=DigitsFeatures())
+    fid.update((b.float().clamp(-1, 1) + 1) / 2, real=True)
+    fid.update((a.float().clamp(-1, 1) + 1) / 2, real=False)
+    return float(fid.compute())
+
+
 def mean_sd(
     runs: Sequence[Mapping[str, float]], keys: Sequence[str] = ("frechet", "kid", "confident")
 ) -> dict[str, float]:

@@ -89,3 +89,22 @@ def test_mean_sd_over_seeds():
     out = mean_sd([{"frechet": 1.0, "kid": 2.0}, {"frechet": 3.0, "kid": 2.0}], keys=("frechet", "kid"))
     assert out == pytest.approx({"frechet_mean": 2.0, "frechet_sd": 2**0.5, "kid_mean": 2.0, "kid_sd": 0.0})
     assert mean_sd([{"frechet": 5.0}], keys=("frechet",)) == {"frechet_mean": 5.0}
+
+
+def test_digits_frechet_is_the_scores_frechet_distance_against_any_reference():
+    """sampler_quality's digits metric: the Frechet distance of DigitsScores with the second set as reference,
+    0 for a set against itself, and the closed form of two Gaussians' Frechet distance on the features."""
+    from benchmarks.digits_classifier import digits_split
+    from benchmarks.metrics import DigitsScores, digits_frechet
+    from lightning_ddpm.metrics import DigitsFeatures
+
+    train, held_out = digits_split("train")[0], digits_split("val")[0]
+    a, b = held_out, train[:500]
+    assert digits_frechet(a, b) == pytest.approx(DigitsScores(b)(a)["frechet"], rel=1e-4)
+    assert abs(digits_frechet(b, b)) < 1e-2
+    features = DigitsFeatures()
+    fa, fb = (features((x + 1) / 2).double() for x in (a, b))
+    ma, mb, ca, cb = fa.mean(0), fb.mean(0), fa.T.cov(), fb.T.cov()
+    eig = torch.linalg.eigvals(ca @ cb).real.clamp(min=0).sqrt().sum()
+    closed = float((ma - mb).square().sum() + ca.trace() + cb.trace() - 2 * eig)
+    assert digits_frechet(a, b) == pytest.approx(closed, rel=1e-3)
