@@ -192,7 +192,7 @@ def plot(rows: list[dict[str, Any]], floors: dict[str, float], metrics: dict[str
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(7.5, 6.2 * len(models)), 4.4), squeeze=False)
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model]
         ddpm1000 = next(r for r in mine if r["nfe"] == r["steps"] and r["sampler"] == "ddpm" and r["vs_ddpm"] == 0.0)
@@ -215,8 +215,9 @@ def plot(rows: list[dict[str, Any]], floors: dict[str, float], metrics: dict[str
         ax.set_title(model, fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.legend(handles, labels, loc="lower center", ncol=7, fontsize=7)
+    columns = 7 if len(models) > 1 else 4  # one panel is too narrow for a 7-wide legend
+    fig.tight_layout(rect=(0, 0.12 if len(models) > 1 else 0.2, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
