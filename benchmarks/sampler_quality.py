@@ -213,7 +213,11 @@ def plot(rows: list[dict[str, Any]], floors: dict[str, float], metrics: dict[str
         ax.set_xlabel("network evaluations")
         ax.set_ylabel(f"{metrics[model]} vs data (lower is better)")
         ax.set_title(model, fontsize=10)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend: dict[str, Any] = {}  # every panel's lines, once each (the floors differ between panels)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.suptitle(title, fontsize=10)
     columns = 7 if len(models) > 1 else 4  # one panel is too narrow for a 7-wide legend
     fig.tight_layout(rect=(0, 0.12 if len(models) > 1 else 0.2, 1, 1))
