@@ -68,7 +68,14 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
 
 def write_weights(model: DigitsClassifier, held_out: float, epochs: int, seed: int) -> None:
     state = {k: v.half() for k, v in model.state_dict().items()}
-    meta = {"held_out_accuracy": held_out, "epochs": epochs, "seed": seed, "torch": str(torch.__version__)}
+    meta = {
+        "held_out_accuracy": held_out,
+        "epochs": epochs,
+        "seed": seed,
+        "torch": str(torch.__version__),
+        # the CPU kernels torch picked (AVX2, AVX512, ...): they round differently, so bit-for-bit needs both
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
     torch.save({"state_dict": state, "meta": meta}, WEIGHTS)
     print(f"wrote {WEIGHTS}")
 
