@@ -113,6 +113,33 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "sigmoid",
         backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True, attn_resolutions=[8, 4], num_heads=4),
     ),
+    # three more of the peer U-Net's choices, one at a time on configs/digits.yaml's recipe, and together
+    "v_sigmoid_g8_film_k7": recipe(
+        "configs/digits.yaml's recipe, a 7x7 first convolution",
+        "v",
+        "sigmoid",
+        backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True, conv_in_kernel=7),
+    ),
+    "v_sigmoid_g8_film_final": recipe(
+        "configs/digits.yaml's recipe, a final ResBlock on the decoder and first-convolution features",
+        "v",
+        "sigmoid",
+        backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True, final_res_block=True),
+    ),
+    "v_sigmoid_g8_film_no_zero": recipe(
+        "configs/digits.yaml's recipe, no zero initialisation",
+        "v",
+        "sigmoid",
+        backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True, zero_init=False),
+    ),
+    "v_sigmoid_g8_film_peer3": recipe(
+        "configs/digits.yaml's recipe, 7x7 first convolution, final ResBlock, no zero initialisation",
+        "v",
+        "sigmoid",
+        backbone=unet(
+            dropout=0.0, norm_groups=8, scale_shift_norm=True, conv_in_kernel=7, final_res_block=True, zero_init=False
+        ),
+    ),
     "v_sigmoid_peer_unet": recipe(
         "v, sigmoid, the peer's U-Net (0.83 M parameters, no dropout)", "v", "sigmoid", backbone=PEER_UNET
     ),

@@ -26,10 +26,11 @@ from .registry import register_backbone
 __all__ = ["UNet"]
 
 
-def _zero(module: nn.Module) -> nn.Module:
-    """Zero-initialise the last layer of a residual branch (Ho et al.'s init_scale=0)."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
+def _zero(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Zero-initialise the last layer of a residual branch (Ho et al.'s init_scale=0), unless not ``enabled``."""
+    if enabled:
+        for p in module.parameters():
+            nn.init.zeros_(p)
     return module
 
 
@@ -37,7 +38,15 @@ class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv -> (+ time embedding) -> GroupNorm -> SiLU -> dropout -> conv, plus skip."""
 
     def __init__(
-        self, in_ch: int, out_ch: int, embed_dim: int, dropout: float, groups: int, scale_shift: bool, eps: float
+        self,
+        in_ch: int,
+        out_ch: int,
+        embed_dim: int,
+        dropout: float,
+        groups: int,
+        scale_shift: bool,
+        eps: float,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
         self.scale_shift = scale_shift
@@ -46,7 +55,7 @@ class ResBlock(nn.Module):
         self.emb_proj = nn.Linear(embed_dim, out_ch * (2 if scale_shift else 1))
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1), zero_init)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -64,14 +73,14 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, residual."""
 
-    def __init__(self, channels: int, num_heads: int, groups: int, eps: float) -> None:
+    def __init__(self, channels: int, num_heads: int, groups: int, eps: float, zero_init: bool = True) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention channels {channels} are not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(groups, channels, eps=eps)
         self.qkv = nn.Linear(channels, 3 * channels)
-        self.proj = _zero(nn.Linear(channels, channels))
+        self.proj = _zero(nn.Linear(channels, channels), zero_init)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
@@ -134,9 +143,16 @@ class UNet(nn.Module):
             reference code's [sin, cos] (diffusers' ``flip_sin_to_cos``).
         time_embed_freq_shift: frequencies w_k = 10000^(-k / (ch/2 - shift)); 1 is the reference
             code's spacing, 0 diffusers' default (its ``freq_shift``).
+        conv_in_kernel: kernel size (odd) of the first convolution; 7 as in denoising-diffusion-pytorch.
+        final_res_block: one more ResBlock, on the last decoder features concatenated with the first
+            convolution's output, before the output head (denoising-diffusion-pytorch's ``final_res_block``).
+        zero_init: zero-initialise the last layer of every residual branch and of the output head
+            (Ho et al.); ``False`` keeps PyTorch's default initialisation everywhere.
 
-    The last four only exist to load weights trained with other conventions exactly (see
-    ``lightning_ddpm.interop``); their defaults change nothing in the parameters or their names.
+    ``norm_eps`` to ``time_embed_freq_shift`` only exist to load weights trained with other conventions
+    exactly (see ``lightning_ddpm.interop``); their defaults change nothing in the parameters or their
+    names. The last three are architecture options; diffusers' ``UNet2DModel`` has no equivalent of
+    their non-default values.
 
     The CIFAR-10 configuration ``UNet()`` (all defaults) has exactly 35,746,307 parameters.
     """
@@ -164,8 +180,13 @@ class UNet(nn.Module):
         downsample_padding: Literal["symmetric", "bottom_right"] = "symmetric",
         time_embed_cos_first: bool = False,
         time_embed_freq_shift: float = 1.0,
+        conv_in_kernel: int = 3,
+        final_res_block: bool = False,
+        zero_init: bool = True,
     ) -> None:
         super().__init__()
+        if conv_in_kernel < 1 or conv_in_kernel % 2 == 0:
+            raise ValueError(f"conv_in_kernel {conv_in_kernel} is not a positive odd number (3 by default)")
         if downsample_padding not in ("symmetric", "bottom_right"):
             raise ValueError(f"downsample_padding {downsample_padding!r} is not one of 'symmetric', 'bottom_right'")
         height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -197,12 +218,12 @@ class UNet(nn.Module):
             return channels // num_head_channels if num_head_channels else num_heads
 
         def res(i: int, o: int) -> ResBlock:
-            return ResBlock(i, o, embed_dim, dropout, norm_groups, scale_shift_norm, norm_eps)
+            return ResBlock(i, o, embed_dim, dropout, norm_groups, scale_shift_norm, norm_eps, zero_init)
 
         def attn(channels: int) -> AttentionBlock:
-            return AttentionBlock(channels, heads(channels), norm_groups, norm_eps)
+            return AttentionBlock(channels, heads(channels), norm_groups, norm_eps, zero_init)
 
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, ch, conv_in_kernel, padding=conv_in_kernel // 2)
         self.down = nn.ModuleList()
         skip_channels = [ch]
         current = ch
@@ -231,10 +252,13 @@ class UNet(nn.Module):
                     layers.append(Upsample(current))
                 self.up.append(nn.ModuleList(layers))
 
+        # the decoder's output beside the first convolution's, as in denoising-diffusion-pytorch
+        self.final = nn.ModuleList([res(current + ch, ch)]) if final_res_block else None
+        current = ch if final_res_block else current
         self.out = nn.Sequential(
             nn.GroupNorm(norm_groups, current, eps=norm_eps),
             nn.SiLU(),
-            _zero(nn.Conv2d(current, self.out_channels, 3, padding=1)),
+            _zero(nn.Conv2d(current, self.out_channels, 3, padding=1), zero_init),
         )
 
     def _run(self, layers: Any, h: Tensor, emb: Tensor) -> Tensor:  # an nn.ModuleList of (h, emb) layers
@@ -251,7 +275,7 @@ class UNet(nn.Module):
         if x.shape[2] % self._factor or x.shape[3] % self._factor:
             raise ValueError(f"input size {x.shape[2]}x{x.shape[3]} is not divisible by {self._factor}")
         emb = self.embed(t, cond)
-        h = self.conv_in(x)
+        h = first = self.conv_in(x)
         skips = [h]
         for layers in self.down:
             h = self._run(layers, h, emb)
@@ -259,4 +283,6 @@ class UNet(nn.Module):
         h = self._run(self.mid, h, emb)
         for layers in self.up:
             h = self._run(layers, torch.cat([h, skips.pop()], dim=1), emb)
+        if self.final is not None:
+            h = self._run(self.final, torch.cat([h, first], dim=1), emb)
         return self.out(h)

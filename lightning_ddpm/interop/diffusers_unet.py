@@ -222,6 +222,10 @@ def unet_config_to_diffusers(init_args: Mapping[str, Any]) -> dict[str, Any]:
     if ch_mult[0] != 1:
         # UNet2DModel's conv_in already has the first level's width.
         raise ValueError(f"unet init_args ch_mult[0]={ch_mult[0]} has no UNet2DModel equivalent; supported: 1")
+    for field, default in (("conv_in_kernel", 3), ("final_res_block", False)):
+        if args[field] != default:
+            value = args[field]
+            raise ValueError(f"unet init_args {field}={value!r} has no UNet2DModel equivalent; supported: {default}")
     height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     attention = [height // 2**i in args["attn_resolutions"] for i in range(len(ch_mult))]
     widths = [ch * m for m, a in zip(ch_mult, attention) if a] + [ch * ch_mult[-1]]

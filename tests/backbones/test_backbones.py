@@ -107,6 +107,58 @@ def test_unet_options_and_errors():
         net(torch.randn(1, 3, 9, 8), torch.tensor([0]))
 
 
+DIGITS_UNET = {
+    "in_channels": 1,
+    "image_size": 8,
+    "ch": 32,
+    "ch_mult": (1, 2),
+    "num_res_blocks": 1,
+    "attn_resolutions": (4,),
+    "norm_groups": 8,
+}
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+def test_unet_conv_in_kernel_keeps_the_image_size(kernel):
+    net = UNet(**DIGITS_UNET, conv_in_kernel=kernel)
+    assert net.conv_in.weight.shape == (32, 1, kernel, kernel)
+    x = torch.randn(2, 1, 8, 8)
+    assert net(x, torch.tensor([3, 7])).shape == x.shape
+    with pytest.raises(ValueError, match="conv_in_kernel 4 is not a positive odd number"):
+        UNet(**DIGITS_UNET, conv_in_kernel=4)
+
+
+def test_unet_final_res_block_sees_the_decoder_and_the_first_convolution():
+    net, seen = UNet(**DIGITS_UNET, final_res_block=True, zero_init=False), {}
+    net.conv_in.register_forward_hook(lambda m, i, out: seen.update(first=out))
+    net.final[0].register_forward_pre_hook(lambda m, args: seen.update(final=args[0]))
+    net.up[-1][-1].register_forward_hook(lambda m, i, out: seen.update(decoder=out))  # the decoder's last layer
+    net(torch.randn(2, 1, 8, 8), torch.tensor([3, 7]))
+    assert seen["final"].shape == (2, 32 + 32, 8, 8)
+    torch.testing.assert_close(seen["final"], torch.cat([seen["decoder"], seen["first"]], dim=1), rtol=0, atol=0)
+    # exactly one ResBlock of 64 -> 32 channels more than without it
+    block = sum(p.numel() for p in net.final.parameters())
+    plain = UNet(**DIGITS_UNET)
+    assert sum(p.numel() for p in net.parameters()) - sum(p.numel() for p in plain.parameters()) == block
+    assert net.final[0].conv1.in_channels == 64 and net.final[0].conv2.out_channels == 32
+
+
+@pytest.mark.parametrize("final_res_block", [False, True])
+def test_unet_zero_init_zeroes_every_residual_branch_and_the_output(final_res_block):
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+    zero = UNet(**DIGITS_UNET, final_res_block=final_res_block)
+    last_layers = [m.conv2 for m in zero.modules() if m.__class__.__name__ == "ResBlock"]
+    last_layers += [m.proj for m in zero.modules() if m.__class__.__name__ == "AttentionBlock"] + [zero.out[-1]]
+    assert all(p.abs().max() == 0 for layer in last_layers for p in layer.parameters())
+    assert zero(x, t).abs().max() == 0
+    torch.manual_seed(0)
+    kept = UNet(**DIGITS_UNET, final_res_block=final_res_block, zero_init=False)
+    last_layers = [m.conv2 for m in kept.modules() if m.__class__.__name__ == "ResBlock"]
+    last_layers += [m.proj for m in kept.modules() if m.__class__.__name__ == "AttentionBlock"] + [kept.out[-1]]
+    assert all(layer.weight.abs().min() > 0 for layer in last_layers)
+    assert kept(x, t).abs().mean() > 1e-3
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     a = UNet(ch=32, ch_mult=(1, 2), image_size=8, attn_resolutions=(4,), dropout=0.0)

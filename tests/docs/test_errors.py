@@ -16,6 +16,7 @@ from lightning_ddpm.cli.ema import write_posthoc_checkpoint
 from lightning_ddpm.data import EditRequestsDataModule, ImageDataModule, ImageFolderDataset, Toy2DDataModule
 from lightning_ddpm.ema import PowerProfile, reconstruct
 from lightning_ddpm.ema.snapshots import save_snapshot
+from lightning_ddpm.interop.diffusers_unet import unet_config_to_diffusers
 from lightning_ddpm.training.checkpoints import SafeCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -298,6 +299,7 @@ CASES = {
     "unknown-dataset": lambda tmp: ImageDataModule("svhn"),
     "unknown-distribution": lambda tmp: Toy2DDataModule("spiral"),
     "image-size": lambda tmp: UNet(image_size=30),
+    "conv-in-kernel": lambda tmp: UNet(conv_in_kernel=4),
     "channel-mismatch": lambda tmp: _module(
         backbone={"name": "unet", "init_args": {"in_channels": 3, "ch": 32, "ch_mult": [1, 2], "attn_resolutions": []}},
         data_shape=[1, 8, 8],
@@ -407,6 +409,7 @@ CASES = {
     ),
     "diffusers-not-installed": _without_diffusers,
     "init-from-differs": _init_from_differs,
+    "to-diffusers-unet-option": lambda tmp: unet_config_to_diffusers({"final_res_block": True}),
     "to-diffusers-backbone": lambda tmp: _module().to_diffusers(tmp / "out"),
     "fid-final-without-validation": lambda tmp: _final_fid_without_validation(tmp),
     "fsdp-tensor-parallel": lambda tmp: _sharded_module(data_parallel=1, tensor_parallel=2).configure_model(),
