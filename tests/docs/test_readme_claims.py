@@ -250,6 +250,27 @@ def test_configs_digits_yaml_is_the_recipe_ablation_row_it_names():
     assert config["trainer"]["gradient_clip_val"] == 1.0 and config["data"]["init_args"]["batch_size"] == 64
 
 
+def test_the_peer_choice_rows_change_only_their_unet_option():
+    # docs/benchmarks.md ("Recipe ablation"): the 7x7, final ResBlock and no-zero-init rows are configs/digits.yaml's
+    # recipe (v_sigmoid_g8_film) with one U-Net option changed, and "all three" with the three
+    from benchmarks.digits_quality import CONFIGS
+
+    base = CONFIGS["v_sigmoid_g8_film"][1]
+    changes = {
+        "v_sigmoid_g8_film_k7": {"conv_in_kernel": 7},
+        "v_sigmoid_g8_film_final": {"final_res_block": True},
+        "v_sigmoid_g8_film_no_zero": {"zero_init": False},
+        "v_sigmoid_g8_film_peer3": {"conv_in_kernel": 7, "final_res_block": True, "zero_init": False},
+    }
+    for name, change in changes.items():
+        settings = CONFIGS[name][1]
+        assert {k: v for k, v in settings.items() if k != "backbone"} == {
+            k: v for k, v in base.items() if k != "backbone"
+        }
+        assert settings["backbone"]["name"] == base["backbone"]["name"] == "unet"
+        assert settings["backbone"]["init_args"] == {**base["backbone"]["init_args"], **change}, name
+
+
 def test_the_which_sampler_table_lists_each_config_under_its_parameterization():
     # docs/own_images.md, "Rule of thumb": the configs column of each row names configs of that row's prediction
     import re
