@@ -102,7 +102,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "v, sigmoid, no dropout, 8 GroupNorm groups", "v", "sigmoid", backbone=unet(dropout=0.0, norm_groups=8)
     ),
     "v_sigmoid_g8_film": recipe(
-        "v, sigmoid, no dropout, 8 groups, scale-shift time conditioning (configs/digits.yaml)",
+        "v, sigmoid, no dropout, 8 groups, scale-shift time conditioning",
         "v",
         "sigmoid",
         backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True),
@@ -113,27 +113,28 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "sigmoid",
         backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True, attn_resolutions=[8, 4], num_heads=4),
     ),
-    # three more of the peer U-Net's choices, one at a time on configs/digits.yaml's recipe, and together
+    # three more of the peer U-Net's choices, one at a time on v_sigmoid_g8_film, and together; without zero
+    # initialisation it is configs/digits.yaml
     "v_sigmoid_g8_film_k7": recipe(
-        "configs/digits.yaml's recipe, a 7x7 first convolution",
+        "v_sigmoid_g8_film, a 7x7 first convolution",
         "v",
         "sigmoid",
         backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True, conv_in_kernel=7),
     ),
     "v_sigmoid_g8_film_final": recipe(
-        "configs/digits.yaml's recipe, a final ResBlock on the decoder and first-convolution features",
+        "v_sigmoid_g8_film, a final ResBlock on the decoder and first-convolution features",
         "v",
         "sigmoid",
         backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True, final_res_block=True),
     ),
     "v_sigmoid_g8_film_no_zero": recipe(
-        "configs/digits.yaml's recipe, no zero initialisation",
+        "v_sigmoid_g8_film without zero initialisation (configs/digits.yaml)",
         "v",
         "sigmoid",
         backbone=unet(dropout=0.0, norm_groups=8, scale_shift_norm=True, zero_init=False),
     ),
     "v_sigmoid_g8_film_peer3": recipe(
-        "configs/digits.yaml's recipe, 7x7 first convolution, final ResBlock, no zero initialisation",
+        "v_sigmoid_g8_film, 7x7 first convolution, final ResBlock, no zero initialisation",
         "v",
         "sigmoid",
         backbone=unet(
@@ -144,6 +145,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "v, sigmoid, the peer's U-Net (0.83 M parameters, no dropout)", "v", "sigmoid", backbone=PEER_UNET
     ),
 }
+# the row that configs/digits.yaml is (tests/docs/test_readme_claims.py checks the two agree)
+DIGITS_YAML_ROW = "v_sigmoid_g8_film_no_zero"
 # needs denoising-diffusion-pytorch: its own GaussianDiffusion in the same loop (benchmarks/peer.py)
 PEER = "peer"
 PEER_DESCRIPTION = "denoising-diffusion-pytorch's default recipe (its U-Net, v, sigmoid, its loss)"

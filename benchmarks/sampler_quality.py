@@ -3,7 +3,7 @@
 Two models trained here (or loaded with ``--toy-ckpt`` / ``--digits-ckpt``):
 
 - two moons: the recipe of configs/toy2d.yaml (its ``model:`` section and ``max_steps``);
-- digits: scikit-learn's 8x8 digits with the recipe of configs/digits.yaml (the row v_sigmoid_g8_film of
+- digits: scikit-learn's 8x8 digits with the recipe of configs/digits.yaml (the row v_sigmoid_g8_film_no_zero of
   benchmarks/digits_quality.py: v, sigmoid, its U-Net), ``--digits-steps`` steps.
 
 Each sampler's samples are compared with data and with DDPM-1000's samples from the same model:
@@ -35,7 +35,7 @@ from torch import Tensor
 from benchmarks.common import device_name, print_table, write_json
 from benchmarks.digits_quality import COMMON as DIGITS_COMMON
 from benchmarks.digits_quality import CONFIGS as DIGITS_CONFIGS
-from benchmarks.digits_quality import images
+from benchmarks.digits_quality import DIGITS_YAML_ROW, images
 from benchmarks.metrics import digits_frechet, sliced_w2
 from lightning_ddpm import DiffusionModule
 from lightning_ddpm.callbacks import EMA, ema_weights
@@ -43,7 +43,7 @@ from lightning_ddpm.data import ImageDataModule, Toy2DDataModule, sample_toy2d
 from lightning_ddpm.samplers import Sampler, make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
-DIGITS_RECIPE = "v_sigmoid_g8_film"  # configs/digits.yaml (tests/docs/test_readme_claims.py ties the two)
+DIGITS_RECIPE = DIGITS_YAML_ROW  # configs/digits.yaml
 METRICS = {"two moons": "sliced W2", "digits": "digits Frechet distance"}
 OTHER_NOISE = "ddpm, other noise"  # a second DDPM-1000 draw: the floor of "vs DDPM" where no data floor is given
 # label -> sampler spec without num_steps; each runs at every --steps
