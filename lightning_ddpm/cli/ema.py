@@ -32,6 +32,17 @@ def _posthoc_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
     return [state for key, state in callbacks.items() if str(key).startswith("PostHocEMA") and state]
 
 
+def _parameter_shapes(checkpoint: dict[str, Any], states: list[dict[str, Any]], ckpt_path: str | Path) -> dict:
+    """The model's parameter names and shapes: from the PostHocEMA averages the checkpoint holds (taken over
+    ``named_parameters()``, full tensors under FSDP2), else from the module the checkpoint builds."""
+    from ..training.module import DiffusionModule
+
+    if states:
+        return {name: tuple(value.shape) for name, value in states[0]["averages"][0].items()}
+    module = DiffusionModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+
 def write_posthoc_checkpoint(
     ckpt_path: str | Path,
     output_path: str | Path,
@@ -45,8 +56,6 @@ def write_posthoc_checkpoint(
     ``snapshot_dir`` defaults to the folder the checkpoint's PostHocEMA wrote, and only that run's snapshots
     are used.
     """
-    from ..training.module import DiffusionModule
-
     checkpoint = SafeCheckpointIO().load_checkpoint(ckpt_path, weights_only=False)
     verify_checkpoint(checkpoint, f"checkpoint {str(ckpt_path)!r}")
     states = _posthoc_states(checkpoint)
@@ -63,8 +72,7 @@ def write_posthoc_checkpoint(
     state = reconstruct(snapshot_dir, sigma_rel, step=step, run=run)
     if step is None:
         step = select_run(list_snapshots(snapshot_dir), run, snapshot_dir)[-1].step
-    module = DiffusionModule.load_from_checkpoint(ckpt_path, map_location="cpu")
-    expected = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    expected = _parameter_shapes(checkpoint, states, ckpt_path)
     found = {name: tuple(v.shape) for name, v in state.items()}
     if found != expected:
         differ = sorted(set(found) ^ set(expected)) or [n for n in expected if found[n] != expected[n]]

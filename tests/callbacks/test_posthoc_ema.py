@@ -19,6 +19,7 @@ from lightning_ddpm.cli.ema import write_posthoc_checkpoint
 from lightning_ddpm.data import Toy2DDataModule
 from lightning_ddpm.ema import PowerProfile, list_snapshots, reconstruct
 from lightning_ddpm.ema.snapshots import save_snapshot
+from lightning_ddpm.training.checkpoints import DIGEST_KEY
 from tests.helpers import RecordWeights, toy_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -306,3 +307,40 @@ def test_the_ema_command_refuses_snapshots_of_another_model(run, tmp_path, capsy
         )
     assert "are of a different model than checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_the_ema_command_takes_the_parameter_shapes_from_the_checkpoint_it_read(run, tmp_path, monkeypatch):
+    # with PostHocEMA's state in the checkpoint the model is known from its averages: the checkpoint is read once
+    def no_second_read(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded a second time")
+
+    monkeypatch.setattr(DiffusionModule, "load_from_checkpoint", no_second_read)
+    out = write_posthoc_checkpoint(_ckpt(run, 40), tmp_path / "x.ckpt", 0.07, snapshot_dir=run / "a")
+    state = torch.load(out, weights_only=False)["state_dict"]
+    got = reconstruct(run / "a", sigma_rel=0.07)
+    for name, value in got.items():
+        torch.testing.assert_close(state[name], value.to(state[name].dtype), rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("same_model", [True, False])
+def test_the_ema_command_checks_shapes_by_the_model_when_the_checkpoint_has_no_posthoc_state(run, tmp_path, same_model):
+    # a checkpoint without PostHocEMA's state (the callback was not in that run) and --snapshot_dir given:
+    # the shapes come from the module the checkpoint builds
+    checkpoint = torch.load(_ckpt(run, 40), weights_only=False)
+    checkpoint["callbacks"] = {k: v for k, v in checkpoint["callbacks"].items() if not k.startswith("PostHocEMA")}
+    checkpoint.pop(DIGEST_KEY)  # edited by hand: saved without a digest, which loads unchecked
+    bare = tmp_path / "bare.ckpt"
+    torch.save(checkpoint, bare)
+    folder = run / "a"
+    if not same_model:
+        folder = tmp_path / "other"
+        own = list_snapshots(run / "a")[0]
+        bigger = {k: torch.cat([v, v]) for k, v in own.load().items()}
+        for sigma_rel in (0.05, 0.10):
+            save_snapshot(folder, own.run, 2, PowerProfile(sigma_rel), bigger, torch.float32)
+    if same_model:
+        write_posthoc_checkpoint(bare, tmp_path / "x.ckpt", 0.07, snapshot_dir=folder)
+        assert (tmp_path / "x.ckpt").exists()
+    else:
+        with pytest.raises(ValueError, match="are of a different model than checkpoint"):
+            write_posthoc_checkpoint(bare, tmp_path / "x.ckpt", 0.07, snapshot_dir=folder)
