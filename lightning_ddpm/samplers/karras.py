@@ -63,9 +63,8 @@ class EulerSampler(Sampler):
         if self.heun and n > 1 and sigma[0] > HEUN_SPAN_WARNING * sigma[1]:
             warnings.warn(
                 f"heun: the first step goes from sigma {sigma[0]:.3g} to {sigma[1]:.3g}; Heun's corrector multiplies "
-                f"the network's error by about their ratio ({sigma[0] / sigma[1]:.0f}), which ruins the samples "
-                "(the cosine schedule's sigma_max is ~2e4). Cap the grid as EDM does, "
-                "{spacing: karras, sigma_max: 80}, "
+                f"the network's error by about their ratio ({sigma[0] / sigma[1]:.0f}), which ruins the samples. "
+                "Cap the grid as EDM does, {spacing: karras, sigma_max: 80}, "
                 "or use a multistep solver (dpmpp_2m, unipc)",
                 stacklevel=3,
             )

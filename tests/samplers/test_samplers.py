@@ -493,6 +493,25 @@ def test_heun_warns_when_its_first_step_spans_decades_of_sigma():
         make_sampler({"name": "euler", "init_args": {"num_steps": 10}}).sample(denoise, cosine, x_T)  # no corrector
 
 
+@pytest.mark.parametrize("name", ["cosine", "sigmoid"])
+def test_heuns_warning_gives_the_sigmas_of_the_schedule_it_runs_on(name):
+    # the message quotes the grid's own first two sigmas (trailing, 10 steps: t = 999 and 899), computed here from
+    # alpha_bar, and names no other schedule (it once said "the cosine schedule's sigma_max is ~2e4" on every one)
+    schedule = make_schedule(name, 1000)
+    ab = schedule.alphas_cumprod
+    sigma = [math.sqrt((1.0 - float(ab[t])) / float(ab[t])) for t in (999, 899)]
+    denoise = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning) as record:
+        make_sampler({"name": "heun", "init_args": {"num_steps": 10}}).sample(
+            denoise, GaussianDiffusion(schedule, parameterization="v"), x_T
+        )
+    (message,) = [str(w.message) for w in record if str(w.message).startswith("heun:")]
+    assert f"from sigma {sigma[0]:.3g} to {sigma[1]:.3g}" in message
+    assert f"({sigma[0] / sigma[1]:.0f})" in message
+    assert not any(other in message for other in ("cosine", "sigmoid", "linear"))
+
+
 def _spec_cases():
     for name, cls in SAMPLERS.items():
         for spacing in cls.spacings:
