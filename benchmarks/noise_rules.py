@@ -10,10 +10,13 @@ scores should agree up to their spread over noise sets. This script measures tha
 - ``seed+i``: the library's rule, sample i from seed 100000 (k + 1) + 37 + i;
 - ``random seeds``: a generator per sample, seeded with independent random 62-bit integers.
 
-The rules take turns in a rotating order. Prints each rule's mean and standard deviation, Welch's t-test between
-rules and the predicted-class counts (chi-square), and writes the rows to ``--out``.
+``--draw d`` takes sets k + 1000 d in these formulas (and random seeds from another stream), so a second draw
+repeats the comparison on noise disjoint from the first. The rules take turns in a rotating order. Prints each
+rule's mean and standard deviation, Welch's t-test between rules and the predicted-class counts (chi-square), and
+writes the rows to ``--out``.
 
     python -m benchmarks.noise_rules --ckpt outputs/digits/checkpoints/last.ckpt --sets 15
+    python -m benchmarks.noise_rules --ckpt outputs/digits/checkpoints/last.ckpt --sets 15 --draw 1
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from lightning_ddpm import DDIMSampler, DiffusionModule
 
 RULES = ("batch", "seed+i", "random seeds")
 SHAPE = (1, 8, 8)
+DRAW_STRIDE = 1000  # set k of draw d is set k + 1000 d of draw 0: seeds stay below 2**32 for d < 40
 
 
 def per_sample(seeds: Any) -> Tensor:
@@ -40,7 +44,9 @@ def per_sample(seeds: Any) -> Tensor:
     return torch.cat([torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-def noise(rule: str, k: int, n: int, rng: np.random.Generator) -> Tensor:
+def noise(rule: str, k: int, n: int, rng: np.random.Generator, draw: int = 0) -> Tensor:
+    """Noise set ``k`` of ``draw``; draws take disjoint seeds, and draw 0 is the one the first runs used."""
+    k = k + DRAW_STRIDE * draw
     if rule == "batch":
         return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(9_000_000 + 7919 * k))
     if rule == "seed+i":
@@ -73,19 +79,20 @@ def main() -> None:
     parser.add_argument("--sets", type=int, default=15, help="noise sets per rule")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--ddim-steps", type=int, default=10)
+    parser.add_argument("--draw", type=int, default=0, help="which noise sets: 0 the first runs', 1, 2, ... fresh ones")
     parser.add_argument("--out", default="benchmarks/results/noise_rules.json")
     args = parser.parse_args()
     from scipy import stats
 
     module = DiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu").eval()
     scores = DigitsScores(digits_split("train")[0])
-    rng = np.random.default_rng(12345)
+    rng = np.random.default_rng(12345 + args.draw)
     rows: list[dict[str, Any]] = []
     for k in range(args.sets):
         for rule in RULES[k % 3 :] + RULES[: k % 3]:
             start = time.perf_counter()
             with torch.no_grad():
-                x_T = noise(rule, k, args.num_samples, rng)
+                x_T = noise(rule, k, args.num_samples, rng, args.draw)
                 samples = module.sample(args.num_samples, sampler=DDIMSampler(num_steps=args.ddim_steps), x_T=x_T)
                 classes = scores.classifier(samples.clamp(-1, 1)).argmax(1).bincount(minlength=10)
             seconds = time.perf_counter() - start

@@ -108,3 +108,20 @@ def test_digits_frechet_is_the_scores_frechet_distance_against_any_reference():
     eig = torch.linalg.eigvals(ca @ cb).real.clamp(min=0).sqrt().sum()
     closed = float((ma - mb).square().sum() + ca.trace() + cb.trace() - 2 * eig)
     assert digits_frechet(a, b) == pytest.approx(closed, rel=1e-3)
+
+
+def test_noise_rules_draw_zero_keeps_the_documented_seeds_and_other_draws_are_disjoint():
+    # docs/benchmarks.md quotes draw 0's figures: its seeds must not move; a draw's sets are other noise
+    import numpy as np
+
+    from benchmarks.noise_rules import noise, per_sample
+
+    rng = np.random.default_rng(0)
+    torch.testing.assert_close(noise("seed+i", 2, 5, rng), per_sample(range(300_037, 300_042)), rtol=0, atol=0)
+    batch = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(9_000_000 + 7919 * 2))
+    torch.testing.assert_close(noise("batch", 2, 5, rng), batch, rtol=0, atol=0)
+    firsts = {
+        rule: {float(noise(rule, k, 1, rng, draw=d)[0, 0, 0, 0]) for k in range(3) for d in range(2)}
+        for rule in ("batch", "seed+i")
+    }
+    assert all(len(values) == 6 for values in firsts.values())
