@@ -9,6 +9,7 @@ from .power import (
     PowerProfile,
     gamma_to_sigma_rel,
     profile_inner_products,
+    reconstruction_error,
     sigma_rel_to_gamma,
     solve_coefficients,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "list_snapshots",
     "profile_inner_products",
     "reconstruct",
+    "reconstruction_error",
     "sigma_rel_to_gamma",
     "solve_coefficients",
 ]

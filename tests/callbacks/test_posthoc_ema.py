@@ -5,6 +5,7 @@ tracked directly is reconstructed from two others' snapshots, a resumed run cont
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,22 @@ def test_refusals(run, tmp_path):
         PostHocEMA(snapshot_every_n_steps=0)
     with pytest.raises(ValueError, match="snapshot_dtype must be one of"):
         PostHocEMA(snapshot_dtype="int8")
+
+
+def test_reconstructing_a_width_the_snapshots_cannot_represent_warns(tmp_path):
+    # configs/digits.yaml's spacing (0.05 and 0.10 every 50 steps, 2000 steps): 0.01 is fitted with a 12.7% error
+    # in its profile, 0.07 to 0.06%; the warning names the width, the error and the setting that helps
+    state = {"w": torch.ones(3)}
+    for step in range(50, 2001, 50):
+        for sigma_rel in (0.05, 0.10):
+            save_snapshot(tmp_path, "r", step, PowerProfile(sigma_rel), state, torch.float32)
+    with pytest.warns(UserWarning, match=r"sigma_rel 0.01 at step 2000 .* error of 12\.7% .*snapshot_every_n_steps"):
+        out = reconstruct(tmp_path, sigma_rel=0.01)
+    torch.testing.assert_close(out["w"], torch.ones(3))  # an average of a constant is that constant, warning or not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reconstruct(tmp_path, sigma_rel=0.07)
+        reconstruct(tmp_path, sigma_rel=0.02)  # 2.6%: below the 5% threshold
 
 
 def test_a_resumed_run_continues_its_profiles_bit_for_bit(tmp_path):

@@ -15,6 +15,7 @@ from lightning_ddpm.ema import (
     PowerProfile,
     gamma_to_sigma_rel,
     profile_inner_products,
+    reconstruction_error,
     sigma_rel_to_gamma,
     solve_coefficients,
 )
@@ -146,3 +147,37 @@ def test_reconstruction_approaches_a_directly_tracked_profile_as_snapshots_get_d
         errors.append(((reconstructed - target).norm() / (emas[0] - emas[1]).norm()).item())
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[2] < 1e-4, errors  # measured: 0.067, 2.9e-4, 7.0e-7
+
+
+def _every(k: int, num_steps: int = 2000) -> tuple[torch.Tensor, torch.Tensor, list[PowerProfile]]:
+    """Snapshots of sigma_rel 0.05 and 0.10 every k steps up to num_steps (configs/digits.yaml at k = 50)."""
+    stored = [PowerProfile(0.05), PowerProfile(0.10)]
+    steps = [t for _ in stored for t in range(k, num_steps + 1, k)]
+    gammas = [p.gamma for p in stored for _ in range(k, num_steps + 1, k)]
+    return torch.tensor(steps), torch.tensor(gammas, dtype=torch.float64), stored
+
+
+@pytest.mark.parametrize("sigma_rel", [0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.288])
+def test_reconstruction_error_is_the_distance_of_the_discrete_weights(sigma_rel):
+    """The closed form against the discrete profiles themselves: combine each snapshot's weights over steps
+    1..t with the solved coefficients and measure the distance to the target's weights after step T."""
+    num_steps = 2000
+    steps, gammas, stored = _every(50, num_steps)
+    target = PowerProfile(sigma_rel)
+    x = solve_coefficients(steps, gammas, num_steps, target.gamma)
+    combined = torch.zeros(num_steps, dtype=torch.float64)
+    for weight, t, gamma in zip(x.tolist(), steps.tolist(), gammas.tolist()):
+        profile = stored[0] if gamma == stored[0].gamma else stored[1]
+        combined[:t] += weight * profile.weights(t)
+    discrete = ((combined - target.weights(num_steps)).norm() / target.weights(num_steps).norm()).item()
+    closed = reconstruction_error(steps, gammas, num_steps, target.gamma)
+    assert closed == pytest.approx(discrete, rel=0.02, abs=2e-4)
+
+
+def test_reconstruction_error_is_zero_for_a_stored_profile_and_falls_as_snapshots_get_denser():
+    steps, gammas, _ = _every(50)
+    for stored in (0.05, 0.10):
+        assert reconstruction_error(steps, gammas, 2000, sigma_rel_to_gamma(stored)) < 1e-6
+    errors = [reconstruction_error(*_every(k)[:2], 2000, sigma_rel_to_gamma(0.01)) for k in (200, 50, 10, 2)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert errors[1] == pytest.approx(0.1266, abs=5e-4)  # the figure docs/benchmarks.md quotes for digits.yaml
