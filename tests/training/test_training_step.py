@@ -283,6 +283,21 @@ def test_training_steps_make_no_host_syncs(tmp_path, timestep_sampler):
     assert counter.calls == [], counter.calls[:10]
 
 
+def test_posthoc_ema_updates_make_no_host_syncs(tmp_path):
+    """docs/callbacks.md: PostHocEMA's per-step update is one fused lerp per profile on the device, with no host
+    synchronisation. The counter comes first among the callbacks so that it stops before the end-of-fit
+    snapshot (a copy to the host, periodic work like the snapshots every N steps)."""
+    from lightning_ddpm.callbacks import PostHocEMA
+    from lightning_ddpm.ema import list_snapshots
+
+    module = DiffusionModule(backbone=MLP, data_shape=[2], num_timesteps=50, parameterization="v")
+    counter = _CountHostSyncs(steps=20)
+    posthoc = PostHocEMA((0.05, 0.10), snapshot_every_n_steps=1000, snapshot_dir=str(tmp_path / "phema"))
+    _trainer(tmp_path, max_steps=20, callbacks=[counter, posthoc], log_every_n_steps=50).fit(module, _loader(n=20))
+    assert counter.calls == [], counter.calls[:10]
+    assert [(s.step, s.sigma_rel) for s in list_snapshots(tmp_path / "phema")] == [(20, 0.05), (20, 0.10)]
+
+
 def test_compile_option_compiles_the_backbone_without_graph_breaks(tmp_path):
     module = DiffusionModule(
         backbone=MLP,
