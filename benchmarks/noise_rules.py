@@ -11,7 +11,8 @@ scores should agree up to their spread over noise sets. This script measures tha
 - ``random seeds``: a generator per sample, seeded with independent random 62-bit integers.
 
 ``--draw d`` takes sets k + 1000 d in these formulas (and random seeds from another stream), so a second draw
-repeats the comparison on noise disjoint from the first. The rules take turns in a rotating order. Prints each
+repeats the comparison on noise disjoint from the first; ``--first-set K`` starts at set K instead of 0 (seed + i
+seeds of the same size as draw 0's, other sets). The rules take turns in a rotating order. Prints each
 rule's mean and standard deviation, Welch's t-test between rules and the predicted-class counts (chi-square), and
 writes the rows to ``--out``.
 
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--ddim-steps", type=int, default=10)
     parser.add_argument("--draw", type=int, default=0, help="which noise sets: 0 the first runs', 1, 2, ... fresh ones")
+    parser.add_argument("--first-set", type=int, default=0, help="sets k = first_set .. first_set + sets - 1")
     parser.add_argument("--out", default="benchmarks/results/noise_rules.json")
     args = parser.parse_args()
     from scipy import stats
@@ -88,7 +90,7 @@ def main() -> None:
     scores = DigitsScores(digits_split("train")[0])
     rng = np.random.default_rng(12345 + args.draw)
     rows: list[dict[str, Any]] = []
-    for k in range(args.sets):
+    for k in range(args.first_set, args.first_set + args.sets):
         for rule in RULES[k % 3 :] + RULES[: k % 3]:
             start = time.perf_counter()
             with torch.no_grad():
