@@ -7,6 +7,7 @@ import torch
 
 from lightning_ddpm import DDIMSampler, DDPMSampler, GaussianDiffusion, make_schedule
 from lightning_ddpm.core.denoiser import Denoiser, Prediction
+from lightning_ddpm.core.schedules import available_schedules
 from lightning_ddpm.samplers import (
     INTEGER_SPACINGS,
     SAMPLERS,
@@ -23,6 +24,7 @@ from lightning_ddpm.samplers import (
     timestep_schedule,
 )
 from lightning_ddpm.samplers.base import MIN_ALPHA_BAR
+from lightning_ddpm.samplers.karras import HEUN_SPAN_WARNING
 from lightning_ddpm.samplers.repaint import jump_schedule
 from tests.conftest import oracle, sampler_spec, small_schedule
 
@@ -493,23 +495,31 @@ def test_heun_warns_when_its_first_step_spans_decades_of_sigma():
         make_sampler({"name": "euler", "init_args": {"num_steps": 10}}).sample(denoise, cosine, x_T)  # no corrector
 
 
-@pytest.mark.parametrize("name", ["cosine", "sigmoid"])
+@pytest.mark.parametrize("name", [n for n in available_schedules() if n != "custom"])  # custom needs its betas
 def test_heuns_warning_gives_the_sigmas_of_the_schedule_it_runs_on(name):
-    # the message quotes the grid's own first two sigmas (trailing, 10 steps: t = 999 and 899), computed here from
-    # alpha_bar, and names no other schedule (it once said "the cosine schedule's sigma_max is ~2e4" on every one)
+    # every registered schedule, every step count 2..60 on the trailing grid (t = round(T - i T / N) - 1): the
+    # warning comes exactly when the first step spans more than HEUN_SPAN_WARNING in sigma, and quotes that grid's
+    # own first two sigmas from alpha_bar, naming no schedule (it once said "the cosine schedule's sigma_max is
+    # ~2e4" on every one)
     schedule = make_schedule(name, 1000)
     ab = schedule.alphas_cumprod
-    sigma = [math.sqrt((1.0 - float(ab[t])) / float(ab[t])) for t in (999, 899)]
+    diffusion = GaussianDiffusion(schedule, parameterization="v")
     denoise = lambda x, t: torch.zeros_like(x)  # noqa: E731
     x_T = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning) as record:
-        make_sampler({"name": "heun", "init_args": {"num_steps": 10}}).sample(
-            denoise, GaussianDiffusion(schedule, parameterization="v"), x_T
-        )
-    (message,) = [str(w.message) for w in record if str(w.message).startswith("heun:")]
-    assert f"from sigma {sigma[0]:.3g} to {sigma[1]:.3g}" in message
-    assert f"({sigma[0] / sigma[1]:.0f})" in message
-    assert not any(other in message for other in ("cosine", "sigmoid", "linear"))
+    for num_steps in range(2, 61):
+        t0, t1 = 999, round(1000 - 1000 / num_steps) - 1
+        sigma = [math.sqrt((1.0 - float(ab[t])) / float(ab[t])) for t in (t0, t1)]
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            make_sampler({"name": "heun", "init_args": {"num_steps": num_steps}}).sample(denoise, diffusion, x_T)
+        messages = [str(w.message) for w in record if str(w.message).startswith("heun:")]
+        if sigma[0] <= HEUN_SPAN_WARNING * sigma[1]:
+            assert messages == [], (num_steps, messages)
+            continue
+        (message,) = messages
+        assert f"from sigma {sigma[0]:.3g} to {sigma[1]:.3g}" in message, (num_steps, message)
+        assert f"({sigma[0] / sigma[1]:.0f})" in message, (num_steps, message)
+        assert not any(other in message for other in available_schedules()), message
 
 
 def _spec_cases():
