@@ -118,12 +118,14 @@ def solve_coefficients(steps: torch.Tensor, gammas: torch.Tensor, step: float, g
     return x / x.sum()
 
 
-def reconstruction_error(steps: torch.Tensor, gammas: torch.Tensor, step: float, gamma: float) -> float:
+def reconstruction_error(
+    steps: torch.Tensor, gammas: torch.Tensor, step: float, gamma: float, coefficients: torch.Tensor | None = None
+) -> float:
     """How far the reconstruction of the profile (``step``, ``gamma``) from the stored ones is from it:
-    ||p - sum_i x_i p_i|| / ||p|| in L2, with x from :func:`solve_coefficients`; closed form from the inner
-    products (eq. 151). Near 0 inside the stored widths; it grows for widths the snapshots are too sparse or
-    too short to represent."""
+    ||p - sum_i x_i p_i|| / ||p|| in L2, with x the ``coefficients`` (default: :func:`solve_coefficients`'s);
+    closed form from the inner products (eq. 151). Near 0 inside the stored widths; it grows for widths the
+    snapshots are too sparse or too short to represent."""
     gram, target, own = _normal_equations(steps, gammas, step, gamma)
-    x = solve_coefficients(steps, gammas, step, gamma)
+    x = solve_coefficients(steps, gammas, step, gamma) if coefficients is None else coefficients.to(torch.float64)
     squared = (own - 2.0 * x @ target + x @ gram @ x) / own
     return float(squared.clamp_min(0.0).sqrt())

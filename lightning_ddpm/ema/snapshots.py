@@ -148,7 +148,8 @@ def reconstruct(
     steps = torch.tensor([s.step for s in chosen])
     gammas = torch.tensor([s.gamma for s in chosen], dtype=torch.float64)
     gamma = PowerProfile(sigma_rel).gamma
-    error = reconstruction_error(steps, gammas, step, gamma)
+    coefficients = solve_coefficients(steps, gammas, step, gamma)
+    error = reconstruction_error(steps, gammas, step, gamma, coefficients)
     if error > RECONSTRUCTION_WARNING:
         warnings.warn(
             f"sigma_rel {sigma_rel:g} at step {step} (a width of about {sigma_rel * step:.3g} steps) is reconstructed "
@@ -157,7 +158,6 @@ def reconstruct(
             "sigma_rel nearer the stored ones",
             stacklevel=2,
         )
-    coefficients = solve_coefficients(steps, gammas, step, gamma)
     out: dict[str, torch.Tensor] = {}
     for snapshot, weight in zip(chosen, coefficients.tolist()):
         for name, value in snapshot.load().items():
