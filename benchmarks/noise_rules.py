@@ -12,9 +12,9 @@ scores should agree up to their spread over noise sets. This script measures tha
 
 ``--draw d`` takes sets k + 1000 d in these formulas (and random seeds from another stream), so a second draw
 repeats the comparison on noise disjoint from the first; ``--first-set K`` starts at set K instead of 0 (seed + i
-seeds of the same size as draw 0's, other sets). The rules take turns in a rotating order. Prints each
-rule's mean and standard deviation, Welch's t-test between rules and the predicted-class counts (chi-square), and
-writes the rows to ``--out``.
+seeds of the same size as draw 0's, other sets; the random seeds stay the draw's own stream). The rules take
+turns in a rotating order. Prints each rule's mean and standard deviation, Welch's t-test between rules and the
+predicted-class counts (chi-square), and writes the rows to ``--out``.
 
     python -m benchmarks.noise_rules --ckpt outputs/digits/checkpoints/last.ckpt --sets 15
     python -m benchmarks.noise_rules --ckpt outputs/digits/checkpoints/last.ckpt --sets 15 --draw 1
